@@ -1,0 +1,1 @@
+"""Entry points running LLaVA's evaluation scripts with CLIP-MoE towers."""

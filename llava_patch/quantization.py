@@ -1,0 +1,47 @@
+"""``--bits 4/8`` and ``load_4bit/load_8bit`` with CLIP-MoE towers on transformers 4.37 to 5.x.
+
+transformers 5 removed ``from_pretrained(load_in_4bit=/load_in_8bit=)``; LLaVA passes them (in training
+next to a ``quantization_config``). They become a ``BitsAndBytesConfig``. The vision tower is kept out of
+quantisation (it is built inside the model when a LLaVA checkpoint is loaded), like the projector.
+"""
+
+import functools
+from typing import Any
+
+_SKIPPED_MODULES = ("mm_projector", "vision_tower")
+
+
+def _quantization_config(kwargs: dict) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    load_in_4bit = bool(kwargs.pop("load_in_4bit", False))
+    load_in_8bit = bool(kwargs.pop("load_in_8bit", False))
+    config = kwargs.get("quantization_config")
+    if config is None and (load_in_4bit or load_in_8bit):
+        config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    if isinstance(config, BitsAndBytesConfig):
+        skipped = list(config.llm_int8_skip_modules or [])
+        config.llm_int8_skip_modules = skipped + [name for name in _SKIPPED_MODULES if name not in skipped]
+    return config
+
+
+def _wrap_from_pretrained(original: Any) -> Any:
+    @functools.wraps(original)
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        config = _quantization_config(kwargs)
+        if config is not None:
+            kwargs["quantization_config"] = config
+        return original.__func__(cls, *args, **kwargs)
+
+    from_pretrained._llava_patch = True
+    return classmethod(from_pretrained)
+
+
+def apply() -> None:
+    """Wrap ``from_pretrained`` of LLaVA's model classes."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+
+    for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
+        if not getattr(model_cls.from_pretrained, "_llava_patch", False):
+            model_cls.from_pretrained = _wrap_from_pretrained(model_cls.from_pretrained)

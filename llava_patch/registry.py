@@ -1,0 +1,77 @@
+"""Vision-tower names for LLaVA: ``clip-moe``, ``clip-moe:<dir>`` and CLIP-MoE checkpoint directories.
+
+``clip-moe`` is the default CLIP-MoE checkpoint: the directory in the ``CLIP_MOE_PATH`` environment variable,
+else ``$XDG_CACHE_HOME/clip-moe/default`` (``~/.cache/clip-moe/default``). Every other name goes to LLaVA's own
+builder. LLaVA's ``llava_arch`` imports ``build_vision_tower`` by name, so both references are replaced.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from mllm_encoder.vision_tower import CLIPMoEVisionTower, is_clip_moe_dir
+
+DEFAULT_NAME = "clip-moe"
+PREFIX = "clip-moe:"
+ENV_VAR = "CLIP_MOE_PATH"
+
+_original_build_vision_tower = None
+
+
+def default_checkpoint_dir() -> Path:
+    """Where ``--vision_tower clip-moe`` looks: ``$CLIP_MOE_PATH`` or the cache directory."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
+    return cache / "clip-moe" / "default"
+
+
+def _missing_default_error(path: Path) -> ValueError:
+    return ValueError(
+        f"--vision_tower {DEFAULT_NAME}: no CLIP-MoE checkpoint at {path}. Set {ENV_VAR}=<dir> or put one there, "
+        f"e.g. `clip-moe convert --out {path} ...` (converted release weights) or the output of the DMU "
+        f"pipeline; or pass --vision_tower {PREFIX}<dir>. See docs/llava.md."
+    )
+
+
+def resolve_source(name: Optional[str], cfg: Any) -> Optional[str]:
+    """The CLIP-MoE checkpoint directory for tower ``name``, or ``None`` when ``name`` is not a CLIP-MoE tower."""
+    if not name:
+        return None
+    saved = getattr(cfg, "mm_vision_config", None)
+    if name == DEFAULT_NAME:
+        path = default_checkpoint_dir()
+        if not path.is_dir() and not saved:
+            raise _missing_default_error(path)
+        return str(path)
+    if name.startswith(PREFIX):
+        path = Path(name[len(PREFIX) :]).expanduser()
+        if not path.is_dir() and not saved:
+            raise ValueError(f"--vision_tower {name}: {path} is not a directory")
+        return str(path)
+    if os.path.isdir(name) and is_clip_moe_dir(name):
+        return name
+    if isinstance(saved, dict) and "num_experts" in saved:
+        return name
+    return None
+
+
+def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any):
+    """Drop-in for ``llava.model.multimodal_encoder.builder.build_vision_tower``."""
+    name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
+    source = resolve_source(name, vision_tower_cfg)
+    if source is None:
+        return _original_build_vision_tower(vision_tower_cfg, **kwargs)
+    return CLIPMoEVisionTower(name, args=vision_tower_cfg, source=source, **kwargs)
+
+
+def apply() -> None:
+    """Install :func:`build_vision_tower` in LLaVA's builder and ``llava_arch`` modules."""
+    global _original_build_vision_tower
+    import llava.model.llava_arch as llava_arch
+    import llava.model.multimodal_encoder.builder as builder
+
+    if _original_build_vision_tower is None:
+        _original_build_vision_tower = builder.build_vision_tower
+    builder.build_vision_tower = build_vision_tower
+    llava_arch.build_vision_tower = build_vision_tower

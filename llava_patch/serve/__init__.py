@@ -1,0 +1,1 @@
+"""Entry points running LLaVA's serving scripts with CLIP-MoE towers."""

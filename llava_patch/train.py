@@ -1,0 +1,21 @@
+"""``python -m llava_patch.train ARGS``: LLaVA-1.5's ``llava/train/train.py`` with CLIP-MoE towers.
+
+Takes the arguments of ``llava/train/train.py`` plus ``--unfreeze_mm_vision_tower``; launch it with
+``deepspeed`` or ``torchrun`` exactly like LLaVA's script.
+"""
+
+import os
+
+
+def main() -> None:
+    """Patch LLaVA, then run its ``train()`` unchanged."""
+    import llava_patch
+
+    llava_patch.apply()
+    from llava.train.train import train
+
+    train(attn_implementation=os.environ.get("LLAVA_ATTN_IMPLEMENTATION") or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Configurations of CLIP-MoE: HF CLIP's fields plus the Mixture-of-Experts settings of each tower."""
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from transformers import PretrainedConfig
+
+HF_CLIP_MODEL_TYPES = {"clip", "clip_moe"}
+
+
+def _validated_moe_layers(moe_layers: Optional[Sequence[int]], num_hidden_layers: int) -> Optional[List[int]]:
+    if moe_layers is None:
+        return None
+    layers = [int(i) for i in moe_layers]
+    for index in layers:
+        if not 0 <= index < num_hidden_layers:
+            raise ValueError(
+                f"moe_layers: layer index {index} is out of range for num_hidden_layers={num_hidden_layers}"
+            )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"moe_layers: duplicate layer indices in {layers}")
+    return sorted(layers)
+
+
+class _CLIPMoETowerConfig(PretrainedConfig):
+    """Fields shared by both towers: the transformer shape and the MoE settings.
+
+    Args:
+        hidden_size: width of the residual stream.
+        intermediate_size: hidden width of each FFN (of each expert in an MoE layer).
+        projection_dim: width of the joint embedding space (used by ``CLIPMoEModel``).
+        num_hidden_layers: number of transformer layers.
+        num_attention_heads: attention heads per layer.
+        hidden_act: FFN activation; OpenAI CLIP uses ``"quick_gelu"``.
+        layer_norm_eps: epsilon of every LayerNorm.
+        attention_dropout: dropout on attention probabilities (training only).
+        initializer_range, initializer_factor: weight initialisation scales (as in HF CLIP).
+        num_experts: experts per MoE layer; 1 makes the tower dense.
+        top_k: experts each token is routed to.
+        moe_layers: indices of the layers that are MoE; ``None`` means every layer.
+        router_aux_loss_coef: weight of the load-balancing loss when it is added to a training loss.
+        norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Mixtral style).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 512,
+        intermediate_size: int = 2048,
+        projection_dim: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 8,
+        hidden_act: str = "quick_gelu",
+        layer_norm_eps: float = 1e-5,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 1.0,
+        num_experts: int = 1,
+        top_k: int = 1,
+        moe_layers: Optional[Sequence[int]] = None,
+        router_aux_loss_coef: float = 0.01,
+        norm_topk_prob: bool = True,
+        **kwargs: Any,
+    ):
+        kwargs.pop("model_type", None)
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.projection_dim = projection_dim
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.moe_layers = moe_layers
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.norm_topk_prob = norm_topk_prob
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        """Raise ``ValueError`` naming the field when the shape or MoE settings are inconsistent."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        self.moe_layers = _validated_moe_layers(self.moe_layers, self.num_hidden_layers)
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer ``index`` holds a sparse MoE FFN."""
+        if self.num_experts == 1:
+            return False
+        return self.moe_layers is None or index in self.moe_layers
+
+    @property
+    def moe_layer_indices(self) -> List[int]:
+        """Indices of the MoE layers (empty for a dense tower)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> "PretrainedConfig":
+        config_dict = dict(config_dict)
+        if "num_experts" not in config_dict:
+            # A dense HF CLIP config: transformers 4.x stores generation defaults, top_k=50 among them.
+            config_dict.pop("top_k", None)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
+        """Load this tower's config from a tower directory or from a full CLIP / CLIP-MoE directory."""
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") in HF_CLIP_MODEL_TYPES:
+            config_dict = config_dict[cls.tower_key]
+        return cls.from_dict(config_dict, **kwargs)
+
+
+class CLIPMoEVisionConfig(_CLIPMoETowerConfig):
+    """Configuration of the CLIP-MoE image tower (a ViT).
+
+    Takes every field of ``_CLIPMoETowerConfig`` plus ``num_channels``, ``image_size`` and ``patch_size``.
+    The defaults are OpenAI ViT-B/32's shape; the MoE defaults make a dense tower.
+    """
+
+    model_type = "clip_moe_vision_model"
+    tower_key = "vision_config"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        intermediate_size: int = 3072,
+        num_attention_heads: int = 12,
+        num_channels: int = 3,
+        image_size: int = 224,
+        patch_size: int = 32,
+        **kwargs: Any,
+    ):
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        super().__init__(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_attention_heads,
+            **kwargs,
+        )
+
+
+class CLIPMoETextConfig(_CLIPMoETowerConfig):
+    """Configuration of the CLIP-MoE text tower (a causal transformer).
+
+    Takes every field of ``_CLIPMoETowerConfig`` plus ``vocab_size``, ``max_position_embeddings`` (the
+    context length) and the special token ids. As in HF CLIP, the pooled token is the first
+    ``eos_token_id`` of each sequence, except that ``eos_token_id == 2`` selects the legacy OpenAI rule
+    (the position of the largest token id).
+    """
+
+    model_type = "clip_moe_text_model"
+    tower_key = "text_config"
+
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        max_position_embeddings: int = 77,
+        pad_token_id: int = 1,
+        bos_token_id: int = 49406,
+        eos_token_id: int = 49407,
+        **kwargs: Any,
+    ):
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+
+TowerConfig = Union[CLIPMoEVisionConfig, CLIPMoETextConfig, Dict[str, Any], None]
+
+
+class CLIPMoEConfig(PretrainedConfig):
+    """Configuration of a two-tower CLIP-MoE.
+
+    Args:
+        text_config: a ``CLIPMoETextConfig`` or its dict.
+        vision_config: a ``CLIPMoEVisionConfig`` or its dict.
+        projection_dim: width of the joint embedding space.
+        logit_scale_init_value: initial value of the learnable log temperature (2.6592 = log(1/0.07)).
+    """
+
+    model_type = "clip_moe"
+    sub_configs = {"text_config": CLIPMoETextConfig, "vision_config": CLIPMoEVisionConfig}
+
+    def __init__(
+        self,
+        text_config: TowerConfig = None,
+        vision_config: TowerConfig = None,
+        projection_dim: int = 512,
+        logit_scale_init_value: float = 2.6592,
+        **kwargs: Any,
+    ):
+        kwargs.pop("model_type", None)
+        for key in ("text_config_dict", "vision_config_dict"):
+            kwargs.pop(key, None)
+        super().__init__(**kwargs)
+        self.text_config = self._tower(CLIPMoETextConfig, text_config)
+        self.vision_config = self._tower(CLIPMoEVisionConfig, vision_config)
+        self.projection_dim = projection_dim
+        self.logit_scale_init_value = logit_scale_init_value
+        self.initializer_factor = 1.0
+
+    @staticmethod
+    def _tower(config_class, value: TowerConfig):
+        if value is None:
+            return config_class()
+        if isinstance(value, PretrainedConfig):
+            return config_class.from_dict(value.to_dict())
+        return config_class.from_dict(dict(value))
+
+    @classmethod
+    def from_text_vision_configs(
+        cls, text_config: CLIPMoETextConfig, vision_config: CLIPMoEVisionConfig, **kwargs: Any
+    ) -> "CLIPMoEConfig":
+        """Build a two-tower config from the tower configs (HF CLIP's constructor of the same name)."""
+        return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        output = super().to_dict()
+        output["text_config"] = self.text_config.to_dict()
+        output["vision_config"] = self.vision_config.to_dict()
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
+        """Load from a CLIP-MoE or an HF CLIP directory (an HF CLIP config is read as a dense CLIP-MoE)."""
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") not in HF_CLIP_MODEL_TYPES:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config model_type is {config_dict.get('model_type')!r}, "
+                f"expected one of {sorted(HF_CLIP_MODEL_TYPES)}"
+            )
+        return cls.from_dict(config_dict, **kwargs)

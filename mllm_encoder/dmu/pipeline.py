@@ -1,0 +1,187 @@
+"""``clip-moe dmu run``: the whole method (or a baseline) from one config, resumable stage by stage.
+
+Run directory::
+
+    manifest.json            finished stages and what they produced (atomic)
+    config.yaml              the config the run was started with (a resume must use the same)
+    run.log                  the log of every invocation
+    base/eval/metrics.json
+    dmu/extract_{s}/         features_rank{r}.safetensors
+    dmu/cluster_{s}/         labels.npy, cluster_sizes.json, cluster_sizes.png
+    dmu/mcl_{s}/             model/, train_state/step_*/, tensorboard/, history.json
+    dmu/assemble/model/  dmu/route/...  dmu/eval/metrics.json
+    finetune/train/...  upcycle/train/...  {method}/eval/metrics.json
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import yaml
+
+from mllm_encoder.dmu.config import METHODS, RunConfig
+from mllm_encoder.dmu.evaluation import evaluate_checkpoint
+from mllm_encoder.dmu.run_state import Manifest, write_json_atomic
+from mllm_encoder.dmu.stages import (
+    load_model,
+    load_training_data,
+    run_assemble,
+    run_cluster,
+    run_extract,
+    run_training,
+    steps_for,
+    train_config,
+)
+
+logger = logging.getLogger(__name__)
+Stage = Tuple[str, Callable[[], Dict[str, Any]]]
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    config: RunConfig
+    accelerator: Any
+    num_samples: int
+    stop_after_step: Optional[int] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def mcl_steps(self) -> int:
+        return steps_for(self.config.mcl, self.num_samples, self.world_size)
+
+    def route_steps(self) -> int:
+        return steps_for(self.config.route, self.num_samples, self.world_size)
+
+    def baseline_steps(self) -> int:
+        """Equal training steps: the baselines train as long as all DMU stages together."""
+        return (self.config.dmu.num_experts - 1) * self.mcl_steps() + self.route_steps()
+
+
+def _train_stage(ctx: RunContext, stage_dir: Path, build_model: Callable, section, steps: int, labels_path=None, seed=0, **overrides):
+    def run() -> Dict[str, Any]:
+        labels = np.load(labels_path) if labels_path is not None else None
+        cfg = train_config(section, ctx.config.runtime, steps, seed, ctx.config.data.num_workers, **overrides)
+        model_dir, history = run_training(
+            build_model(), ctx.config.data, ctx.config.base_model, labels, cfg, stage_dir, ctx.accelerator,
+            ctx.stop_after_step, desc=str(stage_dir.relative_to(ctx.run_dir)),
+        )
+        return {"model": str(model_dir), "steps": steps, "final_loss": history[-1]["loss"]}
+
+    return run
+
+
+def _eval_stage(ctx: RunContext, model_dir: Path, out_dir: Path) -> Callable[[], Dict[str, Any]]:
+    def run() -> Dict[str, Any]:
+        metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir)
+        return {"model": str(model_dir), "metrics": metrics}
+
+    return run
+
+
+def dmu_stages(ctx: RunContext) -> List[Stage]:
+    """extract/cluster/MCL for stages 1..N-1, assemble N experts, tune the routers."""
+    cfg, root = ctx.config, ctx.run_dir / "dmu"
+    models, labels, stages = [Path(cfg.base_model)], None, []
+    for s in range(1, cfg.dmu.num_experts):
+        features, cluster = root / f"extract_{s - 1}", root / f"cluster_{s - 1}"
+        source = models[-1]
+        stages.append((f"dmu/extract_{s - 1}", lambda src=source, out=features: {"features": str(
+            run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))}))
+        stages.append((f"dmu/cluster_{s - 1}", _cluster_stage(ctx, features, cluster, labels)))
+        labels = cluster / "labels.npy"
+        stage_dir = root / f"mcl_{s}"
+        stages.append((f"dmu/mcl_{s}", _train_stage(
+            ctx, stage_dir, lambda: load_model(cfg.base_model), cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)))
+        models.append(stage_dir / "model")
+    assembled = root / "assemble" / "model"
+    stages.append(("dmu/assemble", lambda: {"model": str(run_assemble(
+        models, cfg.dmu.top_k, assembled, cfg.dmu.moe_layers)) if ctx.accelerator.is_main_process else str(assembled)}))
+    stages.append(("dmu/route", _train_stage(
+        ctx, root / "route", lambda: load_model(assembled), cfg.route, ctx.route_steps(), None, cfg.seed)))
+    return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
+
+
+def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optional[Path]):
+    def run() -> Dict[str, Any]:
+        cfg = ctx.config
+        if ctx.accelerator.is_main_process:
+            run_cluster(features, ctx.num_samples, out, previous, cfg.dmu.image_clusters, cfg.dmu.text_clusters,
+                        cfg.seed, cfg.dmu.kmeans_backend)
+        ctx.accelerator.wait_for_everyone()
+        labels = np.load(out / "labels.npy")
+        return {"labels": str(out / "labels.npy"), "num_clusters": int(len(np.unique(labels[labels >= 0])))}
+
+    return run
+
+
+def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
+    """Direct fine-tuning (dense FFNs) or sparse upcycling (copied experts + routers), at DMU's step count."""
+    cfg, stage_dir = ctx.config, ctx.run_dir / method / "train"
+    if method == "finetune":
+        build, overrides = (lambda: load_model(cfg.base_model)), {}
+    else:
+        build, overrides = (lambda: _sparse_upcycled(cfg)), {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
+    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
+    return [(f"{method}/train", train), (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval"))]
+
+
+def _sparse_upcycled(cfg: RunConfig):
+    from mllm_encoder.upcycle import sparse_upcycle
+
+    return sparse_upcycle(load_model(cfg.base_model), cfg.dmu.num_experts, cfg.dmu.top_k, cfg.dmu.moe_layers)
+
+
+def plan(ctx: RunContext, method: str) -> List[Stage]:
+    """The ordered stages of ``method``, the base model's evaluation first."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    base = [("base/eval", _eval_stage(ctx, Path(ctx.config.base_model), ctx.run_dir / "base" / "eval"))]
+    return base + (dmu_stages(ctx) if method == "dmu" else baseline_stages(ctx, method))
+
+
+def _check_config_copy(config: RunConfig, run_dir: Path, is_main: bool) -> None:
+    saved = run_dir / "config.yaml"
+    current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
+    if saved.exists():
+        previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
+        if previous != current:
+            raise ValueError(f"{saved}: the run directory was started with a different config; use a new run_dir")
+    elif is_main:
+        from mllm_encoder.atomic import atomic_write_text
+
+        atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
+    """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_config_copy(config, run_dir, accelerator.is_main_process)
+    manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
+    dataset, _ = load_training_data(config.data, config.base_model)
+    ctx = RunContext(config, accelerator, len(dataset), stop_after_step)
+    for name, run in plan(ctx, method):
+        if manifest.is_done(name):
+            logger.info("%s: done already, skipped", name)
+            continue
+        logger.info("%s: running", name)
+        manifest.mark_done(name, **run())
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "results.json", collect_results(manifest))
+    return manifest.stages
+
+
+def collect_results(manifest: Manifest) -> Dict[str, Dict[str, Any]]:
+    """``{method: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``)."""
+    return {name.split("/")[0]: info["metrics"] for name, info in manifest.stages.items() if name.endswith("/eval")}

@@ -1,0 +1,107 @@
+"""The run directory's bookkeeping: atomic JSON, the manifest of finished stages, resumable training state."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_PREFIX = "step_"
+
+
+def write_json_atomic(path: Union[str, Path], payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Manifest:
+    """``manifest.json``: which stages of a run are finished, with what they produced.
+
+    Only the main process writes (``writable``); the others keep the same record in memory.
+    """
+
+    def __init__(self, path: Union[str, Path], writable: bool = True) -> None:
+        self.path, self.writable = Path(path), writable
+        self.stages: Dict[str, Dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                self.stages = json.loads(self.path.read_text())["stages"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ValueError(f"{self.path}: not a run manifest ({error})") from error
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def result(self, stage: str) -> Dict[str, Any]:
+        return self.stages[stage]
+
+    def mark_done(self, stage: str, **info: Any) -> None:
+        self.stages[stage] = info
+        if self.writable:
+            write_json_atomic(self.path, {"stages": self.stages})
+
+
+def _trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_training_state(
+    ckpt_dir: Union[str, Path], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    history: List[Dict[str, float]], keep: int = 1,
+) -> Path:
+    """Save trainable weights, optimizer state, RNG and history after ``step`` steps, atomically.
+
+    The state goes to ``step_{step:08d}.tmp`` first and is renamed when complete; older states beyond
+    ``keep`` are removed afterwards, so a kill at any moment leaves a complete state on disk.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"{STATE_PREFIX}{step:08d}"
+    tmp = ckpt_dir / f"{STATE_PREFIX}{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    write_json_atomic(tmp / "state.json", {"step": step, "history": history})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob(f"{STATE_PREFIX}*[0-9]"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_training_state(ckpt_dir: Union[str, Path]) -> Optional[Path]:
+    """The newest complete state directory in ``ckpt_dir`` (temporary ones are ignored)."""
+    states = sorted(Path(ckpt_dir).glob(f"{STATE_PREFIX}*[0-9]")) if Path(ckpt_dir).exists() else []
+    return states[-1] if states else None
+
+
+def load_training_state(
+    state_dir: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> Tuple[int, List[Dict[str, float]]]:
+    """Restore what :func:`save_training_state` wrote; returns (step, history)."""
+    state_dir = Path(state_dir)
+    weights = load_file(str(state_dir / "trainable.safetensors"))
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in weights]
+    if missing:
+        raise ValueError(f"{state_dir}: training state lacks trainable parameters {missing[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    saved = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    meta = json.loads((state_dir / "state.json").read_text())
+    return int(meta["step"]), list(meta["history"])

@@ -1,0 +1,156 @@
+"""The DMU stages as functions over directories: extract, cluster, train (MCL / router / baselines), assemble.
+
+Each stage reads checkpoint directories and writes its outputs under one stage directory; the pipeline
+(:mod:`mllm_encoder.dmu.pipeline`) and the ``clip-moe dmu`` subcommands both call these.
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from mllm_encoder.checkpoint import load_processors, save_checkpoint
+from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
+from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
+from mllm_encoder.dmu.distributed import DistState
+from mllm_encoder.dmu.features import extract_features, load_features
+from mllm_encoder.dmu.run_state import write_json_atomic
+from mllm_encoder.dmu.trainer import TrainConfig, train
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+
+
+def load_model(model_dir: PathLike) -> torch.nn.Module:
+    """A CLIP-MoE (dense or MoE) model from a checkpoint directory, in float32."""
+    from mllm_encoder import CLIPMoEModel
+
+    return CLIPMoEModel.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+
+
+def load_training_data(data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None):
+    """``(dataset, collator)`` for ``path`` (default ``data.train``) with the processors of ``processors_dir``."""
+    from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
+
+    image_processor, tokenizer = load_processors(processors_dir)
+    if tokenizer is None:
+        raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
+    dataset = load_image_text_dataset(
+        path or data.train, format=format or data.format, image_root=data.image_root,
+        image_processor=image_processor, tokenizer=tokenizer,
+    )
+    return dataset, ImageTextCollator(max_bad_fraction=data.max_bad_fraction, dataset=dataset)
+
+
+def save_model(model: torch.nn.Module, out_dir: PathLike, processors_dir: PathLike) -> Path:
+    """A complete checkpoint directory with the image processor and tokenizer of ``processors_dir``."""
+    image_processor, tokenizer = load_processors(processors_dir)
+    return save_checkpoint(model, out_dir, image_processor=image_processor, tokenizer=tokenizer)
+
+
+def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
+    """Optimizer steps of a stage: ``section.steps``, or its epochs over ``num_samples``."""
+    if section.steps is not None:
+        return int(section.steps)
+    per_step = section.batch_size * section.grad_accum * world_size
+    return max(1, math.ceil(section.epochs * num_samples / per_step))
+
+
+def train_config(section: StageSection, runtime: RuntimeSection, steps: int, seed: int, num_workers: int = 0, **overrides: Any) -> TrainConfig:
+    """The trainer's config of one stage."""
+    values = dict(
+        steps=steps, batch_size=section.batch_size, grad_accum=section.grad_accum, lr=section.lr,
+        weight_decay=section.weight_decay, warmup_steps=min(section.warmup_steps, max(steps - 1, 0)),
+        min_lr_ratio=section.min_lr_ratio, grad_clip=section.grad_clip, trainable=section.trainable,
+        temperature=section.temperature, label_smoothing=section.label_smoothing,
+        aux_loss_coef=section.aux_loss_coef, save_every=runtime.save_every, log_every=runtime.log_every,
+        seed=seed, num_workers=num_workers, gradient_checkpointing=runtime.gradient_checkpointing,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
+    """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``."""
+    model = load_model(model_dir).to(accelerator.device)
+    dataset, collator = load_training_data(data, model_dir)
+    state = DistState(accelerator.num_processes, accelerator.process_index)
+    with accelerator.autocast():
+        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
+    collator.check(final=True)
+    accelerator.wait_for_everyone()
+    return Path(out_dir)
+
+
+def run_cluster(
+    features_dir: PathLike, num_samples: int, out_dir: PathLike, previous_labels: Optional[PathLike] = None,
+    image_clusters: int = 3, text_clusters: int = 3, seed: int = 0, backend: str = "auto",
+) -> Path:
+    """Stage ``cluster``: k-means both modalities, accumulate with the previous labels; writes ``labels.npy``.
+
+    Labels cover every dataset index; samples without features (bad at extraction) get -1 and are never drawn.
+    """
+    features = load_features(features_dir)
+    current = stage_labels(features["image"], features["text"], image_clusters, text_clusters, seed, backend)
+    if previous_labels is not None:
+        previous = np.load(previous_labels)[features["index"]]
+        if (previous < 0).any():
+            raise ValueError(f"{previous_labels}: samples with features have no previous label")
+        current = accumulate_labels(previous, current, image_clusters * text_clusters)
+    labels = np.full(num_samples, -1, dtype=np.int64)
+    labels[features["index"]] = current
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "labels.tmp.npy", labels)
+    (out_dir / "labels.tmp.npy").replace(out_dir / "labels.npy")
+    save_cluster_report(current, out_dir, title=f"{len(np.unique(current))} pseudo-label clusters")
+    return out_dir / "labels.npy"
+
+
+def run_training(
+    model: torch.nn.Module, data: DataSection, processors_dir: PathLike, labels: Optional[Sequence[int]],
+    cfg: TrainConfig, stage_dir: PathLike, accelerator, stop_after_step: Optional[int] = None, desc: str = "train",
+) -> Tuple[Path, List[Dict[str, float]]]:
+    """Train ``model`` (resuming from ``stage_dir/train_state``), then save ``stage_dir/model`` and the history.
+
+    ``labels`` None: random batches (one cluster holding everything).
+    """
+    stage_dir = Path(stage_dir)
+    dataset, collator = load_training_data(data, processors_dir)
+    labels = np.zeros(len(dataset), dtype=np.int64) if labels is None else np.asarray(labels)
+    if len(labels) != len(dataset):
+        raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")
+    writer = _tensorboard_writer(stage_dir / "tensorboard") if accelerator.is_main_process else None
+    history = train(model, dataset, collator, labels, cfg, stage_dir / "train_state", accelerator, writer, stop_after_step, desc)
+    if writer is not None:
+        writer.close()
+    if accelerator.is_main_process:
+        save_model(model, stage_dir / "model", processors_dir)
+        write_json_atomic(stage_dir / "history.json", history)
+    accelerator.wait_for_everyone()
+    return stage_dir / "model", history
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def run_assemble(model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None) -> Path:
+    """Stage ``assemble``: the FFNs of N dense models become N experts per layer (top-k routing)."""
+    from mllm_encoder.upcycle import assemble_experts
+
+    model = assemble_experts([str(path) for path in model_dirs], top_k=top_k, moe_layers=moe_layers)
+    return save_model(model, out_dir, model_dirs[0])
+
+
+def read_history(stage_dir: PathLike) -> List[Dict[str, float]]:
+    """The per-step training history saved by :func:`run_training`."""
+    return json.loads((Path(stage_dir) / "history.json").read_text())

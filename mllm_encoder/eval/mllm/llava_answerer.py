@@ -1,0 +1,113 @@
+"""The real answer function: a LLaVA checkpoint (CLIP-MoE or CLIP tower) answering one question at a time.
+
+Mirrors LLaVA-1.5's ``llava/eval/model_vqa_loader.py``: ``<image>\\n`` + question in the ``vicuna_v1``
+template, images through ``process_images``, greedy decoding at temperature 0, batch size 1, the stripped
+decoded text as the answer. ``llava_patch.apply()`` runs first, so ``clip-moe`` towers load and trained tower
+weights survive.
+"""
+
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _import_llava():
+    """Apply the CLIP-MoE patch to LLaVA and return its modules (clear errors when either is missing)."""
+    try:
+        import llava_patch
+    except ImportError as error:
+        raise ImportError(
+            f"the answering step needs the llava_patch package of mllm-encoder: {error}"
+        ) from error
+    llava_patch.apply()
+    try:
+        from llava import constants, conversation, mm_utils
+        from llava.model.builder import load_pretrained_model
+    except ImportError as error:
+        raise ImportError(
+            f"LLaVA is not importable ({error}); install it: pip install --no-deps llava-torch==1.2.2.post1"
+        ) from error
+    return constants, conversation, mm_utils, load_pretrained_model
+
+
+class LlavaAnswerer:
+    """Callable ``question -> answer text`` for a LLaVA checkpoint, answering as ``model_vqa_loader`` does."""
+
+    def __init__(
+        self,
+        model_path: str,
+        image_folder: str,
+        model_base: Optional[str] = None,
+        conv_mode: str = "vicuna_v1",
+        temperature: float = 0.0,
+        top_p: Optional[float] = None,
+        num_beams: int = 1,
+        max_new_tokens: int = 128,
+        device: Optional[str] = None,
+    ):
+        self.constants, conversation, self.mm_utils, load_pretrained_model = _import_llava()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_path = os.path.expanduser(model_path)
+        self.model_name = self.mm_utils.get_model_name_from_path(model_path)
+        self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
+            model_path, model_base, self.model_name, device=self.device
+        )
+        if self.image_processor is None:
+            raise ValueError(
+                f"{model_path}: LLaVA returned no image processor; its loader requires 'llava' in the "
+                f"model directory's name (got {self.model_name!r})"
+            )
+        if self.device == "cpu":
+            self.model.float()  # LLaVA loads float16, which CPUs run slowly or not at all
+        if (
+            "plain" in self.model_name
+            and "finetune" not in self.model_name.lower()
+            and "mmtag" not in conv_mode
+        ):
+            conv_mode = conv_mode + "_mmtag"
+            logger.info("plain (pretrain-only) model: using the %s prompt, as LLaVA does", conv_mode)
+        self.template = conversation.conv_templates[conv_mode]
+        self.image_folder = image_folder
+        self.generation = dict(
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+        )
+
+    def build_prompt(self, question_text: str) -> str:
+        """The full conversation prompt for one question, with the image placeholder LLaVA expects."""
+        c = self.constants
+        if getattr(self.model.config, "mm_use_im_start_end", False):
+            image_tokens = c.DEFAULT_IM_START_TOKEN + c.DEFAULT_IMAGE_TOKEN + c.DEFAULT_IM_END_TOKEN
+        else:
+            image_tokens = c.DEFAULT_IMAGE_TOKEN
+        conv = self.template.copy()
+        conv.append_message(conv.roles[0], image_tokens + "\n" + question_text)
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
+
+    @torch.inference_mode()
+    def __call__(self, question: Dict[str, Any]) -> str:
+        """Answer one question (a question-file record with ``image`` and ``text``)."""
+        from PIL import Image
+
+        image = Image.open(os.path.join(self.image_folder, question["image"])).convert("RGB")
+        images = self.mm_utils.process_images([image], self.image_processor, self.model.config)
+        prompt = self.build_prompt(question["text"])
+        input_ids = self.mm_utils.tokenizer_image_token(
+            prompt, self.tokenizer, self.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
+        ).unsqueeze(0)
+        output_ids = self.model.generate(
+            input_ids.to(self.model.device),
+            images=images.to(dtype=self.model.dtype, device=self.model.device),
+            image_sizes=[image.size],
+            **self.generation,
+        )
+        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()

@@ -1,0 +1,296 @@
+"""MME scoring with the official protocol (MME's ``eval_tool/calculation.py``, after LLaVA's conversion).
+
+LLaVA's ``llava_mme.jsonl`` asks two questions per image; ``question_id`` is the image path relative to the
+MME release folder (``<category>/<name>`` or ``<category>/images/<name>``), so it is not unique. The ground
+truth lies in the release: ``<category>/questions_answers_YN/<stem>.txt`` when ``<category>/images`` exists,
+else ``<category>/<stem>.txt`` beside the images, with lines ``question<TAB>Yes|No`` where the question ends
+in " Please answer yes or no." (LLaVA's conversion strips "Answer the question using a single word or phrase."
+from the prompt and appends that sentence, falling back to a double space before it, which some files use).
+
+Scoring: an answer is "yes"/"no" when its lower-cased text is exactly that, else when "yes" (checked first) or
+"no" occurs in its first 4 characters, else "other", which is wrong. Per subtask: acc = correct / questions,
+acc+ = images with both questions right / images, score = 100 * acc + 100 * acc+. Perception (10 subtasks,
+max 2000) and cognition (4 subtasks, max 800) are sums of subtask scores.
+
+The official tool pairs consecutive lines; here the questions are grouped by image (the same pairs for LLaVA's
+question file) and an image without exactly two questions is reported. A question without an answer is counted
+as wrong (like "other") and reported, so an incomplete run can only score lower, never higher.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
+from mllm_encoder.eval.mllm.pope import binary_metrics
+
+logger = logging.getLogger(__name__)
+
+PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+LLAVA_SUFFIX = "Answer the question using a single word or phrase."
+MME_SUFFIX = "Please answer yes or no."
+
+GroundTruth = Dict[Tuple[str, str], Dict[str, str]]  # (category, "<stem>.txt") -> {question: "yes"/"no"}
+
+
+def parse_mme_answer(text: str) -> str:
+    """ "yes", "no" or "other", exactly as MME's ``calculation.py`` parses a prediction."""
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    prefix = text[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
+def _read_ground_truth_file(path: Path) -> Dict[str, str]:
+    """``question<TAB>answer`` lines of one ground-truth file, answers lower-cased and checked."""
+    answers = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().split("\t")
+            if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
+                raise ValueError(
+                    f"{path}:{line_number}: expected 'question<TAB>Yes|No', got {line.strip()!r}"
+                )
+            answers[parts[0]] = parts[1].strip().lower()
+    return answers
+
+
+def load_mme_ground_truth(mme_root: PathLike) -> GroundTruth:
+    """Read the ground truth of an MME release folder (both layouts, see the module docstring)."""
+    mme_root = Path(mme_root)
+    if not mme_root.is_dir():
+        raise ValueError(f"{mme_root}: not a directory (expected the MME_Benchmark_release_version folder)")
+    truth: GroundTruth = {}
+    for category_dir in sorted(p for p in mme_root.iterdir() if p.is_dir()):
+        has_images = (category_dir / "images").is_dir()
+        qa_dir = category_dir / "questions_answers_YN" if has_images else category_dir
+        if not qa_dir.is_dir():
+            raise ValueError(f"{category_dir}: has images/ but no questions_answers_YN/ folder")
+        for path in sorted(qa_dir.glob("*.txt")):
+            truth[(category_dir.name, path.name)] = _read_ground_truth_file(path)
+    if not truth:
+        raise ValueError(f"{mme_root}: no ground-truth .txt files found (is it the MME release folder?)")
+    return truth
+
+
+def ground_truth_key(question_id: str) -> Tuple[str, str]:
+    """(category, ground-truth file name) of an image path, as LLaVA's ``convert_answer_to_mme.py`` has it."""
+    parts = question_id.split("/")
+    return parts[0], parts[-1].split(".")[0] + ".txt"
+
+
+def lookup_ground_truth(truth: GroundTruth, question_id: str, prompt: str) -> str:
+    """The "yes"/"no" ground truth of one question, matching LLaVA's prompt-to-MME-question conversion.
+
+    Raises:
+        KeyError: when the image's file or the question is not in the ground truth.
+    """
+    file_truth = truth[ground_truth_key(question_id)]
+    question = prompt.replace(LLAVA_SUFFIX, "").strip() if LLAVA_SUFFIX in prompt else prompt
+    if MME_SUFFIX in question:
+        return file_truth[question]
+    single = f"{question} {MME_SUFFIX}"
+    return file_truth[single] if single in file_truth else file_truth[f"{question}  {MME_SUFFIX}"]
+
+
+@dataclass
+class MMESubtaskResult:
+    """Counts and metrics of one MME subtask (acc, acc_plus: fractions; score = 100*acc + 100*acc_plus)."""
+
+    subtask: str
+    num_questions: int
+    num_images: int
+    num_answered: int
+    num_missing: int
+    num_other: int
+    num_correct: int
+    num_images_both_correct: int
+    acc: float
+    acc_plus: float
+    score: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    precision: float
+    recall: float
+
+
+@dataclass
+class MMEResult:
+    """Per-subtask results, perception/cognition totals and every data problem found."""
+
+    subtasks: Dict[str, MMESubtaskResult]
+    num_answers: int = 0
+    num_unknown: int = 0
+    num_duplicate: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+    def _total(self, names: Tuple[str, ...]) -> float:
+        return sum(self.subtasks[name].score for name in names if name in self.subtasks)
+
+    @property
+    def perception(self) -> float:
+        """Sum of the perception subtask scores (max 2000): the MME number LLaVA-1.5 reports."""
+        return self._total(PERCEPTION)
+
+    @property
+    def cognition(self) -> float:
+        """Sum of the cognition subtask scores (max 800)."""
+        return self._total(COGNITION)
+
+    @property
+    def num_missing(self) -> int:
+        """Questions without an answer (scored as wrong)."""
+        return sum(s.num_missing for s in self.subtasks.values())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every number, JSON-serialisable."""
+        out = asdict(self)
+        out["subtasks"] = {name: asdict(result) for name, result in self.subtasks.items()}
+        out.update(protocol="mme-calculation", perception=self.perception, cognition=self.cognition)
+        out.update(total=self.perception + self.cognition, num_missing=self.num_missing)
+        out["missing_subtasks"] = [name for name in PERCEPTION + COGNITION if name not in self.subtasks]
+        return out
+
+
+def _warn(result: MMEResult, summary: str, examples: List[str], limit: int = 5) -> None:
+    """One loud warning listing the first examples of a kind of problem."""
+    if not examples:
+        return
+    more = f"; ... and {len(examples) - limit} more" if len(examples) > limit else ""
+    message = f"{summary}: {'; '.join(examples[:limit])}{more}"
+    logger.warning(message)
+    result.warnings.append(message)
+
+
+def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[JsonlRecord, str]]:
+    """Questions with their ground truth; (question_id, text) must be unique and known to the ground truth."""
+    questions, seen = [], {}
+    for record in read_jsonl(question_file):
+        require_fields(question_file, record, ("question_id", "text"))
+        key = (record.data["question_id"], record.data["text"])
+        if key in seen:
+            raise ValueError(f"{question_file}:{record.line}: duplicate question (first on line {seen[key]})")
+        seen[key] = record.line
+        try:
+            answer = lookup_ground_truth(truth, *key)
+        except KeyError:
+            raise ValueError(
+                f"{question_file}:{record.line}: no MME ground truth for image {key[0]!r} and this question "
+                f"(looked in {'/'.join(ground_truth_key(key[0]))}); is --mme-root the MME release folder?"
+            ) from None
+        questions.append((record, answer))
+    return questions
+
+
+def _index_answers(
+    result_file: PathLike, known: set, result: MMEResult
+) -> Dict[Tuple[str, str], JsonlRecord]:
+    """Answers by (question_id, prompt), first kept; unknown and duplicate answers counted and warned."""
+    answers: Dict[Tuple[str, str], JsonlRecord] = {}
+    unknown, duplicate = [], []
+    records = read_jsonl(result_file)
+    for record in records:
+        require_fields(result_file, record, ("question_id", "prompt", "text"))
+        key = (record.data["question_id"], record.data["prompt"])
+        if key not in known:
+            unknown.append(f"{result_file}:{record.line} ({key[0]!r})")
+        elif key in answers:
+            duplicate.append(f"{result_file}:{record.line} (kept line {answers[key].line})")
+        else:
+            answers[key] = record
+    if records and not answers:
+        raise ValueError(
+            f"{result_file}: none of its {len(records)} answers matches a question; wrong files?"
+        )
+    result.num_answers, result.num_unknown, result.num_duplicate = len(records), len(unknown), len(duplicate)
+    _warn(result, f"{len(unknown)} answers to questions not in the question file (not scored)", unknown)
+    _warn(result, f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
+    return answers
+
+
+def _score_subtask(name: str, items: List[Tuple[str, str, str]]) -> MMESubtaskResult:
+    """Score one subtask from (image, ground truth, parsed prediction or "missing") triples."""
+    images: Dict[str, List[bool]] = {}
+    for image, truth, prediction in items:
+        images.setdefault(image, []).append(prediction == truth)
+    answered = [(prediction, truth) for _, truth, prediction in items if prediction in ("yes", "no")]
+    metrics = binary_metrics([p for p, _ in answered], [t for _, t in answered])
+    num_correct = sum(sum(flags) for flags in images.values())
+    both = sum(all(flags) for flags in images.values())
+    acc, acc_plus = num_correct / len(items), both / len(images)
+    return MMESubtaskResult(
+        subtask=name,
+        num_questions=len(items),
+        num_images=len(images),
+        num_answered=sum(prediction != "missing" for _, _, prediction in items),
+        num_missing=sum(prediction == "missing" for _, _, prediction in items),
+        num_other=sum(prediction == "other" for _, _, prediction in items),
+        num_correct=num_correct,
+        num_images_both_correct=both,
+        acc=acc,
+        acc_plus=acc_plus,
+        score=100 * acc + 100 * acc_plus,
+        **{k: metrics[k] for k in ("tp", "fp", "tn", "fn", "precision", "recall")},
+    )
+
+
+def evaluate_mme(mme_root: PathLike, question_file: PathLike, result_file: PathLike) -> MMEResult:
+    """Score a LLaVA-format answer file on MME (see the module docstring for the protocol and checks)."""
+    truth = load_mme_ground_truth(mme_root)
+    questions = _load_questions(question_file, truth)
+    result = MMEResult(subtasks={})
+    known = {(q.data["question_id"], q.data["text"]) for q, _ in questions}
+    answers = _index_answers(result_file, known, result)
+    items: Dict[str, List[Tuple[str, str, str]]] = {}
+    for question, gt in questions:
+        answer = answers.get((question.data["question_id"], question.data["text"]))
+        prediction = "missing" if answer is None else parse_mme_answer(str(answer.data["text"]))
+        image = question.data["question_id"]
+        items.setdefault(ground_truth_key(image)[0], []).append((image, gt, prediction))
+    _check_structure(result, items, result_file)
+    order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
+        set(items) - set(PERCEPTION + COGNITION)
+    )
+    result.subtasks = {name: _score_subtask(name, items[name]) for name in order}
+    return result
+
+
+def _check_structure(
+    result: MMEResult, items: Dict[str, List[Tuple[str, str, str]]], result_file: PathLike
+) -> None:
+    """Warn about images without exactly two questions, unknown or absent subtasks and missing answers."""
+    counts: Dict[str, int] = {}
+    for triples in items.values():
+        for image, _, _ in triples:
+            counts[image] = counts.get(image, 0) + 1
+    odd = [f"{image} ({n} questions)" for image, n in counts.items() if n != 2]
+    _warn(result, "images without exactly two questions (MME pairs two per image)", odd)
+    extra = sorted(set(items) - set(PERCEPTION + COGNITION))
+    _warn(result, "categories that are not MME subtasks (scored, left out of the totals)", extra)
+    absent = [name for name in PERCEPTION + COGNITION if name not in items]
+    _warn(result, "MME subtasks absent from the question file (totals are incomplete)", absent, limit=14)
+    missing = [f"{name}: {sum(p == 'missing' for _, _, p in t)}" for name, t in items.items()]
+    missing = [m for m in missing if not m.endswith(": 0")]
+    _warn(result, f"{result_file}: questions without an answer (scored as wrong)", missing, limit=14)

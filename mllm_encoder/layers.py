@@ -1,0 +1,185 @@
+"""Reusable transformer layers of the CLIP towers (HF CLIP 4.x parameter names), with MoE FFNs."""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from mllm_encoder.configuration_clip_moe import CLIPMoETextConfig, CLIPMoEVisionConfig
+from mllm_encoder.moe import SparseMoE
+
+LayerOutput = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch embedding (bias-free conv), a class token and learned position embeddings."""
+
+    def __init__(self, config: CLIPMoEVisionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(config.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.position_embedding = nn.Embedding(self.num_patches + 1, config.hidden_size)
+
+    def _positions(self, height: int, width: int, interpolate: bool) -> torch.Tensor:
+        table = self.position_embedding.weight
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        if grid_h * grid_w == self.num_patches:
+            return table
+        if not interpolate:
+            raise ValueError(
+                f"input image size ({height}x{width}) does not match the model's "
+                f"{self.num_patches} patches; pass interpolate_pos_encoding=True to resize the position grid"
+            )
+        side = int(self.num_patches**0.5)
+        grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+        return torch.cat([table[:1], grid])
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
+        positions = self._positions(pixel_values.shape[-2], pixel_values.shape[-1], interpolate_pos_encoding)
+        return torch.cat([cls, patches], dim=1) + positions.unsqueeze(0)
+
+
+class TextEmbeddings(nn.Module):
+    """Token and learned absolute position embeddings."""
+
+    def __init__(self, config: CLIPMoETextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[-1]
+        if length > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"input_ids has {length} tokens, more than max_position_embeddings="
+                f"{self.position_embedding.num_embeddings}"
+            )
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.dropout = config.attention_dropout
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attention_mask``: additive, broadcastable to ``[batch, heads, queries, keys]``."""
+        batch, length, width = hidden_states.shape
+        attended = nn.functional.scaled_dot_product_attention(
+            self._heads(self.q_proj(hidden_states)),
+            self._heads(self.k_proj(hidden_states)),
+            self._heads(self.v_proj(hidden_states)),
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+class FeedForward(nn.Module):
+    """The dense CLIP MLP (fc1 -> activation -> fc2); returns no router logits."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> LayerOutput:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states))), None
+
+
+def build_ffn(config, layer_index: int) -> nn.Module:
+    """The FFN of layer ``layer_index``: a ``SparseMoE`` if the config makes it MoE, else a dense MLP."""
+    if not config.is_moe_layer(layer_index):
+        return FeedForward(config)
+    return SparseMoE(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_experts,
+        config.top_k,
+        hidden_act=config.hidden_act,
+        norm_topk_prob=config.norm_topk_prob,
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: attention then (MoE) FFN, each with a residual."""
+
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = build_ffn(config, layer_index)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> LayerOutput:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        ffn_output, router_logits = self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states + ffn_output, router_logits
+
+
+class EncoderOutput:
+    """What :class:`Encoder` returns: the last state, every state when asked, and the router logits."""
+
+    def __init__(self, last: torch.Tensor, states: Optional[List[torch.Tensor]], router_logits: List[torch.Tensor]):
+        self.last_hidden_state = last
+        self.hidden_states = tuple(states) if states is not None else None
+        self.router_logits = tuple(router_logits)
+
+
+class Encoder(nn.Module):
+    """A stack of :class:`EncoderLayer` with optional gradient checkpointing."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def _run_layer(self, layer: EncoderLayer, hidden_states: torch.Tensor, mask: Optional[torch.Tensor]):
+        if self.gradient_checkpointing and self.training:
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if checkpoint is None:
+                return torch.utils.checkpoint.checkpoint(layer, hidden_states, mask, use_reentrant=False)
+            return checkpoint(layer.__call__, hidden_states, mask)
+        return layer(hidden_states, mask)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+        num_layers: Optional[int] = None,
+    ) -> EncoderOutput:
+        """Run the first ``num_layers`` layers (all by default)."""
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        states = [hidden_states] if output_hidden_states else None
+        router_logits = []
+        for layer in layers:
+            hidden_states, logits = self._run_layer(layer, hidden_states, attention_mask)
+            if logits is not None:
+                router_logits.append(logits)
+            if states is not None:
+                states.append(hidden_states)
+        return EncoderOutput(hidden_states, states, router_logits)

@@ -1,0 +1,88 @@
+"""Experts stored as stacked 3-D parameters, with grouped matrix multiplication over expert slices.
+
+Stacking (rather than a ModuleList of Linears) means every rank touches the same parameters whatever the
+routing, so DeepSpeed ZeRO-3 never waits on an expert that one rank did not use, and it allows grouped
+GEMMs. Parameter names follow the checkpoint format: ``fc1.weight [E, I, D]``, ``fc1.bias [E, I]``,
+``fc2.weight [E, D, I]``, ``fc2.bias [E, D]``.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from mllm_encoder.moe.dispatch import DispatchPlan
+
+BACKENDS = ("auto", "grouped", "loop")
+
+
+def grouped_mm_available() -> bool:
+    """Whether the installed torch has a grouped GEMM (``torch._grouped_mm``, torch >= 2.8)."""
+    return hasattr(torch, "_grouped_mm")
+
+
+def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> str:
+    """Pick the matmul strategy: grouped GEMM on CUDA in bf16 when available, else a loop over slices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dispatch backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    aligned = all(d % 8 == 0 for d in dims)
+    use_grouped = (
+        hidden_states.is_cuda and hidden_states.dtype == torch.bfloat16 and aligned and grouped_mm_available()
+    )
+    return "grouped" if use_grouped else "loop"
+
+
+class GroupedLinear(nn.Module):
+    """``E`` linear maps ``in_features -> out_features`` applied to expert-sorted rows."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(
+        self, rows: torch.Tensor, plan: DispatchPlan, backend: str, split_sizes: Optional[List[int]]
+    ) -> torch.Tensor:
+        """Map ``rows [N, in]`` (sorted by expert as in ``plan``) to ``[N, out]``."""
+        if backend == "grouped":
+            offsets = plan.group_ends.to(torch.int32)
+            out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=offsets)
+        else:
+            assert split_sizes is not None
+            pieces = [
+                piece @ self.weight[e].transpose(0, 1)
+                for e, piece in enumerate(rows.split(split_sizes))
+                if split_sizes[e]
+            ]
+            out = torch.cat(pieces) if pieces else rows.new_zeros(0, self.weight.shape[1])
+        return out + self.bias.index_select(0, plan.expert_ids)
+
+    def extra_repr(self) -> str:
+        experts, out_features, in_features = self.weight.shape
+        return f"num_experts={experts}, in_features={in_features}, out_features={out_features}"
+
+
+class StackedExperts(nn.Module):
+    """``E`` CLIP MLPs (fc1 -> activation -> fc2) evaluated on expert-sorted rows."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.fc1 = GroupedLinear(num_experts, hidden_size, intermediate_size)
+        self.fc2 = GroupedLinear(num_experts, intermediate_size, hidden_size)
+        self.activation_fn = ACT2FN[hidden_act]
+        self.backend = "auto"
+
+    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Apply expert ``plan.expert_ids[n]`` to row n of ``rows [N, D]``."""
+        intermediate, hidden = self.fc1.weight.shape[1:]
+        backend = resolve_backend(self.backend, rows, intermediate, hidden)
+        split_sizes = plan.counts.tolist() if backend == "loop" else None
+        hidden_states = self.activation_fn(self.fc1(rows, plan, backend, split_sizes))
+        return self.fc2(hidden_states, plan, backend, split_sizes)

@@ -1,0 +1,45 @@
+"""Auxiliary losses of the MoE layers."""
+
+from typing import Iterable, Optional
+
+import torch
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss of one layer: ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the token-slots (tokens x k) routed to expert e and ``P_e`` the mean router
+    probability of e. It equals 1 when routing is uniform. Computed in float32.
+
+    Args:
+        router_logits: ``[T, E]``.
+        top_k: experts per token.
+        token_mask: optional ``[T]`` (bool or 0/1) marking the tokens that count (text padding does not).
+    """
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices
+    routed = torch.zeros_like(probs).scatter_(1, selected, 1.0)
+    if token_mask is None:
+        token_weight = torch.ones_like(probs[:, 0])
+    else:
+        token_weight = token_mask.reshape(-1).to(probs.dtype)
+    num_tokens = token_weight.sum().clamp(min=1.0)
+    slot_fraction = (routed * token_weight[:, None]).sum(0) / (num_tokens * top_k)
+    mean_prob = (probs * token_weight[:, None]).sum(0) / num_tokens
+    return num_experts * torch.sum(slot_fraction * mean_prob)
+
+
+def total_load_balancing_loss(
+    router_logits: Iterable[torch.Tensor],
+    top_k: int,
+    token_mask: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Sum of :func:`load_balancing_loss` over the MoE layers (a 0 tensor when there are none)."""
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for logits in router_logits:
+        total = total + load_balancing_loss(logits, top_k, token_mask)
+    return total

@@ -1,0 +1,49 @@
+"""The top-k router: a bias-free linear gate, softmax in float32, top-k, optional renormalisation."""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class RouterDecision(NamedTuple):
+    """What the router decided for ``T`` tokens.
+
+    Attributes:
+        logits: ``[T, E]`` raw gate logits (the input's dtype), kept for the load-balancing loss.
+        weights: ``[T, k]`` combination weights of the selected experts (the input's dtype).
+        expert_ids: ``[T, k]`` indices of the selected experts.
+    """
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    expert_ids: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """Routes each token to ``top_k`` of ``num_experts`` experts (Mixtral style).
+
+    The parameter is ``weight [num_experts, hidden_size]``, so checkpoints hold ``...mlp.router.weight``.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterDecision:
+        """Route ``hidden_states [T, D]``."""
+        logits = nn.functional.linear(hidden_states, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterDecision(logits, weights.to(hidden_states.dtype), expert_ids)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"

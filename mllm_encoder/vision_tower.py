@@ -1,0 +1,257 @@
+"""A LLaVA vision tower backed by a CLIP-MoE (or dense CLIP) vision encoder.
+
+``CLIPMoEVisionTower`` follows the interface of LLaVA's ``CLIPVisionTower`` (``forward``, ``is_loaded``,
+``load_model``, ``image_processor``, ``hidden_size``, ``num_patches`` ...) with three differences:
+
+* the encoder's parameters are created in ``__init__`` and the tower reports itself loaded, so weights stored
+  in a LLaVA checkpoint (fine-tuned experts and routers included) are restored by ``from_pretrained``
+  instead of being silently replaced by the original encoder;
+* only the layers up to ``mm_vision_select_layer`` are built and run;
+* when trainable (``unfreeze_mm_vision_tower``) it runs with gradients and keeps the weighted MoE
+  load-balancing loss of its last call in ``last_aux_loss`` for the language model's loss.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor
+
+logger = logging.getLogger(__name__)
+
+# Keys of a saved config.json that describe the file, not the model.
+_CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_vision_config_dict(model_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The vision-tower part of ``model_dir/config.json`` (a full CLIP/CLIP-MoE model or a vision model)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no config.json, not a CLIP or CLIP-MoE checkpoint directory")
+    config = json.loads(path.read_text())
+    config = config.get("vision_config", config)
+    return {key: value for key, value in config.items() if key not in _CONFIG_META_KEYS}
+
+
+def is_clip_moe_dir(model_dir: Union[str, os.PathLike]) -> bool:
+    """Whether ``model_dir`` holds a CLIP-MoE checkpoint (``model_type`` ``clip_moe*`` or experts in the config)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    vision = config.get("vision_config") or {}
+    return str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or (
+        "num_experts" in config
+    )
+
+
+def _weight_files(model_dir: Path) -> List[Path]:
+    for name in _INDEX_FILES:
+        index = model_dir / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [model_dir / shard for shard in shards]
+    for name in _WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    raise ValueError(f"{model_dir}: no weights found (expected one of {_WEIGHT_FILES + _INDEX_FILES})")
+
+
+def read_vision_state_dict(model_dir: Union[str, os.PathLike], prefix: str = "vision_model.") -> Dict[str, Any]:
+    """All tensors of a checkpoint whose names start with ``prefix`` (safetensors or weights-only torch files)."""
+    from safetensors.torch import load_file
+
+    state_dict = {}
+    for file in _weight_files(Path(model_dir)):
+        if file.suffix == ".safetensors":
+            tensors = load_file(str(file))
+        else:
+            tensors = torch.load(str(file), map_location="cpu", weights_only=True)
+        state_dict.update({name: tensor for name, tensor in tensors.items() if name.startswith(prefix)})
+    return state_dict
+
+
+def load_state_dict_zero3_safe(module: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state_dict)`` that also works when DeepSpeed ZeRO-3 has partitioned ``module``."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        module.load_state_dict(state_dict)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if deepspeed.comm.get_rank() == 0:
+            module.load_state_dict(state_dict)
+
+
+def resolve_select_layer(select_layer: int, num_hidden_layers: int) -> int:
+    """Index into ``hidden_states`` (0 = embeddings, i = output of layer i) for LLaVA's ``select_layer``."""
+    index = select_layer + num_hidden_layers + 1 if select_layer < 0 else select_layer
+    if not 0 <= index <= num_hidden_layers:
+        raise ValueError(
+            f"mm_vision_select_layer={select_layer} is out of range for a tower with {num_hidden_layers} layers"
+        )
+    return index
+
+
+class CLIPMoEVisionTower(nn.Module):
+    """LLaVA vision tower over a CLIP-MoE checkpoint; a drop-in for ``llava``'s ``CLIPVisionTower``.
+
+    Args:
+        vision_tower: the name stored as ``mm_vision_tower`` (kept for the LLaVA config).
+        args: LLaVA model arguments or a LLaVA config (``mm_vision_select_layer``, ``mm_vision_select_feature``,
+            ``unfreeze_mm_vision_tower``; a saved config also carries ``mm_vision_config`` and
+            ``mm_vision_image_processor``, which take precedence over the checkpoint directory).
+        delay_load: ``True`` when LLaVA restores a trained model: the weights then come from that model's
+            checkpoint; ``False`` loads them from ``source``.
+        source: the CLIP-MoE checkpoint directory (may be ``None`` when ``args`` carries the configs).
+    """
+
+    def __init__(self, vision_tower: str, args: Any, delay_load: bool = False, source: Optional[str] = None):
+        super().__init__()
+        self.vision_tower_name = vision_tower
+        self.source = source
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}")
+        self.cfg_only = self._build_config(getattr(args, "mm_vision_config", None))
+        self.image_processor = self._build_image_processor(getattr(args, "mm_vision_image_processor", None))
+        self.num_computed_layers = resolve_select_layer(self.select_layer, self.cfg_only.num_hidden_layers)
+        self.vision_tower = self._build_encoder()
+        self.is_loaded = True
+        self.last_aux_loss: Optional[torch.Tensor] = None
+        if not delay_load:
+            self.load_source_weights()
+        self.vision_tower.requires_grad_(bool(getattr(args, "unfreeze_mm_vision_tower", False)))
+
+    def _require_source(self, what: str) -> Path:
+        if self.source is None or not Path(self.source).is_dir():
+            raise ValueError(
+                f"vision tower {self.vision_tower_name!r}: the CLIP-MoE checkpoint directory {self.source!r} "
+                f"is needed for {what} but does not exist"
+            )
+        return Path(self.source)
+
+    def _build_config(self, saved: Optional[Dict[str, Any]]):
+        from mllm_encoder import CLIPMoEVisionConfig
+
+        config = dict(saved) if saved else read_vision_config_dict(self._require_source("its config"))
+        for key in _CONFIG_META_KEYS:
+            config.pop(key, None)
+        return CLIPMoEVisionConfig(**config)
+
+    def _build_image_processor(self, saved: Optional[Dict[str, Any]]) -> CLIPImageProcessor:
+        if saved:
+            return CLIPImageProcessor.from_dict(saved)
+        return CLIPImageProcessor.from_pretrained(str(self._require_source("its image processor")))
+
+    def _build_encoder(self) -> nn.Module:
+        """The encoder truncated after the selected layer (later layers and the final norm are never used)."""
+        from mllm_encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
+
+        truncated = CLIPMoEVisionConfig(**self.cfg_only.to_dict())
+        truncated.num_hidden_layers = self.num_computed_layers
+        moe_layers = getattr(truncated, "moe_layers", None)
+        if moe_layers is not None:
+            truncated.moe_layers = [i for i in moe_layers if i < self.num_computed_layers]
+        encoder = CLIPMoEVisionModel(truncated)
+        encoder.vision_model.post_layernorm = nn.Identity()
+        return encoder
+
+    def load_source_weights(self) -> None:
+        """Copy the encoder weights (up to the selected layer) from the CLIP-MoE checkpoint directory."""
+        source = self._require_source("its weights")
+        expected = self.vision_tower.state_dict()
+        checkpoint = read_vision_state_dict(source)
+        missing = sorted(set(expected) - set(checkpoint))
+        if missing:
+            raise ValueError(f"{source}: the checkpoint lacks {len(missing)} vision weights, e.g. {missing[:3]}")
+        state_dict = {name: checkpoint[name] for name in expected}
+        load_state_dict_zero3_safe(self.vision_tower, state_dict)
+        logger.info("loaded %d vision tower tensors from %s", len(state_dict), source)
+
+    def load_model(self, device_map: Any = None) -> None:
+        """LLaVA API: the weights are built in ``__init__``, so there is nothing left to load."""
+        logger.debug("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
+
+    def export_llava_config(self) -> Dict[str, Any]:
+        """``mm_*`` keys for the LLaVA config that rebuild this tower without its checkpoint directory."""
+        config = self.cfg_only
+        return {
+            "mm_vision_config": config.to_dict(),
+            "mm_vision_image_processor": self.image_processor.to_dict(),
+            "mm_vision_num_experts": getattr(config, "num_experts", 1),
+            "mm_vision_top_k": getattr(config, "top_k", 1),
+            "mm_vision_moe_layers": getattr(config, "moe_layers", None),
+            "mm_vision_router_aux_loss_coef": getattr(config, "router_aux_loss_coef", 0.0),
+        }
+
+    def is_trainable(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def feature_select(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return hidden_state[:, 1:] if self.select_feature == "patch" else hidden_state
+
+    def _encode(self, pixel_values: torch.Tensor, trainable: bool):
+        with torch.set_grad_enabled(trainable):
+            outputs = self.vision_tower(
+                pixel_values.to(device=self.device, dtype=self.dtype), output_hidden_states=True
+            )
+        features = self.feature_select(outputs.hidden_states[-1]).to(pixel_values.dtype)
+        return features, getattr(outputs, "aux_loss", None)
+
+    def forward(self, images: Union[torch.Tensor, List[torch.Tensor]]):
+        """Patch features ``[B, N, hidden]`` of a batch, or a list of ``[1, N, hidden]`` for a list of images."""
+        trainable = self.is_trainable()
+        if isinstance(images, (list, tuple)):
+            results = [self._encode(image.unsqueeze(0), trainable) for image in images]
+            features = [feature for feature, _ in results]
+            aux_losses = [aux for _, aux in results if aux is not None]
+            aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        else:
+            features, aux_loss = self._encode(images, trainable)
+        coef = getattr(self.cfg_only, "router_aux_loss_coef", 0.0)
+        self.last_aux_loss = coef * aux_loss if trainable and aux_loss is not None and coef else None
+        return features
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vision_tower.parameters()).device
+
+    @property
+    def config(self):
+        return self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny CLIP / CLIP-MoE configurations and checkpoints (no network)."""
+
+import pathlib
+
+import pytest
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def tiny_vision_config(**overrides) -> dict:
+    """A 3-layer ViT on 32x32 images with 8x8 patches (16 patches + CLS)."""
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_text_config(**overrides) -> dict:
+    """A 2-layer causal text tower over the real CLIP vocabulary, context 16."""
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=49408,
+        max_position_embeddings=16,
+        hidden_act="quick_gelu",
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, **overrides):
+    """A tiny two-tower CLIP-MoE config, MoE in every layer of both towers unless overridden."""
+    from mllm_encoder import CLIPMoEConfig
+
+    moe = dict(num_experts=num_experts, top_k=top_k)
+    return CLIPMoEConfig(
+        vision_config=tiny_vision_config(**moe),
+        text_config=tiny_text_config(**moe),
+        projection_dim=16,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """The real OpenAI CLIP tokenizer, context 16, written from open_clip's bundled vocabulary."""
+    from mllm_encoder.conversion.tokenizer import write_clip_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    write_clip_tokenizer(path, context_length=16)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_moe_dir(tmp_path_factory, clip_tokenizer_dir) -> pathlib.Path:
+    """A saved tiny CLIP-MoE (4 experts, top-2) with image processor and tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mllm_encoder import CLIPMoEModel
+    from mllm_encoder.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = CLIPMoEModel(tiny_clip_moe_config())
+    path = tmp_path_factory.mktemp("clip_moe") / "tiny-clip-moe"
+    save_checkpoint(model, path, tokenizer=AutoTokenizer.from_pretrained(clip_tokenizer_dir))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory, clip_tokenizer_dir) -> pathlib.Path:
+    """A saved tiny dense HF ``CLIPModel`` (random weights) with image processor and tokenizer."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from mllm_encoder.checkpoint import default_image_processor
+
+    torch.manual_seed(1)
+    config = CLIPConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=16)
+    model = CLIPModel(config)
+    path = tmp_path_factory.mktemp("hf_clip") / "tiny-clip"
+    model.save_pretrained(path)
+    default_image_processor(32).save_pretrained(path)
+    AutoTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(path)
+    return path

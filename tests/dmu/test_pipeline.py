@@ -1,0 +1,73 @@
+"""``clip-moe dmu run``: stages, manifest, resume after an injected stop, equal-step baselines."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mllm_encoder.dmu.accelerator import build_accelerator
+from mllm_encoder.dmu.config import config_from_dict
+from mllm_encoder.dmu.pipeline import run_pipeline
+from mllm_encoder.dmu.trainer import TrainingInterrupted
+
+
+def _config(run_dir, base, data, **dmu):
+    stage = dict(steps=4, batch_size=4, warmup_steps=1, lr=1e-3)
+    return config_from_dict(
+        {
+            "base_model": str(base),
+            "run_dir": str(run_dir),
+            "data": {"train": data["train"]},
+            "dmu": {"num_experts": 3, "top_k": 2, "extract_batch_size": 16, "kmeans_backend": "sklearn", **dmu},
+            "mcl": stage,
+            "route": {**stage, "steps": 3, "lr": 1e-3},
+            "baseline": stage,
+            "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
+        }
+    )
+
+
+def _weights(run_dir, stage):
+    return load_file(str(run_dir / stage / "model" / "model.safetensors"))
+
+
+def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    straight = tmp_path / "straight"
+    stages = run_pipeline(_config(straight, tiny_base_dir, shapes_data), "dmu", accelerator)
+    assert list(stages) == [
+        "base/eval", "dmu/extract_0", "dmu/cluster_0", "dmu/mcl_1", "dmu/extract_1", "dmu/cluster_1",
+        "dmu/mcl_2", "dmu/assemble", "dmu/route", "dmu/eval",
+    ]
+    labels = [np.load(straight / "dmu" / f"cluster_{s}" / "labels.npy") for s in (0, 1)]
+    assert labels[0].max() < 9 and labels[1].max() < 81 and labels[1].max() >= labels[0].max()
+    assert json.loads((straight / "dmu" / "cluster_1" / "cluster_sizes.json").read_text())
+    assert (straight / "dmu" / "cluster_1" / "cluster_sizes.png").stat().st_size > 0
+    assert (straight / "dmu" / "mcl_1" / "tensorboard").is_dir()
+
+    resumed = tmp_path / "resumed"
+    config = _config(resumed, tiny_base_dir, shapes_data)
+    with pytest.raises(TrainingInterrupted):
+        run_pipeline(config, "dmu", accelerator, stop_after_step=3)  # in dmu/mcl_1, after the step-2 save
+    manifest = json.loads((resumed / "manifest.json").read_text())["stages"]
+    assert "dmu/cluster_0" in manifest and "dmu/mcl_1" not in manifest
+    run_pipeline(config, "dmu", accelerator)
+    for stage in ("dmu/mcl_1", "dmu/mcl_2", "dmu/route"):
+        a, b = _weights(straight, stage), _weights(resumed, stage)
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=f"{stage}: {name}")
+
+
+def test_rerun_skips_finished_stages_and_rejects_a_changed_config(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    config = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=2)
+    run_pipeline(config, "finetune", accelerator)
+    history = json.loads((tmp_path / "finetune" / "train" / "history.json").read_text())
+    assert len(history) == 4 + 3  # (num_experts - 1) x MCL steps + router steps
+    before = (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(config, "finetune", accelerator)
+    assert (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="different config"):
+        run_pipeline(_config(tmp_path, tiny_base_dir, shapes_data, num_experts=3), "finetune", accelerator)

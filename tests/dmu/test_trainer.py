@@ -1,0 +1,60 @@
+"""The training loop: trainable selection, schedule, and exact resume after an injected stop."""
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from mllm_encoder.dmu.accelerator import build_accelerator
+from mllm_encoder.dmu.trainer import TrainConfig, TrainingInterrupted, learning_rate, select_trainable, train
+
+from dmu_helpers import collate
+
+
+def _tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    common = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=64, max_position_embeddings=8, eos_token_id=63, **common),
+        vision_config=dict(image_size=16, patch_size=8, **common),
+        projection_dim=16,
+    )
+    return CLIPModel(config)
+
+
+def _cfg(**overrides):
+    base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, weight_decay=0.2, warmup_steps=2, save_every=2, log_every=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_select_trainable_ffn_only():
+    model = _tiny_clip()
+    params = select_trainable(model, "ffn")
+    assert params and all(".mlp." in name for name in params)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if ".mlp." not in name)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = _cfg(steps=10, warmup_steps=2, lr=1.0)
+    rates = [learning_rate(s, cfg) for s in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:])) and rates[-1] < 0.05
+
+
+def test_resume_after_injected_stop_matches_uninterrupted_run(tmp_path, pairs):
+    labels = [i % 3 for i in range(len(pairs))]
+    accelerator = build_accelerator("no")
+    reference = _tiny_clip()
+    history = train(reference, pairs, collate, labels, _cfg(), tmp_path / "a", accelerator)
+    assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"] + 1.0
+
+    resumed = _tiny_clip()
+    with pytest.raises(TrainingInterrupted):
+        train(resumed, pairs, collate, labels, _cfg(), tmp_path / "b", accelerator, stop_after_step=3)
+    resumed = _tiny_clip()  # a fresh process: only the saved state (step 2) survives
+    history_b = train(resumed, pairs, collate, labels, _cfg(), tmp_path / "b", accelerator)
+    assert [h["step"] for h in history_b] == list(range(1, 7))
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    frozen = _tiny_clip()
+    assert torch.equal(frozen.logit_scale, resumed.logit_scale)
+    assert not torch.equal(frozen.text_model.encoder.layers[0].mlp.fc1.weight, resumed.text_model.encoder.layers[0].mlp.fc1.weight)

@@ -1,0 +1,225 @@
+"""POPE scorer: LLaVA's published numbers on the real files, alignment checks, bad input, edge cases."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mllm_encoder.cli import main
+from mllm_encoder.eval.mllm.pope import binary_metrics, evaluate_pope, normalize_pope_answer
+
+POPE_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pope"
+needs_pope_data = pytest.mark.skipif(
+    not (POPE_DATA / "llava_pope_test.jsonl").exists(), reason=f"real POPE files absent from {POPE_DATA}"
+)
+SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def write_lines(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_pope(tmp_path: Path, splits: dict, id_offsets=None):
+    """Write a synthetic POPE set: ``splits`` maps split -> [(object, label, answer or None)]."""
+    questions, annotations, answers = [], {}, []
+    for index, (split, rows) in enumerate(splits.items()):
+        offset = (id_offsets or {}).get(split, 1000 * index)
+        annotations[split] = []
+        for i, (obj, label, answer) in enumerate(rows, start=1):
+            text, image = f"Is there a {obj} in the image?", f"COCO_{i:03d}.jpg"
+            annotations[split].append({"question_id": i, "image": image, "text": text, "label": label})
+            question = {"question_id": offset + i, "image": image, "text": text + SUFFIX, "category": split}
+            questions.append(question)
+            if answer is not None:
+                answers.append({"question_id": offset + i, "prompt": question["text"], "text": answer})
+    for split, records in annotations.items():
+        write_lines(tmp_path / "coco" / f"coco_pope_{split}.json", records)
+    return (
+        tmp_path / "coco",
+        write_lines(tmp_path / "questions.jsonl", questions),
+        write_lines(tmp_path / "answers.jsonl", answers),
+    )
+
+
+def reference_eval_pope(answers, labels):
+    """LLaVA's eval_pope.py arithmetic, restated independently: answers and labels paired by position."""
+    preds = [normalize_pope_answer(a["text"]) for a in answers]
+    tp = sum(p == "yes" and lab == "yes" for p, lab in zip(preds, labels))
+    fp = sum(p == "yes" and lab == "no" for p, lab in zip(preds, labels))
+    tn = sum(p == "no" and lab == "no" for p, lab in zip(preds, labels))
+    fn = sum(p == "no" and lab == "yes" for p, lab in zip(preds, labels))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    f1 = 2 * precision * recall / (precision + recall)
+    return dict(tp=tp, fp=fp, tn=tn, fn=fn, f1=f1, accuracy=(tp + tn) / (tp + tn + fp + fn))
+
+
+@needs_pope_data
+def test_reproduces_llava_v15_13b_published_numbers(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(
+            POPE_DATA / "coco",
+            POPE_DATA / "llava_pope_test.jsonl",
+            POPE_DATA / "answers" / "llava-v1.5-13b.jsonl",
+        )
+    assert not result.warnings and not caplog.records
+    f1 = {name: round(100 * split.f1, 2) for name, split in result.splits.items()}
+    assert f1 == {"adversarial": 84.46, "popular": 86.25, "random": 87.14}
+    assert round(100 * result.mean_f1, 1) == 85.9
+    assert [s.num_questions for s in result.splits.values()] == [3000, 3000, 2910]
+    assert result.num_missing == 0 and result.num_answers == 8910
+    adversarial = result.splits["adversarial"]
+    assert (adversarial.tp, adversarial.fp, adversarial.tn, adversarial.fn) == (1182, 117, 1383, 318)
+    assert adversarial.yes_ratio == pytest.approx(1299 / 3000)
+    questions = {q["question_id"]: q for q in map(json.loads, open(POPE_DATA / "llava_pope_test.jsonl"))}
+    answers = [json.loads(line) for line in open(POPE_DATA / "answers" / "llava-v1.5-13b.jsonl")]
+    for name, split in result.splits.items():
+        labels = [json.loads(line)["label"] for line in open(POPE_DATA / "coco" / f"coco_pope_{name}.json")]
+        split_answers = [a for a in answers if questions[a["question_id"]]["category"] == name]
+        reference = reference_eval_pope(split_answers, labels)
+        assert {k: getattr(split, k) for k in reference} == pytest.approx(reference)
+
+
+@needs_pope_data
+def test_annotations_from_wrong_pope_commit_warn_naming_file_and_line(tmp_path, caplog):
+    """Newer POPE has 3000 random questions that do not line up with LLaVA's question file."""
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    for split in ("adversarial", "popular"):
+        (coco / f"coco_pope_{split}.json").write_bytes(
+            (POPE_DATA / "coco" / f"coco_pope_{split}.json").read_bytes()
+        )
+    random_lines = (POPE_DATA / "coco" / "coco_pope_random.json").read_text().splitlines(keepends=True)
+    extra = (POPE_DATA / "coco" / "coco_pope_popular.json").read_text().splitlines(keepends=True)[:90]
+    (coco / "coco_pope_random.json").write_text("".join(random_lines[:100] + extra + random_lines[100:]))
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(
+            coco, POPE_DATA / "llava_pope_test.jsonl", POPE_DATA / "answers" / "llava-v1.5-13b.jsonl"
+        )
+    text = caplog.text
+    assert "2910 questions" in text and "3000 lines" in text and "e3e39262" in text
+    assert f"{coco / 'coco_pope_random.json'}:101" in text  # first misaligned annotation line is named
+    assert result.num_misaligned > 0 and result.splits["random"].num_questions == 2910
+    assert round(100 * result.splits["adversarial"].f1, 2) == 84.46  # the other splits are untouched
+
+
+def test_answer_normalisation_follows_llava():
+    cases = {
+        "Yes": "yes",
+        "Yes, there is": "yes",
+        "Yes, there is a dog.": "yes",
+        "No": "no",
+        "No.": "no",
+        "No, there is not.": "no",
+        "There is no dog in the image.": "no",
+        "not sure": "no",
+        "I am not sure.": "no",
+        "Yes. No dog though.": "yes",  # only the first sentence counts
+        "NO": "yes",  # LLaVA only looks for the words No / no / not
+        "Nothing": "yes",
+        "": "yes",
+    }
+    assert {text: normalize_pope_answer(text) for text in cases} == cases
+
+
+def test_all_yes_and_all_no_answers_are_defined():
+    labels = ["yes", "no", "yes", "no"]
+    all_yes = binary_metrics(["yes"] * 4, labels)
+    assert (all_yes["precision"], all_yes["recall"], all_yes["yes_ratio"]) == (0.5, 1.0, 1.0)
+    assert all_yes["f1"] == pytest.approx(2 / 3) and all_yes["accuracy"] == 0.5
+    all_no = binary_metrics(["no"] * 4, labels)
+    assert (all_no["precision"], all_no["recall"], all_no["f1"], all_no["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_missing_empty_and_hedged_answers_are_counted_not_scored_as_correct(tmp_path, caplog):
+    rows = [
+        ("dog", "yes", "Yes, there is"),
+        ("cat", "no", "No."),
+        ("car", "yes", "not sure"),
+        ("cup", "no", ""),
+        ("bus", "yes", None),
+        ("bed", "no", None),
+    ]
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(*make_pope(tmp_path, {"random": rows}))
+    split = result.splits["random"]
+    assert (split.num_questions, split.num_answered, split.num_missing, split.num_empty) == (6, 4, 2, 1)
+    assert (split.tp, split.fp, split.tn, split.fn) == (1, 1, 1, 1)  # "" -> yes (LLaVA), "not sure" -> no
+    assert split.accuracy == 0.5 and split.yes_ratio == 0.5
+    assert "questions without an answer" in caplog.text and "empty answers" in caplog.text
+    assert result.to_dict()["num_missing"] == 2
+
+
+def test_malformed_answer_line_names_file_and_line(tmp_path):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [("dog", "yes", "Yes")] * 3})
+    lines = answers.read_text().splitlines()
+    lines[1] = lines[1][:-5]
+    answers.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{answers}:2: malformed JSON"):
+        evaluate_pope(annotation_dir, questions, answers)
+
+
+def test_duplicate_unknown_and_reordered_answers(tmp_path, caplog):
+    rows = [("dog", "yes", "Yes"), ("cat", "no", "No"), ("car", "yes", "Yes"), ("cup", "no", "No")]
+    annotation_dir, questions, answers = make_pope(tmp_path, {"popular": rows})
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    wrong_duplicate = dict(records[0], text="No")
+    unknown = dict(records[0], question_id=99999)
+    write_lines(answers, [records[3], records[2], records[1], records[0], wrong_duplicate, unknown])
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(annotation_dir, questions, answers)
+    split = result.splits["popular"]
+    assert split.accuracy == 1.0 and split.num_answered == 4  # joined by id; the first duplicate is scored
+    assert (result.num_duplicate, result.num_unknown) == (1, 1)
+    assert f"{answers}:5" in caplog.text and f"{answers}:6" in caplog.text
+    assert "not in question-file order" in caplog.text
+
+
+def test_answers_from_another_question_set_are_rejected(tmp_path):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [("dog", "yes", "Yes")]})
+    write_lines(answers, [{"question_id": "other/1.jpg", "prompt": "?", "text": "Yes"}])
+    with pytest.raises(ValueError, match="none of its 1 question ids"):
+        evaluate_pope(annotation_dir, questions, answers)
+
+
+def test_prompt_mismatch_warns(tmp_path, caplog):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [("dog", "yes", "Yes")]})
+    write_lines(answers, [{"question_id": 1, "prompt": "Is there a cat in the image?", "text": "Yes"}])
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(annotation_dir, questions, answers)
+    assert result.num_prompt_mismatch == 1 and f"{answers}:1" in caplog.text
+
+
+def test_misaligned_question_ids_are_reported(tmp_path, caplog):
+    rows = [("dog", "yes", "Yes"), ("cat", "no", "No"), ("car", "yes", "Yes")]
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": rows}, id_offsets={"random": 500})
+    annotation = annotation_dir / "coco_pope_random.json"
+    records = [json.loads(line) for line in annotation.read_text().splitlines()]
+    records[2]["question_id"] = 7
+    write_lines(annotation, records)
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(annotation_dir, questions, answers)
+    assert result.num_misaligned == 1  # a constant offset (500) is fine, a jump is not
+    assert f"{questions}:3 vs {annotation}:3" in caplog.text
+
+
+def test_cli_prints_table_and_writes_every_number(tmp_path, capsys):
+    rows = [("dog", "yes", "Yes"), ("cat", "no", "Yes"), ("car", "yes", "No"), ("cup", "no", "No")]
+    annotation_dir, questions, answers = make_pope(tmp_path, {"adversarial": rows, "random": rows[:2]})
+    output = tmp_path / "out" / "pope.json"
+    argv = ["eval", "pope", "--annotation-dir", str(annotation_dir), "--question-file", str(questions)]
+    main(argv + ["--result-file", str(answers), "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "adversarial" in printed and "random" in printed and "mean F1 over 2 splits" in printed
+    report = json.loads(output.read_text())
+    assert report["splits"]["adversarial"]["f1"] == 0.5 and report["splits"]["random"]["f1"] == pytest.approx(
+        2 / 3
+    )
+    assert report["mean_f1"] == pytest.approx((0.5 + 2 / 3) / 2) and report["protocol"] == "llava-eval_pope"
+    assert {"tp", "fp", "tn", "fn", "precision", "recall", "yes_ratio"} <= set(report["splits"]["random"])
+    write_lines(answers, [json.loads(line) for line in answers.read_text().splitlines()][:-1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--result-file", str(answers), "--strict"])
+    assert exit_info.value.code == 1
