@@ -9,7 +9,8 @@
   (:mod:`llava_patch.trainer_compat`, :mod:`llava_patch.forward`, :mod:`llava_patch.quantization`);
 * the tower's MoE settings are saved into the LLaVA config (:mod:`llava_patch.mm_config`) and trained
   tower weights survive ``load_pretrained_model`` (:mod:`llava_patch.loading`);
-* the tower's load-balancing loss is added to the language-model loss when the tower is trained.
+* the tower's load-balancing loss is added to the language-model loss when the tower is trained;
+* DeepSpeed ZeRO-3 gets one parameter dtype (:mod:`llava_patch.zero3`).
 """
 
 import logging
@@ -31,12 +32,13 @@ def apply() -> None:
     # `llava.model` swallows import errors; importing the module directly surfaces them.
     import llava.model.language_model.llava_llama  # noqa: F401
 
-    from llava_patch import forward, loading, mm_config, quantization, registry
+    from llava_patch import forward, loading, mm_config, quantization, registry, zero3
 
     registry.apply()
     mm_config.apply()
     forward.apply()
     quantization.apply()
     loading.apply()
+    zero3.apply()
     _applied = True
     logger.debug("llava patched for CLIP-MoE vision towers")

@@ -94,6 +94,12 @@ class _CLIPMoETowerConfig(PretrainedConfig):
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         self.moe_layers = _validated_moe_layers(self.moe_layers, self.num_hidden_layers)
 
+    def _get_generation_parameters(self) -> Dict[str, Any]:
+        """transformers 5.x refuses to save generation parameters; here ``top_k`` is the MoE routing."""
+        parameters = dict(super()._get_generation_parameters()) if hasattr(super(), "_get_generation_parameters") else {}
+        parameters.pop("top_k", None)
+        return parameters
+
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` holds a sparse MoE FFN."""
         if self.num_experts == 1:

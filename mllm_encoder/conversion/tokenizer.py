@@ -75,17 +75,22 @@ def _construct_tokenizer(vocab: Dict[str, int], merges: List[str], scratch: Path
     )
 
 
-def write_clip_tokenizer(
-    out_dir: Union[str, os.PathLike], context_length: int = 77, bpe_path: Optional[Union[str, os.PathLike]] = None
-):
-    """Write a CLIP tokenizer to ``out_dir`` and return it.
+def build_clip_tokenizer(context_length: int = 77, bpe_path: Optional[Union[str, os.PathLike]] = None):
+    """The OpenAI CLIP tokenizer, in memory.
 
     Padding uses ``<|endoftext|>`` and ``model_max_length`` is ``context_length``, as in HF's OpenAI CLIP
-    checkpoints. The files load with ``AutoTokenizer`` in the transformers version that wrote them.
+    checkpoints.
     """
     merges = read_bpe_merges(bpe_path or bundled_bpe_path())
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = _construct_tokenizer(build_vocab(merges), merges, Path(scratch), context_length)
-        tokenizer.save_pretrained(out_dir)
+        return _construct_tokenizer(build_vocab(merges), merges, Path(scratch), context_length)
+
+
+def write_clip_tokenizer(
+    out_dir: Union[str, os.PathLike], context_length: int = 77, bpe_path: Optional[Union[str, os.PathLike]] = None
+):
+    """Write the OpenAI CLIP tokenizer's files to ``out_dir`` and return the tokenizer."""
+    tokenizer = build_clip_tokenizer(context_length, bpe_path)
+    tokenizer.save_pretrained(out_dir)
     logger.info("wrote the OpenAI CLIP tokenizer (context %d) to %s", context_length, out_dir)
     return tokenizer

@@ -27,7 +27,7 @@ class BadSampleLog:
         self.num_bad = 0
         self.bad_samples: List[Tuple[int, str, str]] = []
 
-    def record(self, index: int, source: str, reason: str) -> None:
+    def mark_bad(self, index: int, source: str, reason: str) -> None:
         """Count one bad sample and log a warning naming it."""
         self.num_bad += 1
         if len(self.bad_samples) < MAX_REMEMBERED_BAD:
@@ -82,12 +82,12 @@ class ImageTextDataset(Dataset, BadSampleLog):
     def __getitem__(self, index: int) -> Optional[Sample]:
         record = self.records[index]
         if not record.caption:
-            self.record(index, record.source, "empty caption")
+            self.mark_bad(index, record.source, "empty caption")
             return None
         try:
             image = load_image(record.image)
         except Exception as error:  # any decoding failure of one file must not stop a long run
-            self.record(index, record.source, f"cannot read image {record.image}: {error}")
+            self.mark_bad(index, record.source, f"cannot read image {record.image}: {error}")
             return None
         return encode_sample(index, image, record.caption, self.transform, self.text_tokenizer)
 

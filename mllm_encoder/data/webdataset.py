@@ -131,17 +131,17 @@ class WebDatasetImageText(IterableDataset, BadSampleLog):
         image_key = next((k for k in IMAGE_KEYS if k in parts), None)
         caption = parts[caption_key].decode("utf-8", errors="replace").strip() if caption_key else ""
         if image_key is None:
-            self.record(index, source, "no image member")
+            self.mark_bad(index, source, "no image member")
             return None
         if not caption:
-            self.record(index, source, "empty or missing caption")
+            self.mark_bad(index, source, "empty or missing caption")
             return None
         try:
             with Image.open(io.BytesIO(parts[image_key])) as image:
                 image.load()
                 image = image.copy()
         except Exception as error:  # one undecodable image must not stop a long run
-            self.record(index, source, f"cannot decode image: {error}")
+            self.mark_bad(index, source, f"cannot decode image: {error}")
             return None
         return encode_sample(index, image, caption, self.transform, self.text_tokenizer)
 
@@ -154,6 +154,6 @@ class WebDatasetImageText(IterableDataset, BadSampleLog):
                         raise ValueError(f"{shard}: more than shard_stride={self.shard_stride} samples")
                     yield self._decode(shard_number * self.shard_stride + position, key, parts, shard)
             except (OSError, tarfile.TarError) as error:
-                self.record(
+                self.mark_bad(
                     shard_number * self.shard_stride, shard, f"unreadable shard (rest skipped): {error}"
                 )

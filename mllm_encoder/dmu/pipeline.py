@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
+from accelerate.utils import set_seed
 
 from mllm_encoder.dmu.config import METHODS, RunConfig
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
@@ -170,11 +171,12 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
     manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
     dataset, _ = load_training_data(config.data, config.base_model)
     ctx = RunContext(config, accelerator, len(dataset), stop_after_step)
-    for name, run in plan(ctx, method):
+    for position, (name, run) in enumerate(plan(ctx, method)):
         if manifest.is_done(name):
             logger.info("%s: done already, skipped", name)
             continue
         logger.info("%s: running", name)
+        set_seed(config.seed + position)  # e.g. router initialisation: the same whether resumed or not
         manifest.mark_done(name, **run())
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -4,6 +4,7 @@ Each stage reads checkpoint directories and writes its outputs under one stage d
 (:mod:`mllm_encoder.dmu.pipeline`) and the ``clip-moe dmu`` subcommands both call these.
 """
 
+import functools
 import json
 import logging
 import math
@@ -32,11 +33,22 @@ def load_model(model_dir: PathLike) -> torch.nn.Module:
     return CLIPMoEModel.from_pretrained(str(model_dir), torch_dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_processors(directory: str):
+    return load_processors(directory)
+
+
+def processors(directory: PathLike):
+    """The image processor and tokenizer of a checkpoint directory (read once per process: loading the
+    fast tokenizer's JSON takes most of a second, and every stage of a run shares the base's)."""
+    return _cached_processors(str(Path(directory).resolve()))
+
+
 def load_training_data(data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None):
     """``(dataset, collator)`` for ``path`` (default ``data.train``) with the processors of ``processors_dir``."""
     from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 
-    image_processor, tokenizer = load_processors(processors_dir)
+    image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
         raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
     dataset = load_image_text_dataset(
@@ -48,7 +60,7 @@ def load_training_data(data: DataSection, processors_dir: PathLike, path: Option
 
 def save_model(model: torch.nn.Module, out_dir: PathLike, processors_dir: PathLike) -> Path:
     """A complete checkpoint directory with the image processor and tokenizer of ``processors_dir``."""
-    image_processor, tokenizer = load_processors(processors_dir)
+    image_processor, tokenizer = processors(processors_dir)
     return save_checkpoint(model, out_dir, image_processor=image_processor, tokenizer=tokenizer)
 
 

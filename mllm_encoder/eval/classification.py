@@ -12,7 +12,7 @@ from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.data.images import ImageFileDataset, read_class_folders
 from mllm_encoder.data.preprocess import ClipTextTokenizer
 from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, load_attributes, single_object_labels
-from mllm_encoder.eval.retrieval import encode_images, encode_texts
+from mllm_encoder.eval.retrieval import default_context_length, encode_images, encode_texts
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def zero_shot_classify(
     ``num_images`` and the top-1 ``predictions``.
     """
     transform = text_tokenizer = None
+    context_length = default_context_length(model, tokenizer, context_length)
     if isinstance(images_or_loader, (str, os.PathLike)):
         transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
     else:
@@ -143,6 +144,7 @@ def per_attribute_accuracy(
     data = load_attributes(attributes_file)
     prompts = {**ATTRIBUTE_PROMPTS, **data.get("prompts", {}), **(prompts or {})}
     root = Path(attributes_file).parent if image_root is None else Path(image_root)
+    context_length = default_context_length(model, tokenizer, context_length)
     transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
     samples = data["samples"]
     position = {sample["index"]: row for row, sample in enumerate(samples)}

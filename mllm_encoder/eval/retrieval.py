@@ -24,6 +24,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
+def default_context_length(model: Any, tokenizer: Any, context_length: Optional[int] = None) -> Optional[int]:
+    """``context_length`` if given, else the smaller of the text tower's positions and the tokenizer limit."""
+    if context_length is not None:
+        return context_length
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    limits = [
+        getattr(text_config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit < 100_000]
+    return min(limits) if limits else None
+
+
 def _features(output: Any) -> torch.Tensor:
     """Embeddings from ``get_*_features``: a tensor, or (transformers 5) an output with ``pooler_output``."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -153,6 +166,7 @@ def evaluate_retrieval(
             transform, text_tokenizer = data.transform, data.text_tokenizer
             data = RetrievalSet.from_records(data.records)
         elif isinstance(data, RetrievalSet):
+            context_length = default_context_length(model, tokenizer, context_length)
             transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
         else:
             image_embeds, text_embeds = _paired_batches(model, data, progress)

@@ -146,6 +146,9 @@ def test_bad_ground_truth_and_unknown_questions_name_file_and_line(tmp_path):
     questions.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=rf"{questions}:5: no MME ground truth"):
         evaluate_mme(release, questions, answers)
+    questions.write_text(json.dumps({"question_id": 1, "text": "Q?"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{questions}:1: MME question_id must be an image path"):
+        evaluate_mme(release, questions, answers)
 
 
 def test_duplicate_and_unknown_answers_warn(tmp_path, caplog):

@@ -205,6 +205,15 @@ def test_misaligned_question_ids_are_reported(tmp_path, caplog):
     assert f"{questions}:3 vs {annotation}:3" in caplog.text
 
 
+def test_annotation_file_without_questions_is_not_averaged_in(tmp_path, caplog):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [("dog", "yes", "Yes")]})
+    write_lines(annotation_dir / "coco_pope_popular.json", [{"text": "Is there a cat?", "label": "no"}])
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_pope(annotation_dir, questions, answers)
+    assert list(result.splits) == ["random"] and result.mean_f1 == 1.0
+    assert "no question of" in caplog.text and "'popular'" in caplog.text
+
+
 def test_cli_prints_table_and_writes_every_number(tmp_path, capsys):
     rows = [("dog", "yes", "Yes"), ("cat", "no", "Yes"), ("car", "yes", "No"), ("cup", "no", "No")]
     annotation_dir, questions, answers = make_pope(tmp_path, {"adversarial": rows, "random": rows[:2]})

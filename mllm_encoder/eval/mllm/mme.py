@@ -189,6 +189,10 @@ def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[J
     questions, seen = [], {}
     for record in read_jsonl(question_file):
         require_fields(question_file, record, ("question_id", "text"))
+        if not isinstance(record.data["question_id"], str) or "/" not in record.data["question_id"]:
+            raise ValueError(
+                f"{question_file}:{record.line}: MME question_id must be an image path 'subtask/...'"
+            )
         key = (record.data["question_id"], record.data["text"])
         if key in seen:
             raise ValueError(f"{question_file}:{record.line}: duplicate question (first on line {seen[key]})")

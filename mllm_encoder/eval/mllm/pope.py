@@ -234,8 +234,9 @@ def _alignment_problems(
     for question, annotation in zip(questions, annotations):
         q, a = question.data, annotation.data
         where = f"{question_file}:{question.line} vs {annotation_path}:{annotation.line}"
-        if q["text"].split("\n", 1)[0].strip() != str(a["text"]).strip():
-            problems.append(f"{where}: question {q['text'].splitlines()[0]!r} != annotation {a['text']!r}")
+        question_text = q["text"].split("\n", 1)[0].strip()
+        if question_text != str(a["text"]).strip():
+            problems.append(f"{where}: question {question_text!r} != annotation {a['text']!r}")
         elif "image" in q and "image" in a and q["image"] != a["image"]:
             problems.append(f"{where}: image {q['image']!r} != {a['image']!r}")
         elif "question_id" in a:
@@ -299,6 +300,9 @@ def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file
     for split, (path, split_annotations) in annotations.items():
         split_questions = by_split.get(split, [])
         num_q, num_a = len(split_questions), len(split_annotations)
+        if not num_q:
+            problems.report(f"{path}: no question of {question_file} has category {split!r}", ["not scored"])
+            continue
         if num_q != num_a:
             problems.report(
                 f"split {split!r}: {num_q} questions in {question_file} but {num_a} lines in {path} "

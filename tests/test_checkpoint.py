@@ -1,0 +1,76 @@
+"""Checkpoint directories: round trip, AutoModel, tower loading, HF CLIP layouts of transformers 4.x and 5.x."""
+
+import json
+
+import torch
+from conftest import tiny_vision_config
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, CLIPImageProcessor
+
+from mllm_encoder import CLIPMoEModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
+from mllm_encoder.checkpoint import load_processors
+from mllm_encoder.loading import load_clip_moe
+
+
+def test_round_trip_through_automodel(tiny_clip_moe_dir):
+    files = {p.name for p in tiny_clip_moe_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"} <= files
+    assert json.loads((tiny_clip_moe_dir / "config.json").read_text())["model_type"] == "clip_moe"
+    assert isinstance(AutoConfig.from_pretrained(tiny_clip_moe_dir).vision_config, CLIPMoEVisionConfig)
+    model = AutoModel.from_pretrained(tiny_clip_moe_dir).eval()
+    assert isinstance(model, CLIPMoEModel)
+    torch.manual_seed(0)
+    reference = CLIPMoEModel(model.config).eval()  # the fixture's weights come from seed 0 too
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    image_processor, tokenizer = load_processors(tiny_clip_moe_dir)
+    assert image_processor.crop_size["height"] == 32 and tokenizer.model_max_length == 16
+
+
+def test_vision_model_loads_from_full_checkpoint(tiny_clip_moe_dir):
+    full = CLIPMoEModel.from_pretrained(tiny_clip_moe_dir).eval()
+    vision = CLIPMoEVisionModel.from_pretrained(tiny_clip_moe_dir).eval()
+    assert vision.config.num_experts == 4
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vision(pixel_values).pooler_output, full.vision_model(pixel_values).pooler_output)
+    assert isinstance(AutoModel.from_pretrained(tiny_clip_moe_dir), CLIPMoEModel)
+
+
+def test_hf_clip_directory_loads_as_dense_clip_moe(tiny_hf_clip_dir):
+    from transformers import CLIPModel
+
+    hf = CLIPModel.from_pretrained(tiny_hf_clip_dir).eval()
+    ours = CLIPMoEModel.from_pretrained(tiny_hf_clip_dir).eval()
+    assert ours.config.vision_config.num_experts == 1 and ours.config.text_config.top_k == 1
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf.visual_projection(hf.vision_model(pixel_values).pooler_output)
+        torch.testing.assert_close(ours.get_image_features(pixel_values), expected, atol=1e-5, rtol=0)
+
+
+def write_hf_vision_checkpoint(path, state, extra_config=None):
+    """An HF CLIPVisionModel directory with the given key layout (written by hand, any transformers)."""
+    path.mkdir()
+    config = dict(tiny_vision_config(), model_type="clip_vision_model", architectures=["CLIPVisionModel"])
+    config.update(extra_config or {})
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    CLIPImageProcessor().save_pretrained(path)
+
+
+def test_hf_vision_checkpoints_of_both_transformers_layouts(tmp_path):
+    torch.manual_seed(0)
+    reference = CLIPMoEVisionModel(CLIPMoEVisionConfig(**tiny_vision_config())).eval()
+    prefixed = dict(reference.state_dict())
+    prefixed["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    bare = {k[len("vision_model."):]: v for k, v in reference.state_dict().items()}
+    write_hf_vision_checkpoint(tmp_path / "v4", prefixed, {"top_k": 50})
+    write_hf_vision_checkpoint(tmp_path / "v5", bare)
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixel_values).pooler_output
+        for layout in ("v4", "v5"):
+            loaded = load_clip_moe(tmp_path / layout).eval()
+            assert loaded.config.top_k == 1, "HF's generation default top_k=50 is not an MoE setting"
+            torch.testing.assert_close(loaded(pixel_values).pooler_output, expected, msg=layout)
