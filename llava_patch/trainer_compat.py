@@ -6,6 +6,8 @@
   no model, newer Trainers may pass one.
 * ``Trainer(tokenizer=...)`` became ``processing_class`` (the old name is gone in 5.0).
 * ``safe_save_model_for_hf_trainer`` calls ``torch.cuda.synchronize()`` under DeepSpeed, which fails on CPU.
+* transformers < 4.39 fills the ZeRO-3 ``"auto"`` ``stage3_prefetch_bucket_size`` with a float
+  (``0.9 * hidden**2``) that DeepSpeed >= 0.14 rejects; it is rounded to an integer.
 """
 
 import functools
@@ -68,9 +70,32 @@ def _patch_final_save(train_module: Any) -> None:
     train_module.safe_save_model_for_hf_trainer = safe_save_model_for_hf_trainer
 
 
+_BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def _patch_deepspeed_auto_values() -> None:
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    original = HfTrainerDeepSpeedConfig.trainer_config_finalize
+    if getattr(original, "_llava_patch", False):
+        return
+
+    @functools.wraps(original)
+    def trainer_config_finalize(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        zero = self.config.get("zero_optimization", {})
+        for key in _BUCKET_KEYS:
+            if isinstance(zero.get(key), float):
+                zero[key] = int(zero[key])
+
+    trainer_config_finalize._llava_patch = True
+    HfTrainerDeepSpeedConfig.trainer_config_finalize = trainer_config_finalize
+
+
 def apply() -> None:
     """Patch ``llava.train.llava_trainer`` and ``llava.train.train``."""
     _provide_layernorm_layers()
+    _patch_deepspeed_auto_values()
     import llava.train.llava_trainer as llava_trainer
 
     _patch_trainer_class(llava_trainer.LLaVATrainer)

@@ -6,6 +6,8 @@
 * Experts are stacked parameters of one module and every MoE layer's parameters are used on every call,
   so ranks that route differently gather the same parameters (no deadlock). Weights loaded by hand go
   through ``deepspeed.zero.GatheredParameters`` (:func:`mllm_encoder.vision_tower.load_state_dict_zero3_safe`).
+* On the CPU accelerator the consolidated 16-bit state dict that ZeRO-3 saves holds views of the gather
+  buffers (``.cpu()`` does not copy), which transformers < 4.40 drops as "shared tensors"; they are copied.
 """
 
 import functools
@@ -41,9 +43,31 @@ def harmonize_trainable_dtypes(model: nn.Module, dtype: torch.dtype) -> int:
     return cast
 
 
+def _copy_consolidated_state_dict() -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._zero3_consolidated_16bit_state_dict
+    if getattr(original, "_llava_patch", False):
+        return
+
+    @functools.wraps(original)
+    def consolidated(self, *args: Any, **kwargs: Any):
+        state_dict = original(self, *args, **kwargs)
+        if not state_dict:
+            return state_dict
+        copies = {}  # one copy per tensor keeps tied weights tied
+        return {key: copies.setdefault(id(value), value.clone()) for key, value in state_dict.items()}
+
+    consolidated._llava_patch = True
+    DeepSpeedEngine._zero3_consolidated_16bit_state_dict = consolidated
+
+
 def apply() -> None:
-    """Wrap ``LLaVATrainer.train`` to harmonise dtypes before DeepSpeed takes the model."""
+    """Harmonise dtypes before DeepSpeed takes the model; copy the ZeRO-3 state dict on CPU."""
     from llava.train.llava_trainer import LLaVATrainer
+
+    if not torch.cuda.is_available():
+        _copy_consolidated_state_dict()
 
     original = LLaVATrainer.train
     if getattr(original, "_llava_patch", False):

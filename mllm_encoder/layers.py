@@ -37,7 +37,9 @@ class VisionEmbeddings(nn.Module):
             )
         side = int(self.num_patches**0.5)
         grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = nn.functional.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        grid = nn.functional.interpolate(
+            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+        )
         grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
         return torch.cat([table[:1], grid])
 
@@ -84,7 +86,9 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``attention_mask``: additive, broadcastable to ``[batch, heads, queries, keys]``."""
         batch, length, width = hidden_states.shape
         attended = nn.functional.scaled_dot_product_attention(
@@ -134,7 +138,9 @@ class EncoderLayer(nn.Module):
         self.mlp = build_ffn(config, layer_index)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> LayerOutput:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> LayerOutput:
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
         ffn_output, router_logits = self.mlp(self.layer_norm2(hidden_states))
         return hidden_states + ffn_output, router_logits
@@ -143,7 +149,9 @@ class EncoderLayer(nn.Module):
 class EncoderOutput:
     """What :class:`Encoder` returns: the last state, every state when asked, and the router logits."""
 
-    def __init__(self, last: torch.Tensor, states: Optional[List[torch.Tensor]], router_logits: List[torch.Tensor]):
+    def __init__(
+        self, last: torch.Tensor, states: Optional[List[torch.Tensor]], router_logits: List[torch.Tensor]
+    ):
         self.last_hidden_state = last
         self.hidden_states = tuple(states) if states is not None else None
         self.router_logits = tuple(router_logits)

@@ -51,7 +51,7 @@ def moe_config(dense_config, num_experts: int, top_k: int, moe_layers: MoELayers
     dict ``{"vision": [...], "text": [...]}`` (a missing tower: every layer; ``[]``: dense).
     """
     config_dict = dense_config.to_dict()
-    for tower, tower_config in _tower_configs(dense_config).items():
+    for tower in _tower_configs(dense_config):
         target = config_dict[TOWERS[tower]] if TOWERS[tower] in config_dict else config_dict
         target.update(num_experts=num_experts, top_k=top_k, moe_layers=_layers_for(moe_layers, tower))
     return type(dense_config).from_dict(config_dict)
@@ -71,7 +71,9 @@ def check_shared_parameters(models: Sequence[CLIPMoEPreTrainedModel], atol: floa
     reference = models[0].state_dict()
     for index, model in enumerate(models[1:], start=1):
         if type(model) is not type(models[0]):
-            raise ValueError(f"model {index} is a {type(model).__name__}, model 0 a {type(models[0]).__name__}")
+            raise ValueError(
+                f"model {index} is a {type(model).__name__}, model 0 a {type(models[0]).__name__}"
+            )
         state = model.state_dict()
         if set(state) != set(reference):
             missing = sorted(set(reference) ^ set(state))[:3]
@@ -81,7 +83,9 @@ def check_shared_parameters(models: Sequence[CLIPMoEPreTrainedModel], atol: floa
                 continue
             other = state[name]
             if other.shape != tensor.shape:
-                raise ValueError(f"model {index}: {name} has shape {tuple(other.shape)}, model 0 {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"model {index}: {name} has shape {tuple(other.shape)}, model 0 {tuple(tensor.shape)}"
+                )
             difference = (other.float() - tensor.float()).abs().max().item() if tensor.numel() else 0.0
             if difference > atol:
                 raise ValueError(
@@ -117,7 +121,8 @@ def assemble_experts(
     """
     if not models:
         raise ValueError("assemble_experts needs at least one model")
-    loaded = [load_clip_moe(m) for m in tqdm(models, desc="loading models", disable=len(models) < 2)]
+    from_disk = sum(not isinstance(m, torch.nn.Module) for m in models)
+    loaded = [load_clip_moe(m) for m in tqdm(models, desc="loading models", disable=from_disk < 2)]
     for index, model in enumerate(loaded):
         _check_dense(model, index)
     check_shared_parameters(loaded, atol)
@@ -138,4 +143,3 @@ def sparse_upcycle(
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     model = load_clip_moe(dense)
     return assemble_experts([model] * num_experts, top_k, moe_layers)
-

@@ -3,8 +3,8 @@
 import json
 
 import torch
-from conftest import tiny_vision_config
 from safetensors.torch import save_file
+from tiny_models import tiny_vision_config
 from transformers import AutoConfig, AutoModel, CLIPImageProcessor
 
 from mllm_encoder import CLIPMoEModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
@@ -33,7 +33,9 @@ def test_vision_model_loads_from_full_checkpoint(tiny_clip_moe_dir):
     assert vision.config.num_experts == 4
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(vision(pixel_values).pooler_output, full.vision_model(pixel_values).pooler_output)
+        torch.testing.assert_close(
+            vision(pixel_values).pooler_output, full.vision_model(pixel_values).pooler_output
+        )
     assert isinstance(AutoModel.from_pretrained(tiny_clip_moe_dir), CLIPMoEModel)
 
 
@@ -55,7 +57,11 @@ def write_hf_vision_checkpoint(path, state, extra_config=None):
     config = dict(tiny_vision_config(), model_type="clip_vision_model", architectures=["CLIPVisionModel"])
     config.update(extra_config or {})
     (path / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     CLIPImageProcessor().save_pretrained(path)
 
 
@@ -64,7 +70,7 @@ def test_hf_vision_checkpoints_of_both_transformers_layouts(tmp_path):
     reference = CLIPMoEVisionModel(CLIPMoEVisionConfig(**tiny_vision_config())).eval()
     prefixed = dict(reference.state_dict())
     prefixed["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
-    bare = {k[len("vision_model."):]: v for k, v in reference.state_dict().items()}
+    bare = {k[len("vision_model.") :]: v for k, v in reference.state_dict().items()}
     write_hf_vision_checkpoint(tmp_path / "v4", prefixed, {"top_k": 50})
     write_hf_vision_checkpoint(tmp_path / "v5", bare)
     pixel_values = torch.randn(1, 3, 32, 32)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_clip_moe_config, tiny_text_config, tiny_vision_config
+from tiny_models import tiny_clip_moe_config, tiny_text_config, tiny_vision_config
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from mllm_encoder import CLIPMoEConfig, CLIPMoEModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
@@ -47,18 +47,33 @@ def test_dense_clip_moe_model_equals_hf_clip(eos_token_id):
     input_ids, attention_mask = text_inputs(49407)
     pixel_values = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = hf(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                      output_hidden_states=True, return_loss=True)
-        actual = ours(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                      output_hidden_states=True, return_loss=True)
+        expected = hf(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            return_loss=True,
+        )
+        actual = ours(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            return_loss=True,
+        )
     torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.text_embeds, expected.text_embeds, atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.image_embeds, expected.image_embeds, atol=ATOL, rtol=0)
     with torch.no_grad():  # HF 5.x projects the nested pooler outputs, so compare with the towers directly
         hf_text = hf.text_model(input_ids, attention_mask, output_hidden_states=True)
         hf_vision = hf.vision_model(pixel_values, output_hidden_states=True)
-    for ours_tower, hf_tower in ((actual.text_model_output, hf_text), (actual.vision_model_output, hf_vision)):
-        torch.testing.assert_close(ours_tower.last_hidden_state, hf_tower.last_hidden_state, atol=ATOL, rtol=0)
+    for ours_tower, hf_tower in (
+        (actual.text_model_output, hf_text),
+        (actual.vision_model_output, hf_vision),
+    ):
+        torch.testing.assert_close(
+            ours_tower.last_hidden_state, hf_tower.last_hidden_state, atol=ATOL, rtol=0
+        )
         torch.testing.assert_close(ours_tower.pooler_output, hf_tower.pooler_output, atol=ATOL, rtol=0)
         assert_states_close(hf_tower.hidden_states, ours_tower.hidden_states)
     assert actual.aux_loss.item() == 0.0
@@ -110,7 +125,9 @@ def test_moe_model_outputs_aux_loss_and_router_logits():
     input_ids, attention_mask = text_inputs()
     pixel_values = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+        out = model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        )
     assert len(out.router_logits) == 2 + 3
     assert out.router_logits[0].shape == (3 * 12, 4) and out.router_logits[-1].shape == (3 * 17, 4)
     text_aux = out.text_model_output.aux_loss
@@ -130,7 +147,9 @@ def test_text_aux_loss_counts_only_real_tokens():
         masked = model.text_model(input_ids, attention_mask).aux_loss
         unmasked = model.text_model(input_ids, None).aux_loss
         lengths = attention_mask.sum(1).tolist()
-        per_sequence = [model.text_model(input_ids[i : i + 1, :n]).router_logits for i, n in enumerate(lengths)]
+        per_sequence = [
+            model.text_model(input_ids[i : i + 1, :n]).router_logits for i, n in enumerate(lengths)
+        ]
     real_token_logits = [torch.cat(layer) for layer in zip(*per_sequence)]
     expected = sum(load_balancing_loss(logits, top_k=2) for logits in real_token_logits)
     torch.testing.assert_close(masked, expected)
@@ -145,7 +164,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     def gradients():
         model.zero_grad()
-        model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True).loss.backward()
+        model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        ).loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
     model.train()
@@ -178,5 +199,8 @@ def test_moe_layers_subset_and_dense_towers():
     model = CLIPMoEVisionModel(config)
     assert hasattr(model.vision_model.encoder.layers[0].mlp, "fc1")
     assert model.vision_model.encoder.layers[1].mlp.experts.fc1.weight.shape == (4, 64, 32)
-    assert CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, moe_layers=[])).moe_layer_indices == []
+    assert (
+        CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, moe_layers=[])).moe_layer_indices
+        == []
+    )
     assert CLIPMoEVisionConfig(**tiny_vision_config()).moe_layer_indices == []

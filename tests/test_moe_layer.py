@@ -5,7 +5,7 @@ import torch
 
 from mllm_encoder.moe import SparseMoE, grouped_mm_available, load_balancing_loss, plan_dispatch
 
-E, D, I = 4, 16, 24
+E, D, H = 4, 16, 24
 
 
 def naive_moe(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def naive_moe(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
 
 def make_layer(seed: int = 0, top_k: int = 2, starve_last_expert: bool = True):
     torch.manual_seed(seed)
-    layer = SparseMoE(D, I, E, top_k)
+    layer = SparseMoE(D, H, E, top_k)
     for param in (layer.experts.fc1.bias, layer.experts.fc2.bias):
         torch.nn.init.normal_(param)
     x = torch.randn(3, 7, D)
@@ -108,4 +108,4 @@ def test_load_balancing_loss_ignores_masked_tokens():
 
 def test_router_rejects_top_k_above_num_experts():
     with pytest.raises(ValueError, match="top_k"):
-        SparseMoE(D, I, num_experts=2, top_k=3)
+        SparseMoE(D, H, num_experts=2, top_k=3)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_text_config, tiny_vision_config
+from tiny_models import tiny_text_config, tiny_vision_config
 
 from mllm_encoder import CLIPMoEConfig, CLIPMoEModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
 from mllm_encoder.upcycle import assemble_experts, moe_config, sparse_upcycle
@@ -10,7 +10,9 @@ from mllm_encoder.upcycle import assemble_experts, moe_config, sparse_upcycle
 
 def dense_model(seed: int = 0) -> CLIPMoEModel:
     torch.manual_seed(seed)
-    config = CLIPMoEConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=16)
+    config = CLIPMoEConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=16
+    )
     return CLIPMoEModel(config).eval()
 
 
@@ -96,7 +98,9 @@ def test_assemble_experts_names_the_first_differing_tensor():
     sources = ffn_variants(dense_model(), 2)
     with torch.no_grad():
         sources[1].vision_model.encoder.layers[1].self_attn.k_proj.weight[0, 0] += 0.25
-    with pytest.raises(ValueError, match=r"vision_model\.encoder\.layers\.1\.self_attn\.k_proj\.weight.*0\.25"):
+    with pytest.raises(
+        ValueError, match=r"vision_model\.encoder\.layers\.1\.self_attn\.k_proj\.weight.*0\.25"
+    ):
         assemble_experts(sources, top_k=1)
 
 

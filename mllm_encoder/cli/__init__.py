@@ -9,7 +9,9 @@ from mllm_encoder.cli import dmu, eval_mllm, eval_zero_shot, model
 
 def build_parser() -> argparse.ArgumentParser:
     """Assemble the ``clip-moe`` parser from the subcommand modules."""
-    parser = argparse.ArgumentParser(prog="clip-moe", description="CLIP-MoE: build, train, convert and evaluate.")
+    parser = argparse.ArgumentParser(
+        prog="clip-moe", description="CLIP-MoE: build, train, convert and evaluate."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model.register(commands)
@@ -24,5 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``clip-moe`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     args.func(args)

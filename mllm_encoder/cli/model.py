@@ -1,7 +1,171 @@
-"""Placeholder: replaced by the module's owner."""
+"""``clip-moe upcycle | assemble | convert | inspect``: make and look at CLIP-MoE checkpoints."""
 
 import argparse
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _layer_list(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from error
+
+
+def _add_moe_arguments(parser: argparse.ArgumentParser, with_num_experts: bool) -> None:
+    if with_num_experts:
+        parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    parser.add_argument(
+        "--moe-layers", type=_layer_list, help="layer indices made MoE in every tower (default all)"
+    )
+    parser.add_argument(
+        "--vision-moe-layers", type=_layer_list, help="MoE layers of the image tower ('' = dense)"
+    )
+    parser.add_argument(
+        "--text-moe-layers", type=_layer_list, help="MoE layers of the text tower ('' = dense)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random router initialisation")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the source's)")
+
+
+def _moe_layers(args: argparse.Namespace):
+    per_tower = {"vision": args.vision_moe_layers, "text": args.text_moe_layers}
+    if all(v is None for v in per_tower.values()):
+        return args.moe_layers
+    return {tower: layers if layers is not None else args.moe_layers for tower, layers in per_tower.items()}
+
+
+def _save_with_processors(model, out: Path, processor_source: Optional[Path], dtype: Optional[str]) -> None:
+    from mllm_encoder.checkpoint import load_processors, save_checkpoint
+
+    image_processor = tokenizer = None
+    if processor_source is not None and (processor_source / "preprocessor_config.json").exists():
+        image_processor, tokenizer = load_processors(processor_source)
+    if dtype:
+        model = model.to(DTYPES[dtype])
+    save_checkpoint(model, out, image_processor=image_processor, tokenizer=tokenizer)
+    logger.info("saved %s", out)
+
+
+def run_upcycle(args: argparse.Namespace) -> None:
+    from mllm_encoder.upcycle import sparse_upcycle
+
+    torch.manual_seed(args.seed)
+    model = sparse_upcycle(args.source, args.num_experts, args.top_k, _moe_layers(args))
+    _save_with_processors(model, args.out, args.source, args.dtype)
+
+
+def run_assemble(args: argparse.Namespace) -> None:
+    from mllm_encoder.upcycle import assemble_experts
+
+    torch.manual_seed(args.seed)
+    model = assemble_experts(args.models, args.top_k, _moe_layers(args), atol=args.atol)
+    _save_with_processors(model, args.out, args.models[0], args.dtype)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from mllm_encoder.conversion.convert import convert_checkpoint
+
+    torch.manual_seed(args.seed)
+    convert_checkpoint(
+        args.source,
+        args.out,
+        args.source_format,
+        top_k=args.top_k,
+        num_experts=args.num_experts,
+        num_heads=args.num_heads,
+        tokenizer_dir=args.tokenizer,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )
+
+
+def _format_layers(layers: List[int], total: int) -> str:
+    if not layers:
+        return "none (dense)"
+    if layers == list(range(total)):
+        return f"all {total}"
+    return ",".join(map(str, layers))
+
+
+def print_summary(directory: Path, summary) -> None:
+    """Print an ``inspect`` report."""
+    print(f"{directory}: {summary.model_class}")
+    print(f"{'tower':<8}{'layers':>7}{'width':>7}{'experts':>9}{'top_k':>7}  moe layers")
+    for name, tower in summary.towers.items():
+        layers = _format_layers(tower.moe_layers, tower.layers)
+        print(
+            f"{name:<8}{tower.layers:>7}{tower.hidden_size:>7}{tower.num_experts:>9}{tower.top_k:>7}  {layers}"
+        )
+    print(f"parameters: {summary.parameters:,} total, {summary.active_parameters:,} active per token")
+    for name, tower in summary.towers.items():
+        print(f"{name} experts per layer: {' '.join(map(str, tower.experts_per_layer))}")
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from mllm_encoder.loading import load_clip_moe
+    from mllm_encoder.model_summary import summarize_model
+
+    model = load_clip_moe(args.model)
+    summary = summarize_model(model)
+    if args.json:
+        print(
+            json.dumps(
+                {"config": AutoConfig.from_pretrained(args.model).to_dict(), **summary.to_dict()}, indent=2
+            )
+        )
+    else:
+        print_summary(args.model, summary)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``commands``."""
+    """Add ``upcycle``, ``assemble``, ``convert`` and ``inspect``."""
+    upcycle = commands.add_parser("upcycle", help="sparse upcycling: copy a dense FFN into N experts")
+    upcycle.add_argument("source", type=Path, help="HF CLIP or CLIP-MoE checkpoint directory")
+    upcycle.add_argument("out", type=Path, help="output directory")
+    _add_moe_arguments(upcycle, with_num_experts=True)
+    upcycle.set_defaults(func=run_upcycle)
+
+    assemble = commands.add_parser(
+        "assemble", help="DMU: make the FFNs of N dense models the experts of one MoE"
+    )
+    assemble.add_argument(
+        "models", type=Path, nargs="+", help="N dense checkpoint directories (expert i = model i)"
+    )
+    assemble.add_argument("--out", type=Path, required=True, help="output directory")
+    assemble.add_argument("--atol", type=float, default=0.0, help="tolerance for shared (non-FFN) parameters")
+    _add_moe_arguments(assemble, with_num_experts=False)
+    assemble.set_defaults(func=run_assemble)
+
+    convert = commands.add_parser(
+        "convert", help="convert released CLIP-MoE, OpenAI/open_clip or timm weights"
+    )
+    convert.add_argument("source", type=Path, help="weights file (.pt/.pth/.bin/.safetensors) or directory")
+    convert.add_argument("out", type=Path, help="output directory")
+    convert.add_argument(
+        "--from", dest="source_format", required=True, choices=["official-clip-moe", "openai", "timm"]
+    )
+    convert.add_argument("--top-k", type=int, default=2, help="routing of MoE weights (not stored in them)")
+    convert.add_argument("--num-experts", type=int, help="sparse-upcycle the converted dense model")
+    convert.add_argument("--num-heads", type=int, help="attention heads (default width // 64)")
+    convert.add_argument("--tokenizer", type=Path, help="copy the tokenizer from this directory")
+    convert.add_argument(
+        "--seed", type=int, default=0, help="seed of the router initialisation when upcycling"
+    )
+    convert.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype")
+    convert.set_defaults(func=run_convert)
+
+    inspect = commands.add_parser("inspect", help="config, parameters (total/active), MoE layers")
+    inspect.add_argument("model", type=Path, help="checkpoint directory")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=run_inspect)

@@ -19,7 +19,12 @@ from mllm_encoder.upcycle import sparse_upcycle
 logger = logging.getLogger(__name__)
 
 SOURCE_FORMATS = ("official-clip-moe", "openai", "timm")
-WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
 PathLike = Union[str, os.PathLike]
 
 
@@ -30,7 +35,9 @@ def _weights_file(path: Path) -> Path:
         for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
-    raise ValueError(f"{path}: no weights found (a .safetensors/.pt/.pth/.bin file, or a directory with one of {WEIGHT_FILES})")
+    raise ValueError(
+        f"{path}: no weights found (a .safetensors/.pt/.pth/.bin file, or a directory with one of {WEIGHT_FILES})"
+    )
 
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -81,7 +88,9 @@ def _tokenizer_for(model, tokenizer_dir: Optional[PathLike], out_dir: Path):
     if text.vocab_size != OPENAI_VOCAB_SIZE:
         logger.warning(
             "vocabulary size %d is not OpenAI CLIP's %d: no tokenizer written to %s (pass --tokenizer DIR)",
-            text.vocab_size, OPENAI_VOCAB_SIZE, out_dir,
+            text.vocab_size,
+            OPENAI_VOCAB_SIZE,
+            out_dir,
         )
         return None
     return build_clip_tokenizer(context_length=text.max_position_embeddings)

@@ -21,7 +21,13 @@ HEAD_WIDTH = 64
 
 def infer_timm_config(state_dict: StateDict, num_heads: Optional[int] = None) -> CLIPMoEVisionConfig:
     """The dense vision config of a timm CLIP ViT state dict (heads default to width // 64)."""
-    for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm_pre.weight", "blocks.0.mlp.fc1.weight"):
+    for key in (
+        "patch_embed.proj.weight",
+        "pos_embed",
+        "cls_token",
+        "norm_pre.weight",
+        "blocks.0.mlp.fc1.weight",
+    ):
         if key not in state_dict:
             raise ValueError(f"state dict has no {key!r}: not a timm CLIP ViT (pre-norm, class token)")
     patch = state_dict["patch_embed.proj.weight"]

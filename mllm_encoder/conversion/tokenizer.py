@@ -63,10 +63,14 @@ def build_vocab(merges: List[str]) -> Dict[str, int]:
 def _construct_tokenizer(vocab: Dict[str, int], merges: List[str], scratch: Path, context_length: int):
     import transformers
 
-    special = dict(bos_token=START_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+    special = dict(
+        bos_token=START_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, unk_token=END_OF_TEXT
+    )
     if int(transformers.__version__.split(".")[0]) >= 5:
         pairs = [tuple(m.split()) for m in merges]
-        return transformers.CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=context_length, **special)
+        return transformers.CLIPTokenizer(
+            vocab=vocab, merges=pairs, model_max_length=context_length, **special
+        )
     vocab_file, merges_file = scratch / "vocab.json", scratch / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -87,7 +91,9 @@ def build_clip_tokenizer(context_length: int = 77, bpe_path: Optional[Union[str,
 
 
 def write_clip_tokenizer(
-    out_dir: Union[str, os.PathLike], context_length: int = 77, bpe_path: Optional[Union[str, os.PathLike]] = None
+    out_dir: Union[str, os.PathLike],
+    context_length: int = 77,
+    bpe_path: Optional[Union[str, os.PathLike]] = None,
 ):
     """Write the OpenAI CLIP tokenizer's files to ``out_dir`` and return the tokenizer."""
     tokenizer = build_clip_tokenizer(context_length, bpe_path)

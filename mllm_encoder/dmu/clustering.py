@@ -75,7 +75,11 @@ def kmeans(features: np.ndarray, k: int, seed: int = 0, backend: str = "auto") -
 
 
 def stage_labels(
-    image_features: np.ndarray, text_features: np.ndarray, k_image: int = 3, k_text: int = 3, seed: int = 0,
+    image_features: np.ndarray,
+    text_features: np.ndarray,
+    k_image: int = 3,
+    k_text: int = 3,
+    seed: int = 0,
     backend: str = "auto",
 ) -> np.ndarray:
     """One stage's label ``text_cluster * k_image + image_cluster`` (k_image * k_text values)."""

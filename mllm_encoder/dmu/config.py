@@ -23,6 +23,7 @@ class EvalSection:
     data: Optional[str] = None
     format: str = "auto"
     image_root: Optional[str] = None
+    split: Optional[str] = "test"
     attributes: Optional[str] = None
     batch_size: int = 256
 
@@ -100,8 +101,15 @@ def _build(cls, values: Any, where: str, default: Any = None):
     return cls(**{**base, **values})
 
 
-SECTIONS = {"data": DataSection, "eval": EvalSection, "dmu": DMUSection, "mcl": StageSection,
-            "route": StageSection, "baseline": StageSection, "runtime": RuntimeSection}
+SECTIONS = {
+    "data": DataSection,
+    "eval": EvalSection,
+    "dmu": DMUSection,
+    "mcl": StageSection,
+    "route": StageSection,
+    "baseline": StageSection,
+    "runtime": RuntimeSection,
+}
 
 
 def config_from_dict(values: Dict[str, Any], where: str = "config") -> RunConfig:
@@ -116,7 +124,9 @@ def config_from_dict(values: Dict[str, Any], where: str = "config") -> RunConfig
         elif key in ("base_model", "run_dir", "seed"):
             kwargs[key] = value
         else:
-            raise ValueError(f"{where}: unknown top-level key {key!r}; expected {sorted([*SECTIONS, 'base_model', 'run_dir', 'seed'])}")
+            raise ValueError(
+                f"{where}: unknown top-level key {key!r}; expected {sorted([*SECTIONS, 'base_model', 'run_dir', 'seed'])}"
+            )
     config = RunConfig(**kwargs)
     if not config.base_model or not config.data.train:
         raise ValueError(f"{where}: 'base_model' and 'data.train' are required")

@@ -6,7 +6,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from mllm_encoder.dmu.config import DataSection, EvalSection
+from mllm_encoder.dmu.config import EvalSection
 from mllm_encoder.dmu.run_state import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -17,7 +17,9 @@ def _is_moe(model: torch.nn.Module) -> bool:
     return any(getattr(tower, "num_experts", 1) > 1 for tower in (config.vision_config, config.text_config))
 
 
-def evaluate_checkpoint(model_dir: Union[str, Path], section: EvalSection, accelerator, out_dir: Union[str, Path]) -> Dict[str, Any]:
+def evaluate_checkpoint(
+    model_dir: Union[str, Path], section: EvalSection, accelerator, out_dir: Union[str, Path]
+) -> Dict[str, Any]:
     """Evaluate on the main process; writes ``metrics.json`` (and ``expert_load.{json,png}`` for an MoE).
 
     Metrics: ``i2t_r1/5/10``, ``t2i_r1/5/10`` on ``section.data``; ``acc_{attribute}`` and ``acc_mean`` when
@@ -34,21 +36,50 @@ def evaluate_checkpoint(model_dir: Union[str, Path], section: EvalSection, accel
 
 @torch.no_grad()
 def _evaluate(model_dir: Path, section: EvalSection, device, out_dir: Path) -> Dict[str, float]:
-    from mllm_encoder.dmu.stages import load_model, load_training_data
+    from mllm_encoder.dmu.stages import load_model, processors
     from mllm_encoder.eval.retrieval import evaluate_retrieval
 
     model = load_model(model_dir).to(device).eval()
-    data = DataSection(train=section.data, format=section.format, image_root=section.image_root, max_bad_fraction=1.0)
-    dataset, collator = load_training_data(data, model_dir)
-    metrics = dict(evaluate_retrieval(model, dataset, collator=collator, batch_size=section.batch_size, device=device))
+    image_processor, tokenizer = processors(model_dir)
+    retrieval = evaluate_retrieval(
+        model,
+        section.data,
+        image_processor,
+        tokenizer,
+        format=section.format,
+        split=section.split,
+        image_root=section.image_root,
+        batch_size=section.batch_size,
+    )
+    metrics = {key: value for key, value in retrieval.items() if key.startswith(("i2t_", "t2i_"))}
     if section.attributes:
         from mllm_encoder.eval.classification import per_attribute_accuracy
 
-        metrics.update(per_attribute_accuracy(model, dataset, section.attributes, model_dir, batch_size=section.batch_size, device=device))
+        accuracy = per_attribute_accuracy(
+            model, image_processor, tokenizer, section.attributes, batch_size=section.batch_size
+        )
+        metrics.update({f"acc_{name}": value for name, value in accuracy.items()})
     if _is_moe(model):
-        from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load
-
-        load = expert_load(model, dataset, collator=collator, batch_size=section.batch_size, device=device)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot_expert_load(load, out_dir / "expert_load.png")
+        _write_expert_load(model, section, image_processor, tokenizer, out_dir)
     return metrics
+
+
+def _write_expert_load(model, section: EvalSection, image_processor, tokenizer, out_dir: Path) -> None:
+    from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
+    from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load
+
+    dataset = load_image_text_dataset(
+        section.data, section.format, section.image_root, image_processor, tokenizer
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=section.batch_size, collate_fn=ImageTextCollator(1.0)
+    )
+    load = expert_load(model, loader, progress=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "expert_load.json", load)
+    plot_expert_load(load, out_dir / "expert_load.png", title=str(model_dir_name(out_dir)))
+
+
+def model_dir_name(out_dir: Path) -> str:
+    """``dmu``/``upcycle``... : the method an evaluation directory belongs to."""
+    return out_dir.parent.name

@@ -3,7 +3,7 @@
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ def extract_features(
     dataset: torch.utils.data.Dataset,
     collate_fn: Callable,
     out_dir: Union[str, Path],
-    state: DistState = DistState(),
+    state: Optional[DistState] = None,
     batch_size: int = 256,
     num_workers: int = 0,
     device: Union[str, torch.device] = "cpu",
@@ -35,14 +35,21 @@ def extract_features(
     The shard holds ``index`` (the samples' stable indices), ``image`` and ``text`` (projected, unnormalised
     embeddings, float32). Bad samples dropped by ``collate_fn`` are simply absent.
     """
+    state = state or DistState()
     subset = torch.utils.data.Subset(dataset, list(range(state.rank, len(dataset), state.world_size)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers
+    )
     core = _unwrap(model).eval()
     parts: Dict[str, list] = {"index": [], "image": [], "text": []}
     for batch in tqdm(loader, desc=f"extract features (rank {state.rank})", disable=not state.is_main):
         parts["index"].append(batch["index"].cpu().numpy())
-        parts["image"].append(core.get_image_features(pixel_values=batch["pixel_values"].to(device)).float().cpu().numpy())
-        text = core.get_text_features(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        parts["image"].append(
+            core.get_image_features(pixel_values=batch["pixel_values"].to(device)).float().cpu().numpy()
+        )
+        text = core.get_text_features(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
         parts["text"].append(text.float().cpu().numpy())
     arrays = {key: np.concatenate(value) if value else np.zeros((0,)) for key, value in parts.items()}
     arrays["index"] = arrays["index"].astype(np.int64)
@@ -62,6 +69,9 @@ def load_features(feature_dir: Union[str, Path]) -> Dict[str, np.ndarray]:
     if not shards:
         raise ValueError(f"no feature shards (features_rank*.safetensors) in {feature_dir}")
     loaded = [load_file(str(shard)) for shard in shards]
-    arrays = {key: np.concatenate([part[key] for part in loaded if len(part[key])]) for key in ("index", "image", "text")}
+    arrays = {
+        key: np.concatenate([part[key] for part in loaded if len(part[key])])
+        for key in ("index", "image", "text")
+    }
     order = np.argsort(arrays["index"], kind="stable")
     return {key: value[order] for key, value in arrays.items()}

@@ -1,5 +1,7 @@
 """CLIP contrastive loss over features gathered from all ranks (open_clip's local loss)."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +11,7 @@ from mllm_encoder.dmu.distributed import DistState, all_gather_with_grad, gather
 def clip_contrastive_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
-    state: DistState = DistState(),
+    state: Optional[DistState] = None,
     temperature: float = 0.01,
     label_smoothing: float = 0.1,
 ) -> torch.Tensor:
@@ -20,7 +22,10 @@ def clip_contrastive_loss(
     when the ranks hold equal row counts (after dropped bad samples they may differ slightly).
     """
     if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    state = state or DistState()
     image = F.normalize(image_embeds.float(), dim=-1)
     text = F.normalize(text_embeds.float(), dim=-1)
     sizes = gather_sizes(image.shape[0], state)

@@ -68,13 +68,29 @@ class RunContext:
         return (self.config.dmu.num_experts - 1) * self.mcl_steps() + self.route_steps()
 
 
-def _train_stage(ctx: RunContext, stage_dir: Path, build_model: Callable, section, steps: int, labels_path=None, seed=0, **overrides):
+def _train_stage(
+    ctx: RunContext,
+    stage_dir: Path,
+    build_model: Callable,
+    section,
+    steps: int,
+    labels_path=None,
+    seed=0,
+    **overrides,
+):
     def run() -> Dict[str, Any]:
         labels = np.load(labels_path) if labels_path is not None else None
         cfg = train_config(section, ctx.config.runtime, steps, seed, ctx.config.data.num_workers, **overrides)
         model_dir, history = run_training(
-            build_model(), ctx.config.data, ctx.config.base_model, labels, cfg, stage_dir, ctx.accelerator,
-            ctx.stop_after_step, desc=str(stage_dir.relative_to(ctx.run_dir)),
+            build_model(),
+            ctx.config.data,
+            ctx.config.base_model,
+            labels,
+            cfg,
+            stage_dir,
+            ctx.accelerator,
+            ctx.stop_after_step,
+            desc=str(stage_dir.relative_to(ctx.run_dir)),
         )
         return {"model": str(model_dir), "steps": steps, "final_loss": history[-1]["loss"]}
 
@@ -96,19 +112,59 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
     for s in range(1, cfg.dmu.num_experts):
         features, cluster = root / f"extract_{s - 1}", root / f"cluster_{s - 1}"
         source = models[-1]
-        stages.append((f"dmu/extract_{s - 1}", lambda src=source, out=features: {"features": str(
-            run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))}))
+        stages.append(
+            (
+                f"dmu/extract_{s - 1}",
+                lambda src=source, out=features: {
+                    "features": str(
+                        run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size)
+                    )
+                },
+            )
+        )
         stages.append((f"dmu/cluster_{s - 1}", _cluster_stage(ctx, features, cluster, labels)))
         labels = cluster / "labels.npy"
         stage_dir = root / f"mcl_{s}"
-        stages.append((f"dmu/mcl_{s}", _train_stage(
-            ctx, stage_dir, lambda: load_model(cfg.base_model), cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)))
+        stages.append(
+            (
+                f"dmu/mcl_{s}",
+                _train_stage(
+                    ctx,
+                    stage_dir,
+                    lambda: load_model(cfg.base_model),
+                    cfg.mcl,
+                    ctx.mcl_steps(),
+                    labels,
+                    cfg.seed + s,
+                ),
+            )
+        )
         models.append(stage_dir / "model")
     assembled = root / "assemble" / "model"
-    stages.append(("dmu/assemble", lambda: {"model": str(run_assemble(
-        models, cfg.dmu.top_k, assembled, cfg.dmu.moe_layers)) if ctx.accelerator.is_main_process else str(assembled)}))
-    stages.append(("dmu/route", _train_stage(
-        ctx, root / "route", lambda: load_model(assembled), cfg.route, ctx.route_steps(), None, cfg.seed)))
+    stages.append(
+        (
+            "dmu/assemble",
+            lambda: {
+                "model": str(run_assemble(models, cfg.dmu.top_k, assembled, cfg.dmu.moe_layers))
+                if ctx.accelerator.is_main_process
+                else str(assembled)
+            },
+        )
+    )
+    stages.append(
+        (
+            "dmu/route",
+            _train_stage(
+                ctx,
+                root / "route",
+                lambda: load_model(assembled),
+                cfg.route,
+                ctx.route_steps(),
+                None,
+                cfg.seed,
+            ),
+        )
+    )
     return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
 
 
@@ -116,8 +172,16 @@ def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optiona
     def run() -> Dict[str, Any]:
         cfg = ctx.config
         if ctx.accelerator.is_main_process:
-            run_cluster(features, ctx.num_samples, out, previous, cfg.dmu.image_clusters, cfg.dmu.text_clusters,
-                        cfg.seed, cfg.dmu.kmeans_backend)
+            run_cluster(
+                features,
+                ctx.num_samples,
+                out,
+                previous,
+                cfg.dmu.image_clusters,
+                cfg.dmu.text_clusters,
+                cfg.seed,
+                cfg.dmu.kmeans_backend,
+            )
         ctx.accelerator.wait_for_everyone()
         labels = np.load(out / "labels.npy")
         return {"labels": str(out / "labels.npy"), "num_clusters": int(len(np.unique(labels[labels >= 0])))}
@@ -131,9 +195,17 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     if method == "finetune":
         build, overrides = (lambda: load_model(cfg.base_model)), {}
     else:
-        build, overrides = (lambda: _sparse_upcycled(cfg)), {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
-    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
-    return [(f"{method}/train", train), (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval"))]
+        build, overrides = (
+            (lambda: _sparse_upcycled(cfg)),
+            {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef},
+        )
+    train = _train_stage(
+        ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides
+    )
+    return [
+        (f"{method}/train", train),
+        (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval")),
+    ]
 
 
 def _sparse_upcycled(cfg: RunConfig):
@@ -154,16 +226,22 @@ def _check_config_copy(config: RunConfig, run_dir: Path, is_main: bool) -> None:
     saved = run_dir / "config.yaml"
     current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
     if saved.exists():
-        previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
+        previous = {
+            key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"
+        }
         if previous != current:
-            raise ValueError(f"{saved}: the run directory was started with a different config; use a new run_dir")
+            raise ValueError(
+                f"{saved}: the run directory was started with a different config; use a new run_dir"
+            )
     elif is_main:
         from mllm_encoder.atomic import atomic_write_text
 
         atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
+def run_pipeline(
+    config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None
+) -> Dict[str, Any]:
     """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,4 +264,8 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
 
 def collect_results(manifest: Manifest) -> Dict[str, Dict[str, Any]]:
     """``{method: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``)."""
-    return {name.split("/")[0]: info["metrics"] for name, info in manifest.stages.items() if name.endswith("/eval")}
+    return {
+        name.split("/")[0]: info["metrics"]
+        for name, info in manifest.stages.items()
+        if name.endswith("/eval")
+    }

@@ -49,12 +49,20 @@ class Manifest:
 
 
 def _trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
 
 
 def save_training_state(
-    ckpt_dir: Union[str, Path], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    history: List[Dict[str, float]], keep: int = 1,
+    ckpt_dir: Union[str, Path],
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: List[Dict[str, float]],
+    keep: int = 1,
 ) -> Path:
     """Save trainable weights, optimizer state, RNG and history after ``step`` steps, atomically.
 

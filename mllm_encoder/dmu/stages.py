@@ -44,16 +44,23 @@ def processors(directory: PathLike):
     return _cached_processors(str(Path(directory).resolve()))
 
 
-def load_training_data(data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None):
+def load_training_data(
+    data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None
+):
     """``(dataset, collator)`` for ``path`` (default ``data.train``) with the processors of ``processors_dir``."""
     from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 
     image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
-        raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
+        raise ValueError(
+            f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions"
+        )
     dataset = load_image_text_dataset(
-        path or data.train, format=format or data.format, image_root=data.image_root,
-        image_processor=image_processor, tokenizer=tokenizer,
+        path or data.train,
+        format=format or data.format,
+        image_root=data.image_root,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
     )
     return dataset, ImageTextCollator(max_bad_fraction=data.max_bad_fraction, dataset=dataset)
 
@@ -72,34 +79,62 @@ def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
     return max(1, math.ceil(section.epochs * num_samples / per_step))
 
 
-def train_config(section: StageSection, runtime: RuntimeSection, steps: int, seed: int, num_workers: int = 0, **overrides: Any) -> TrainConfig:
+def train_config(
+    section: StageSection,
+    runtime: RuntimeSection,
+    steps: int,
+    seed: int,
+    num_workers: int = 0,
+    **overrides: Any,
+) -> TrainConfig:
     """The trainer's config of one stage."""
     values = dict(
-        steps=steps, batch_size=section.batch_size, grad_accum=section.grad_accum, lr=section.lr,
-        weight_decay=section.weight_decay, warmup_steps=min(section.warmup_steps, max(steps - 1, 0)),
-        min_lr_ratio=section.min_lr_ratio, grad_clip=section.grad_clip, trainable=section.trainable,
-        temperature=section.temperature, label_smoothing=section.label_smoothing,
-        aux_loss_coef=section.aux_loss_coef, save_every=runtime.save_every, log_every=runtime.log_every,
-        seed=seed, num_workers=num_workers, gradient_checkpointing=runtime.gradient_checkpointing,
+        steps=steps,
+        batch_size=section.batch_size,
+        grad_accum=section.grad_accum,
+        lr=section.lr,
+        weight_decay=section.weight_decay,
+        warmup_steps=min(section.warmup_steps, max(steps - 1, 0)),
+        min_lr_ratio=section.min_lr_ratio,
+        grad_clip=section.grad_clip,
+        trainable=section.trainable,
+        temperature=section.temperature,
+        label_smoothing=section.label_smoothing,
+        aux_loss_coef=section.aux_loss_coef,
+        save_every=runtime.save_every,
+        log_every=runtime.log_every,
+        seed=seed,
+        num_workers=num_workers,
+        gradient_checkpointing=runtime.gradient_checkpointing,
     )
     return TrainConfig(**{**values, **overrides})
 
 
-def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
+def run_extract(
+    model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256
+) -> Path:
     """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``."""
     model = load_model(model_dir).to(accelerator.device)
     dataset, collator = load_training_data(data, model_dir)
     state = DistState(accelerator.num_processes, accelerator.process_index)
     with accelerator.autocast():
-        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
+        extract_features(
+            model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device
+        )
     collator.check(final=True)
     accelerator.wait_for_everyone()
     return Path(out_dir)
 
 
 def run_cluster(
-    features_dir: PathLike, num_samples: int, out_dir: PathLike, previous_labels: Optional[PathLike] = None,
-    image_clusters: int = 3, text_clusters: int = 3, seed: int = 0, backend: str = "auto",
+    features_dir: PathLike,
+    num_samples: int,
+    out_dir: PathLike,
+    previous_labels: Optional[PathLike] = None,
+    image_clusters: int = 3,
+    text_clusters: int = 3,
+    seed: int = 0,
+    backend: str = "auto",
 ) -> Path:
     """Stage ``cluster``: k-means both modalities, accumulate with the previous labels; writes ``labels.npy``.
 
@@ -123,8 +158,15 @@ def run_cluster(
 
 
 def run_training(
-    model: torch.nn.Module, data: DataSection, processors_dir: PathLike, labels: Optional[Sequence[int]],
-    cfg: TrainConfig, stage_dir: PathLike, accelerator, stop_after_step: Optional[int] = None, desc: str = "train",
+    model: torch.nn.Module,
+    data: DataSection,
+    processors_dir: PathLike,
+    labels: Optional[Sequence[int]],
+    cfg: TrainConfig,
+    stage_dir: PathLike,
+    accelerator,
+    stop_after_step: Optional[int] = None,
+    desc: str = "train",
 ) -> Tuple[Path, List[Dict[str, float]]]:
     """Train ``model`` (resuming from ``stage_dir/train_state``), then save ``stage_dir/model`` and the history.
 
@@ -136,7 +178,18 @@ def run_training(
     if len(labels) != len(dataset):
         raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")
     writer = _tensorboard_writer(stage_dir / "tensorboard") if accelerator.is_main_process else None
-    history = train(model, dataset, collator, labels, cfg, stage_dir / "train_state", accelerator, writer, stop_after_step, desc)
+    history = train(
+        model,
+        dataset,
+        collator,
+        labels,
+        cfg,
+        stage_dir / "train_state",
+        accelerator,
+        writer,
+        stop_after_step,
+        desc,
+    )
     if writer is not None:
         writer.close()
     if accelerator.is_main_process:
@@ -155,7 +208,9 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def run_assemble(model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None) -> Path:
+def run_assemble(
+    model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None
+) -> Path:
     """Stage ``assemble``: the FFNs of N dense models become N experts per layer (top-k routing)."""
     from mllm_encoder.upcycle import assemble_experts
 

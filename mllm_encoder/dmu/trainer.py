@@ -100,7 +100,9 @@ class _ResumableBatches:
     """Endless micro-batches of indices across epochs, starting at micro-batch ``start``."""
 
     def __init__(self, labels: Sequence[int], cfg: TrainConfig, state: DistState, start: int) -> None:
-        self.sampler = ClusterBatchSampler(labels, cfg.batch_size, state.world_size, state.rank, seed=cfg.seed)
+        self.sampler = ClusterBatchSampler(
+            labels, cfg.batch_size, state.world_size, state.rank, seed=cfg.seed
+        )
         self.per_epoch = len(self.sampler)
         if self.per_epoch == 0:
             raise ValueError(f"no batch of {cfg.batch_size} x {state.world_size} fits the clusters")
@@ -114,9 +116,17 @@ class _ResumableBatches:
             epoch, offset = epoch + 1, 0
 
 
-def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], cfg: TrainConfig, state: DistState):
-    outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
-    contrastive = clip_contrastive_loss(outputs.image_embeds, outputs.text_embeds, state, cfg.temperature, cfg.label_smoothing)
+def _micro_step_loss(
+    model: torch.nn.Module, batch: Dict[str, torch.Tensor], cfg: TrainConfig, state: DistState
+):
+    outputs = model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+    )
+    contrastive = clip_contrastive_loss(
+        outputs.image_embeds, outputs.text_embeds, state, cfg.temperature, cfg.label_smoothing
+    )
     aux = getattr(outputs, "aux_loss", None)
     aux = aux.float() if aux is not None else torch.zeros((), device=contrastive.device)
     return contrastive + cfg.aux_loss_coef * aux, contrastive.detach(), aux.detach()
@@ -130,7 +140,9 @@ def _next_batch(batches: Iterator, device) -> Dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
 
 
-def _accumulate_gradients(model, batches: Iterator, cfg: TrainConfig, accelerator, state: DistState) -> Dict[str, float]:
+def _accumulate_gradients(
+    model, batches: Iterator, cfg: TrainConfig, accelerator, state: DistState
+) -> Dict[str, float]:
     totals = {"loss": 0.0, "contrastive": 0.0, "aux": 0.0}
     for micro in range(cfg.grad_accum):
         batch = _next_batch(batches, accelerator.device)
@@ -157,7 +169,9 @@ def _prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> Dict[str, torch.
     return params
 
 
-def _log_step(record: Dict[str, float], writer, history: List[Dict[str, float]], cfg: TrainConfig, bar) -> None:
+def _log_step(
+    record: Dict[str, float], writer, history: List[Dict[str, float]], cfg: TrainConfig, bar
+) -> None:
     history.append(record)
     if writer is not None:
         for key, value in record.items():
@@ -196,9 +210,17 @@ def train(
         logger.info("%s: resuming from %s (step %d)", desc, latest, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     index_batches = _ResumableBatches(labels, cfg, state, start_step * cfg.grad_accum)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=index_batches, collate_fn=collate_fn, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=index_batches, collate_fn=collate_fn, num_workers=cfg.num_workers
+    )
     batches = iter(loader)
-    bar = tqdm(range(start_step, cfg.steps), desc=desc, initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc=desc,
+        initial=start_step,
+        total=cfg.steps,
+        disable=not accelerator.is_main_process,
+    )
     for step in bar:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -207,7 +229,9 @@ def train(
         grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _log_step({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **totals}, writer, history, cfg, bar)
+        _log_step(
+            {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **totals}, writer, history, cfg, bar
+        )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

@@ -27,4 +27,6 @@ def tiny_base_dir(tmp_path_factory, dmu_tokenizer_dir):
 def shapes_data(tmp_path_factory):
     from mllm_encoder.data.synthetic import write_shapes_dataset
 
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=40, num_eval=16, image_size=32, progress=False)
+    return write_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), num_train=40, num_eval=16, image_size=32, progress=False
+    )

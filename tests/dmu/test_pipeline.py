@@ -19,7 +19,13 @@ def _config(run_dir, base, data, **dmu):
             "base_model": str(base),
             "run_dir": str(run_dir),
             "data": {"train": data["train"]},
-            "dmu": {"num_experts": 3, "top_k": 2, "extract_batch_size": 16, "kmeans_backend": "sklearn", **dmu},
+            "dmu": {
+                "num_experts": 3,
+                "top_k": 2,
+                "extract_batch_size": 16,
+                "kmeans_backend": "sklearn",
+                **dmu,
+            },
             "mcl": stage,
             "route": {**stage, "steps": 3, "lr": 1e-3},
             "baseline": stage,
@@ -36,7 +42,15 @@ def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_
     accelerator = build_accelerator("no")
     straight = tmp_path / "straight"
     stages = run_pipeline(_config(straight, tiny_base_dir, shapes_data, num_experts=2), "dmu", accelerator)
-    assert list(stages) == ["base/eval", "dmu/extract_0", "dmu/cluster_0", "dmu/mcl_1", "dmu/assemble", "dmu/route", "dmu/eval"]
+    assert list(stages) == [
+        "base/eval",
+        "dmu/extract_0",
+        "dmu/cluster_0",
+        "dmu/mcl_1",
+        "dmu/assemble",
+        "dmu/route",
+        "dmu/eval",
+    ]
     labels = np.load(straight / "dmu" / "cluster_0" / "labels.npy")
     assert labels.shape == (40,) and labels.min() >= 0 and labels.max() < 9
     sizes = json.loads((straight / "dmu" / "cluster_0" / "cluster_sizes.json").read_text())

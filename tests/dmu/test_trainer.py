@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from dmu_helpers import collate
 from transformers import CLIPConfig, CLIPModel
 
 from mllm_encoder.dmu.accelerator import build_accelerator
 from mllm_encoder.dmu.trainer import TrainConfig, TrainingInterrupted, learning_rate, select_trainable, train
-
-from dmu_helpers import collate
 
 
 def _tiny_clip(seed=0):
@@ -22,7 +21,16 @@ def _tiny_clip(seed=0):
 
 
 def _cfg(**overrides):
-    base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, weight_decay=0.2, warmup_steps=2, save_every=2, log_every=1)
+    base = dict(
+        steps=6,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-3,
+        weight_decay=0.2,
+        warmup_steps=2,
+        save_every=2,
+        log_every=1,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -57,4 +65,7 @@ def test_resume_after_injected_stop_matches_uninterrupted_run(tmp_path, pairs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     frozen = _tiny_clip()
     assert torch.equal(frozen.logit_scale, resumed.logit_scale)
-    assert not torch.equal(frozen.text_model.encoder.layers[0].mlp.fc1.weight, resumed.text_model.encoder.layers[0].mlp.fc1.weight)
+    assert not torch.equal(
+        frozen.text_model.encoder.layers[0].mlp.fc1.weight,
+        resumed.text_model.encoder.layers[0].mlp.fc1.weight,
+    )

@@ -1,0 +1,84 @@
+"""The ``clip-moe`` model commands end to end on tiny checkpoints."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mllm_encoder.cli import main
+from mllm_encoder.loading import load_clip_moe
+
+
+def test_upcycle_then_inspect(tiny_hf_clip_dir, tmp_path, capsys):
+    out = tmp_path / "moe"
+    main(
+        [
+            "upcycle",
+            str(tiny_hf_clip_dir),
+            str(out),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--vision-moe-layers",
+            "1,2",
+            "--text-moe-layers",
+            "",
+        ]
+    )
+    assert (out / "tokenizer_config.json").exists() and (out / "preprocessor_config.json").exists()
+    model = load_clip_moe(out)
+    assert model.config.vision_config.moe_layer_indices == [1, 2]
+    assert model.config.text_config.moe_layer_indices == []
+
+    capsys.readouterr()
+    main(["inspect", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    vision = report["towers"]["vision"]
+    assert vision["experts_per_layer"] == [1, 4, 4]
+    expert = 2 * 32 * 64 + 64 + 32  # fc1 + fc2 weights and biases of one expert
+    assert (
+        vision["parameters"] - vision["active_parameters"] == 2 * 2 * expert
+    )  # 2 layers x (4-2) idle experts
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "vision experts per layer: 1 4 4" in text and "none (dense)" in text
+
+
+def test_assemble_two_checkpoints(tiny_hf_clip_dir, tmp_path):
+    second = tmp_path / "stage1"
+    shutil.copytree(tiny_hf_clip_dir, second)
+    main(["assemble", str(tiny_hf_clip_dir), str(second), "--out", str(tmp_path / "moe"), "--top-k", "1"])
+    model = load_clip_moe(tmp_path / "moe")
+    assert model.config.vision_config.num_experts == 2 and model.config.vision_config.top_k == 1
+    experts = model.vision_model.encoder.layers[0].mlp.experts.fc1.weight
+    torch.testing.assert_close(experts[0], experts[1])
+
+
+def test_bad_layer_list_is_a_clear_error(tiny_hf_clip_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "a,b"])
+    assert "comma-separated layer indices" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="moe_layers: layer index 7"):
+        main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "7"])
+
+
+@pytest.mark.parametrize("command", ["upcycle", "assemble", "convert", "inspect"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: clip-moe {command}" in capsys.readouterr().out
+
+
+def test_console_script_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "mllm_encoder", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "upcycle" in result.stdout and "inspect" in result.stdout
