@@ -4,6 +4,8 @@ The tower's parameters exist from construction, so ``from_pretrained`` restores 
 in a LLaVA checkpoint. Checkpoints without them (a projector-only stage with ``model_base``, LoRA weights
 on a base LLM without a trained tower) get the encoder weights from the CLIP-MoE checkpoint directory.
 Stock LLaVA returns no image processor unless the model name contains ``llava``; this returns the tower's.
+transformers 5 recreates loaded parameters with ``requires_grad=True``; ``from_pretrained`` of LLaVA models
+freezes the CLIP-MoE tower again unless it was built with ``unfreeze_mm_vision_tower``.
 """
 
 import functools
@@ -53,9 +55,29 @@ def _wrap(original: Callable) -> Callable:
     return load_pretrained_model
 
 
+def _wrap_from_pretrained(original: Any) -> Any:
+    @functools.wraps(original)
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        model = original.__func__(cls, *args, **kwargs)
+        tower = model.get_vision_tower()
+        if isinstance(tower, CLIPMoEVisionTower):
+            tower.reset_trainable()
+        return model
+
+    from_pretrained._llava_patch_freeze = True
+    return classmethod(from_pretrained)
+
+
 def apply() -> None:
-    """Replace ``llava.model.builder.load_pretrained_model`` and the copies already imported elsewhere."""
+    """Replace ``load_pretrained_model`` (in ``llava.model.builder`` and modules that imported it) and
+    ``from_pretrained`` of LLaVA's Llama and Mistral models."""
     import llava.model.builder as builder
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+
+    for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
+        if not getattr(model_cls.from_pretrained, "_llava_patch_freeze", False):
+            model_cls.from_pretrained = _wrap_from_pretrained(model_cls.from_pretrained)
 
     original = builder.load_pretrained_model
     if getattr(original, "_llava_patch", False):

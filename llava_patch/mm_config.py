@@ -45,6 +45,9 @@ def _wrap_initialize_vision_modules(meta_model_cls: type) -> None:
         original(self, model_args, fsdp=fsdp)
         tower = self.get_vision_tower()
         if isinstance(tower, CLIPMoEVisionTower):
+            # A tower restored from a LLaVA checkpoint was built frozen: follow this run's flag.
+            tower.unfreeze = bool(getattr(model_args, "unfreeze_mm_vision_tower", False))
+            tower.reset_trainable()
             for key, value in tower.export_llava_config().items():
                 setattr(self.config, key, value)
 

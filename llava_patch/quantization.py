@@ -2,13 +2,18 @@
 
 transformers 5 removed ``from_pretrained(load_in_4bit=/load_in_8bit=)``; LLaVA passes them (in training
 next to a ``quantization_config``). They become a ``BitsAndBytesConfig``. The vision tower is kept out of
-quantisation (it is built inside the model when a LLaVA checkpoint is loaded), like the projector.
+quantisation (it is built inside the model when a LLaVA checkpoint is loaded), like the projector; a
+config without skip list also keeps ``lm_head``, which transformers skips by default. As transformers 4.x
+did, a quantised load without a dtype loads the remaining weights in float16.
 """
 
 import functools
 from typing import Any
 
-_SKIPPED_MODULES = ("mm_projector", "vision_tower")
+import torch
+
+# Full names from the model root: transformers 5 matches skip patterns from the start of a module name.
+_SKIPPED_MODULES = ("model.mm_projector", "model.vision_tower")
 
 
 def _quantization_config(kwargs: dict) -> Any:
@@ -20,7 +25,7 @@ def _quantization_config(kwargs: dict) -> Any:
     if config is None and (load_in_4bit or load_in_8bit):
         config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
     if isinstance(config, BitsAndBytesConfig):
-        skipped = list(config.llm_int8_skip_modules or [])
+        skipped = list(config.llm_int8_skip_modules or ["lm_head"])
         config.llm_int8_skip_modules = skipped + [name for name in _SKIPPED_MODULES if name not in skipped]
     return config
 
@@ -31,9 +36,11 @@ def _wrap_from_pretrained(original: Any) -> Any:
         config = _quantization_config(kwargs)
         if config is not None:
             kwargs["quantization_config"] = config
+            if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+                kwargs["torch_dtype"] = torch.float16
         return original.__func__(cls, *args, **kwargs)
 
-    from_pretrained._llava_patch = True
+    from_pretrained._llava_patch_quantization = True
     return classmethod(from_pretrained)
 
 
@@ -43,5 +50,5 @@ def apply() -> None:
     from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 
     for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
-        if not getattr(model_cls.from_pretrained, "_llava_patch", False):
+        if not getattr(model_cls.from_pretrained, "_llava_patch_quantization", False):
             model_cls.from_pretrained = _wrap_from_pretrained(model_cls.from_pretrained)

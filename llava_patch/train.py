@@ -5,6 +5,19 @@ Takes the arguments of ``llava/train/train.py`` plus ``--unfreeze_mm_vision_towe
 """
 
 import os
+import sys
+
+import torch
+
+
+def _init_cpu_deepspeed() -> None:
+    """Several CPU processes under DeepSpeed: start its gloo communicator before ``zero.Init`` needs it."""
+    if torch.cuda.is_available() or "--deepspeed" not in " ".join(sys.argv):
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def main() -> None:
@@ -12,6 +25,7 @@ def main() -> None:
     import llava_patch
 
     llava_patch.apply()
+    _init_cpu_deepspeed()
     from llava.train.train import train
 
     train(attn_implementation=os.environ.get("LLAVA_ATTN_IMPLEMENTATION") or None)

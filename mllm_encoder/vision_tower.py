@@ -132,7 +132,12 @@ class CLIPMoEVisionTower(nn.Module):
         self.last_aux_loss: Optional[torch.Tensor] = None
         if not delay_load:
             self.load_source_weights()
-        self.vision_tower.requires_grad_(bool(getattr(args, "unfreeze_mm_vision_tower", False)))
+        self.unfreeze = bool(getattr(args, "unfreeze_mm_vision_tower", False))
+        self.reset_trainable()
+
+    def reset_trainable(self) -> None:
+        """Freeze the encoder unless ``unfreeze_mm_vision_tower`` was set (loaders may reset ``requires_grad``)."""
+        self.vision_tower.requires_grad_(self.unfreeze)
 
     def _require_source(self, what: str) -> Path:
         if self.source is None or not Path(self.source).is_dir():

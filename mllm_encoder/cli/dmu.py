@@ -1,7 +1,263 @@
-"""Placeholder: replaced by the module's owner."""
+"""``clip-moe dmu {run,extract,cluster,mcl,assemble,route,eval}`` and ``clip-moe demo``.
+
+``run`` drives the whole method from a YAML config (resumable); the other subcommands run one stage each
+on explicit directories, with the same code. Launch any of them with ``accelerate launch`` or ``torchrun``
+for several GPUs or nodes (see ``scripts/dmu/``).
+"""
 
 import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="training data: ShareGPT4V JSON, folder, CSV/TSV or tar shards")
+    parser.add_argument("--format", default="auto", help="data format (default: from the path)")
+    parser.add_argument("--image-root", help="folder the image paths are relative to")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers per process")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop above this bad-sample fraction")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, lr: float, weight_decay: float, warmup: int) -> None:
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs when --steps is not given (default 1)")
+    parser.add_argument("--batch-size", type=int, default=100, help="per process and micro-step (default 100)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    parser.add_argument(
+        "--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay ({weight_decay:g})"
+    )
+    parser.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warmup steps ({warmup})")
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    parser.add_argument("--save-every", type=int, default=100, help="save the training state every N steps")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _sections(args: argparse.Namespace, **stage_overrides):
+    from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
+
+    data = DataSection(
+        train=args.data,
+        format=args.format,
+        image_root=args.image_root,
+        max_bad_fraction=args.max_bad_fraction,
+        num_workers=args.num_workers,
+    )
+    stage = StageSection(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        **stage_overrides,
+    )
+    runtime = RuntimeSection(
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every,
+    )
+    return data, stage, runtime
+
+
+def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
+    import numpy as np
+
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.stages import load_model, load_training_data, run_training, steps_for, train_config
+
+    data, stage, runtime = _sections(args, **stage_overrides)
+    accelerator = build_accelerator(runtime.mixed_precision)
+    dataset, _ = load_training_data(data, args.model)
+    labels = np.load(labels) if labels is not None else None
+    steps = steps_for(stage, len(dataset), accelerator.num_processes)
+    cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
+    model_dir, history = run_training(load_model(args.model), data, args.model, labels, cfg, args.out, accelerator)
+    if accelerator.is_main_process:
+        print(f"{model_dir}: {steps} steps, final loss {history[-1]['loss']:.4f}")
+
+
+def run_mcl(args: argparse.Namespace) -> None:
+    _train(args, args.labels, trainable="ffn")
+
+
+def run_route(args: argparse.Namespace) -> None:
+    _train(args, None, trainable="ffn+router" if args.train_experts else "router", aux_loss_coef=args.aux_loss_coef)
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.config import DataSection
+    from mllm_encoder.dmu.stages import run_extract as extract
+
+    data = DataSection(
+        train=args.data,
+        format=args.format,
+        image_root=args.image_root,
+        max_bad_fraction=args.max_bad_fraction,
+        num_workers=args.num_workers,
+    )
+    print(extract(args.model, data, args.out, build_accelerator(args.mixed_precision), args.batch_size))
+
+
+def run_cluster(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.features import load_features
+    from mllm_encoder.dmu.stages import run_cluster as cluster
+
+    num_samples = args.num_samples or int(load_features(args.features)["index"].max()) + 1
+    path = cluster(
+        args.features,
+        num_samples,
+        args.out,
+        args.previous,
+        args.image_clusters,
+        args.text_clusters,
+        args.seed,
+        args.backend,
+    )
+    print(json.dumps(json.loads((Path(args.out) / "cluster_sizes.json").read_text())), "->", path)
+
+
+def run_assemble(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.stages import run_assemble as assemble
+
+    print(assemble(args.models, args.top_k, args.out))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.config import EvalSection
+    from mllm_encoder.dmu.evaluation import evaluate_checkpoint
+
+    section = EvalSection(
+        data=args.data,
+        format=args.format,
+        image_root=args.image_root,
+        split=args.split,
+        attributes=args.attributes,
+        batch_size=args.batch_size,
+    )
+    out = args.out or str(Path(args.model) / "eval")
+    metrics = evaluate_checkpoint(args.model, section, build_accelerator("no"), out)
+    print(json.dumps(metrics, indent=2))
+
+
+def run_run(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.config import load_config
+    from mllm_encoder.dmu.pipeline import run_pipeline
+    from mllm_encoder.dmu.report import format_table
+
+    config = load_config(args.config)
+    if args.run_dir:
+        config.run_dir = args.run_dir
+    accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
+    _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
+    methods = ["dmu", "finetune", "upcycle"] if args.method == "all" else [args.method]
+    for method in methods:
+        run_pipeline(config, method, accelerator)
+    results_path = Path(config.run_dir) / "results.json"
+    if accelerator.is_main_process and results_path.exists():
+        results = json.loads(results_path.read_text())
+        print(format_table(results) if any(results.values()) else f"no evaluation data configured; see {results_path}")
+
+
+def _log_to_file(path: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from mllm_encoder.dmu.demo import run_demo as demo
+    from mllm_encoder.dmu.report import format_table
+
+    _log_to_file(Path(args.out) / "demo.log", True)
+    results = demo(args.out, quick=args.quick)
+    print(format_table(results))
+    print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
+
+
+def _register_stages(dmu_commands) -> None:
+    extract = dmu_commands.add_parser("extract", help="embed the training set with a model (sharded per rank)")
+    extract.add_argument("--model", required=True, help="checkpoint directory")
+    extract.add_argument("--out", required=True, help="features directory")
+    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    _add_data_arguments(extract)
+    extract.set_defaults(func=run_extract)
+
+    cluster = dmu_commands.add_parser("cluster", help="k-means image and text features into pseudo-labels")
+    cluster.add_argument("--features", required=True, help="directory of features_rank*.safetensors")
+    cluster.add_argument("--out", required=True, help="output directory (labels.npy, cluster sizes + plot)")
+    cluster.add_argument("--previous", help="labels.npy of the previous stage, to accumulate")
+    cluster.add_argument("--num-samples", type=int, help="dataset size (default: largest feature index + 1)")
+    cluster.add_argument("--image-clusters", type=int, default=3)
+    cluster.add_argument("--text-clusters", type=int, default=3)
+    cluster.add_argument("--backend", default="auto", choices=["auto", "sklearn", "torch", "faiss"])
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.set_defaults(func=run_cluster)
+
+    mcl = dmu_commands.add_parser("mcl", help="one multistage-contrastive stage: FFNs on one-cluster batches")
+    mcl.add_argument("--model", required=True, help="the dense base checkpoint to fine-tune")
+    mcl.add_argument("--labels", required=True, help="labels.npy from `clip-moe dmu cluster`")
+    mcl.add_argument("--out", required=True, help="stage directory (model/, train_state/, tensorboard/)")
+    _add_data_arguments(mcl)
+    _add_training_arguments(mcl, lr=1e-5, weight_decay=0.2, warmup=200)
+    mcl.set_defaults(func=run_mcl)
+
+    assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer")
+    assemble.add_argument("models", nargs="+", help="checkpoint directories: base first, then MCL stages")
+    assemble.add_argument("--out", required=True)
+    assemble.add_argument("--top-k", type=int, default=2)
+    assemble.set_defaults(func=run_assemble)
+
+    route = dmu_commands.add_parser("route", help="tune the routers of an assembled CLIP-MoE")
+    route.add_argument("--model", required=True)
+    route.add_argument("--out", required=True)
+    route.add_argument("--train-experts", action="store_true", help="train the experts too")
+    route.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight")
+    _add_data_arguments(route)
+    _add_training_arguments(route, lr=1e-6, weight_decay=0.01, warmup=0)
+    route.set_defaults(func=run_route)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to ``commands``."""
+    """Add ``clip-moe dmu ...`` and ``clip-moe demo``."""
+    dmu = commands.add_parser("dmu", help="Diversified Multiplet Upcycling: stages and the resumable pipeline")
+    dmu_commands = dmu.add_subparsers(dest="dmu_command", required=True, metavar="STAGE")
+    run = dmu_commands.add_parser("run", help="run or resume the whole pipeline from a YAML config")
+    run.add_argument("config", help="YAML config (see configs/)")
+    run.add_argument(
+        "--method",
+        default="dmu",
+        choices=["dmu", "upcycle", "finetune", "all"],
+        help="DMU or a baseline at equal training steps (default dmu)",
+    )
+    run.add_argument("--run-dir", help="override the config's run_dir")
+    run.set_defaults(func=run_run)
+    _register_stages(dmu_commands)
+
+    evaluate = dmu_commands.add_parser("eval", help="retrieval R@K, per-attribute accuracy, router load")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True, help="retrieval set (JSON/Karpathy/CSV/folder)")
+    evaluate.add_argument("--format", default="auto")
+    evaluate.add_argument("--image-root")
+    evaluate.add_argument("--split", default="test", help="Karpathy split (default test)")
+    evaluate.add_argument("--attributes", help="synthetic attributes file for per-attribute accuracy")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--out", help="output directory (default MODEL/eval)")
+    evaluate.set_defaults(func=run_eval)
+
+    demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic shapes (CPU)")
+    demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.set_defaults(func=run_demo)

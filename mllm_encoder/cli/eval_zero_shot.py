@@ -19,9 +19,7 @@ def load_model_and_processors(model_dir: str, device: str) -> Tuple[Any, Any, An
 
     image_processor, tokenizer = load_processors(model_dir)
     if tokenizer is None:
-        raise ValueError(
-            f"{model_dir}: no tokenizer files; zero-shot evaluation needs the text tower's tokenizer"
-        )
+        raise ValueError(f"{model_dir}: no tokenizer files; zero-shot evaluation needs the text tower's tokenizer")
     model = AutoModel.from_pretrained(model_dir).to(device).eval()
     return model, image_processor, tokenizer
 
@@ -46,13 +44,9 @@ def run_retrieval(args: argparse.Namespace) -> None:
     from mllm_encoder.data.retrieval_sets import read_retrieval_set
     from mllm_encoder.eval.retrieval import evaluate_retrieval, format_retrieval_table
 
-    model, image_processor, tokenizer = load_model_and_processors(
-        args.model, args.device or _default_device()
-    )
+    model, image_processor, tokenizer = load_model_and_processors(args.model, args.device or _default_device())
     split = None if args.split == "all" else args.split
-    data = read_retrieval_set(
-        args.data, args.format, split, args.image_root, args.image_column, args.caption_column
-    )
+    data = read_retrieval_set(args.data, args.format, split, args.image_root, args.image_column, args.caption_column)
     metrics = evaluate_retrieval(
         model, data, image_processor, tokenizer, batch_size=args.batch_size, num_workers=args.num_workers
     )
@@ -66,9 +60,7 @@ def run_classify(args: argparse.Namespace) -> None:
     """Handler of ``clip-moe eval classify``."""
     from mllm_encoder.eval.classification import DEFAULT_TEMPLATES, read_lines, zero_shot_classify
 
-    model, image_processor, tokenizer = load_model_and_processors(
-        args.model, args.device or _default_device()
-    )
+    model, image_processor, tokenizer = load_model_and_processors(args.model, args.device or _default_device())
     class_names = read_lines(args.classes) if args.classes else None
     templates = read_lines(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
     result = zero_shot_classify(
@@ -91,35 +83,25 @@ def run_classify(args: argparse.Namespace) -> None:
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF CLIP or CLIP-MoE checkpoint directory")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
-    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``retrieval`` and ``classify`` to the ``clip-moe eval`` group."""
-    retrieval = commands.add_parser(
-        "retrieval", help="zero-shot image-text retrieval (I2T/T2I Recall@1/5/10)"
-    )
+    retrieval = commands.add_parser("retrieval", help="zero-shot image-text retrieval (I2T/T2I Recall@1/5/10)")
     _common_arguments(retrieval)
-    retrieval.add_argument(
-        "--data", required=True, help="Karpathy-split JSON, JSON/JSONL, CSV/TSV or image folder"
-    )
+    retrieval.add_argument("--data", required=True, help="Karpathy-split JSON, JSON/JSONL, CSV/TSV or image folder")
     retrieval.add_argument(
         "--format", default="auto", choices=["auto", "karpathy", "json", "sharegpt4v", "csv", "tsv", "folder"]
     )
-    retrieval.add_argument(
-        "--split", default="test", help="Karpathy split to evaluate ('all' for every image)"
-    )
+    retrieval.add_argument("--split", default="test", help="Karpathy split to evaluate ('all' for every image)")
     retrieval.add_argument("--image-root", default=None, help="folder image paths are relative to")
     retrieval.add_argument("--image-column", default=None, help="CSV/TSV image path column")
     retrieval.add_argument("--caption-column", default=None, help="CSV/TSV caption column")
     retrieval.add_argument("--num-workers", type=int, default=0, help="data-loader workers")
     retrieval.set_defaults(func=run_retrieval)
-    classify = commands.add_parser(
-        "classify", help="zero-shot classification of an image folder (root/<class>/)"
-    )
+    classify = commands.add_parser("classify", help="zero-shot classification of an image folder (root/<class>/)")
     _common_arguments(classify)
     classify.add_argument("--image-folder", required=True, help="root/<class>/*.jpg")
     classify.add_argument("--classes", default=None, help="class names, one per line, in sorted folder order")

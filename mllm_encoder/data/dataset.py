@@ -63,9 +63,7 @@ class ImageTextDataset(Dataset, BadSampleLog):
     samples are counted in ``num_bad`` and listed in ``bad_samples`` (per process).
     """
 
-    def __init__(
-        self, records: Sequence[ImageTextRecord], transform: Callable, text_tokenizer: ClipTextTokenizer
-    ):
+    def __init__(self, records: Sequence[ImageTextRecord], transform: Callable, text_tokenizer: ClipTextTokenizer):
         BadSampleLog.__init__(self)
         self.records = list(records)
         self.transform = transform
@@ -117,12 +115,9 @@ class ImageTextCollator:
         if self.num_bad <= self.max_bad_fraction * self.num_seen:
             return
         failed = getattr(self.dataset, "bad_samples", [])
-        listing = (
-            "; ".join(f"{source}: {reason}" for _, source, reason in failed[:20]) or "see the warnings above"
-        )
+        listing = "; ".join(f"{source}: {reason}" for _, source, reason in failed[:20]) or "see the warnings above"
         raise BadSampleFractionError(
-            f"{self.num_bad} of {self.num_seen} samples were bad "
-            f"(more than {self.max_bad_fraction:.2%}): {listing}"
+            f"{self.num_bad} of {self.num_seen} samples were bad (more than {self.max_bad_fraction:.2%}): {listing}"
         )
 
     def __call__(self, samples: Sequence[Optional[Sample]]) -> Optional[Dict[str, torch.Tensor]]:
@@ -145,7 +140,5 @@ def build_transforms(
 ) -> Tuple[ClipImageTransform, ClipTextTokenizer]:
     """The image transform and caption tokenizer for a checkpoint's processor and tokenizer."""
     if image_processor is None or tokenizer is None:
-        raise ValueError(
-            "image_processor and tokenizer are required (see mllm_encoder.checkpoint.load_processors)"
-        )
+        raise ValueError("image_processor and tokenizer are required (see mllm_encoder.checkpoint.load_processors)")
     return ClipImageTransform.from_processor(image_processor), ClipTextTokenizer(tokenizer, context_length)

@@ -80,11 +80,6 @@ class ClipImageTransform:
             do_normalize=bool(getattr(processor, "do_normalize", True)),
         )
 
-    @property
-    def output_size(self) -> Optional[Tuple[int, int]]:
-        """``(height, width)`` of the produced tensors when known in advance."""
-        return self.crop_hw or self.resize_hw
-
     def _resize(self, image: Image.Image) -> Image.Image:
         if self.resize_hw is not None:
             height, width = self.resize_hw

@@ -130,9 +130,7 @@ def read_image_folder(root: PathLike) -> List[ImageTextRecord]:
     return records
 
 
-def _pick_column(
-    header: Sequence[str], requested: Optional[str], candidates: Sequence[str], what: str, path
-) -> str:
+def _pick_column(header: Sequence[str], requested: Optional[str], candidates: Sequence[str], what: str, path) -> str:
     if requested is not None:
         if requested not in header:
             raise ValueError(f"{path}: no {what} column {requested!r}; columns are {list(header)}")
@@ -169,9 +167,7 @@ def read_table(
                 raise ValueError(f"{where}: row has fewer fields than the header")
             if not image.strip():
                 raise ValueError(f"{where}: empty image path")
-            records.append(
-                ImageTextRecord(resolve_image_path(image.strip(), image_root), caption.strip(), where)
-            )
+            records.append(ImageTextRecord(resolve_image_path(image.strip(), image_root), caption.strip(), where))
     return records
 
 

@@ -49,9 +49,7 @@ class RetrievalSet:
         return result
 
 
-def read_karpathy(
-    path: PathLike, split: Optional[str] = "test", image_root: Optional[PathLike] = None
-) -> RetrievalSet:
+def read_karpathy(path: PathLike, split: Optional[str] = "test", image_root: Optional[PathLike] = None) -> RetrievalSet:
     """Images of ``split`` (all if ``None``) of a Karpathy-split JSON; paths: ``root/filepath/filename``."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -138,9 +136,7 @@ def read_retrieval_set(
     elif format == "folder":
         records = read_image_folder(path)
     else:
-        raise ValueError(
-            f"unknown retrieval format {format!r}; expected 'auto' or one of {RETRIEVAL_FORMATS}"
-        )
+        raise ValueError(f"unknown retrieval format {format!r}; expected 'auto' or one of {RETRIEVAL_FORMATS}")
     empty = next((record.source for record in records if not record.caption), None)
     if empty is not None:
         raise ValueError(f"{empty}: empty caption")

@@ -95,9 +95,7 @@ def _texture_on(texture: str, xx: np.ndarray, yy: np.ndarray, period: int) -> np
     return np.ones_like(xx, dtype=bool)
 
 
-def _background(
-    rng: np.random.Generator, kind: str, size: int, grid: Tuple[np.ndarray, np.ndarray]
-) -> np.ndarray:
+def _background(rng: np.random.Generator, kind: str, size: int, grid: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     level = rng.uniform(15, 75) if kind == "dark" else rng.uniform(170, 240)
     tint = rng.uniform(-12, 12, size=3)
     angle = rng.uniform(0, 2 * np.pi)
@@ -137,9 +135,7 @@ def sample_attributes(rng: np.random.Generator, max_objects: int = 2, pair_proba
     return objects, background, int(rng.integers(len(SINGLE_TEMPLATES)))
 
 
-def render_image(
-    objects: Sequence[Dict[str, str]], background: str, rng: np.random.Generator, size: int = 64
-):
+def render_image(objects: Sequence[Dict[str, str]], background: str, rng: np.random.Generator, size: int = 64):
     """A ``size`` x ``size`` RGB PIL image of the objects over a background of the given kind."""
     grid = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))
     image = _background(rng, background, size, grid)
@@ -154,9 +150,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _write_split(
-    out_dir: Path, split: str, count: int, seed: int, image_size: int, image_format: str, progress
-):
+def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, image_format: str, progress):
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     conversations, samples = [], []
@@ -173,7 +167,8 @@ def _write_split(
                 "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": caption}],
             }
         )
-        samples.append({"index": index, "image": relative, "background": background, "objects": objects})
+        sample = {"index": index, "image": relative, "background": background, "objects": objects}
+        samples.append({**sample, "template": template, "caption": caption})
     _write_json_atomic(out_dir / f"{split}.json", conversations)
     attributes = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, "prompts": ATTRIBUTE_PROMPTS}
     _write_json_atomic(out_dir / f"{split}_attributes.json", {**attributes, "samples": samples})
@@ -212,6 +207,19 @@ def load_attributes(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("samples"), list) or "attributes" not in data:
         raise ValueError(f"{path}: not a synthetic attributes file (needs 'attributes' and 'samples')")
     return data
+
+
+def swapped_captions(sample: Dict[str, Any], attribute: str, values: Sequence[str]) -> List[str]:
+    """The sample's caption with ``attribute`` (of its first object, or the background) set to each value."""
+    captions = []
+    for value in values:
+        if attribute == "background":
+            objects, background = sample["objects"], value
+        else:
+            objects = [dict(sample["objects"][0], **{attribute: value}), *sample["objects"][1:]]
+            background = sample["background"]
+        captions.append(describe(objects, background, sample.get("template", 0)))
+    return captions
 
 
 def single_object_labels(data: Dict[str, Any], attribute: str) -> List[Tuple[int, str]]:

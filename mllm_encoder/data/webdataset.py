@@ -46,9 +46,7 @@ def expand_braces(pattern: str) -> List[str]:
 
 def expand_shards(shards: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[str]:
     """Shard paths from a brace pattern, a glob, ``::``-joined patterns or a list of paths."""
-    patterns = (
-        [os.fspath(s) for s in shards] if isinstance(shards, (list, tuple)) else os.fspath(shards).split("::")
-    )
+    patterns = [os.fspath(s) for s in shards] if isinstance(shards, (list, tuple)) else os.fspath(shards).split("::")
     paths: List[str] = []
     for pattern in patterns:
         for expanded in expand_braces(pattern):
@@ -154,6 +152,4 @@ class WebDatasetImageText(IterableDataset, BadSampleLog):
                         raise ValueError(f"{shard}: more than shard_stride={self.shard_stride} samples")
                     yield self._decode(shard_number * self.shard_stride + position, key, parts, shard)
             except (OSError, tarfile.TarError) as error:
-                self.mark_bad(
-                    shard_number * self.shard_stride, shard, f"unreadable shard (rest skipped): {error}"
-                )
+                self.mark_bad(shard_number * self.shard_stride, shard, f"unreadable shard (rest skipped): {error}")

@@ -13,7 +13,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -107,9 +107,7 @@ def _train_base(out_dir: Path, data: Dict[str, str], settings: DemoSettings, acc
         trainable="all",
         temperature=settings.base_temperature,
     )
-    cfg = train_config(
-        section, RuntimeSection(save_every=50, log_every=25), settings.base_steps, settings.seed
-    )
+    cfg = train_config(section, RuntimeSection(save_every=50, log_every=25), settings.base_steps, settings.seed)
     model = CLIPMoEModel.from_pretrained(str(init))
     model_dir, _ = run_training(
         model,
@@ -153,12 +151,14 @@ def run_config(out_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
     }
 
 
-def run_demo(out_dir: Union[str, Path], quick: bool = False) -> Dict[str, Dict[str, float]]:
+def run_demo(
+    out_dir: Union[str, Path], quick: bool = False, settings: Optional[DemoSettings] = None
+) -> Dict[str, Dict[str, float]]:
     """Run (or resume) the whole demo into ``out_dir``; returns ``results.json``'s content."""
     from mllm_encoder.data.synthetic import write_shapes_dataset
     from mllm_encoder.dmu.report import write_report
 
-    settings = QUICK if quick else DEFAULT
+    settings = settings or (QUICK if quick else DEFAULT)
     out_dir = Path(out_dir)
     manifest = Manifest(out_dir / "demo_manifest.json")
     accelerator = build_accelerator("no")

@@ -74,9 +74,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.state.rank]], None, None
 
 
-def all_gather_with_grad(
-    tensor: torch.Tensor, state: DistState, sizes: Optional[List[int]] = None
-) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, state: DistState, sizes: Optional[List[int]] = None) -> torch.Tensor:
     """All-gather ``tensor`` along dim 0 from every rank (row counts may differ), differentiably.
 
     Every rank's loss that uses the gathered tensor sends its gradient back to the rank that owns each

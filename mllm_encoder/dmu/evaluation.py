@@ -2,7 +2,7 @@
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -10,6 +10,7 @@ from mllm_encoder.dmu.config import EvalSection
 from mllm_encoder.dmu.run_state import write_json_atomic
 
 logger = logging.getLogger(__name__)
+PathLike = Union[str, Path]
 
 
 def _is_moe(model: torch.nn.Module) -> bool:
@@ -18,16 +19,20 @@ def _is_moe(model: torch.nn.Module) -> bool:
 
 
 def evaluate_checkpoint(
-    model_dir: Union[str, Path], section: EvalSection, accelerator, out_dir: Union[str, Path]
+    model_dir: PathLike, section: EvalSection, accelerator, out_dir: PathLike, processors_dir: Optional[PathLike] = None
 ) -> Dict[str, Any]:
     """Evaluate on the main process; writes ``metrics.json`` (and ``expert_load.{json,png}`` for an MoE).
 
-    Metrics: ``i2t_r1/5/10``, ``t2i_r1/5/10`` on ``section.data``; ``acc_{attribute}`` and ``acc_mean`` when
-    ``section.attributes`` (a synthetic attributes file) is given. Without ``section.data`` nothing is measured.
+    Metrics (percent): ``i2t_r1/5/10``, ``t2i_r1/5/10`` on ``section.data``; ``acc_{attribute}`` and
+    ``acc_mean`` when ``section.attributes`` (a synthetic attributes file) is given. Without
+    ``section.data`` nothing is measured. Images and captions are preprocessed with the processors of
+    ``processors_dir`` (default: ``model_dir``'s own).
     """
     metrics: Dict[str, Any] = {}
     if accelerator.is_main_process and section.data is not None:
-        metrics = _evaluate(Path(model_dir), section, accelerator.device, Path(out_dir))
+        metrics = _evaluate(
+            Path(model_dir), Path(processors_dir or model_dir), section, accelerator.device, Path(out_dir)
+        )
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
         logger.info("%s: %s", model_dir, {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
@@ -35,12 +40,12 @@ def evaluate_checkpoint(
 
 
 @torch.no_grad()
-def _evaluate(model_dir: Path, section: EvalSection, device, out_dir: Path) -> Dict[str, float]:
+def _evaluate(model_dir: Path, processors_dir: Path, section: EvalSection, device, out_dir: Path) -> Dict[str, float]:
     from mllm_encoder.dmu.stages import load_model, processors
     from mllm_encoder.eval.retrieval import evaluate_retrieval
 
     model = load_model(model_dir).to(device).eval()
-    image_processor, tokenizer = processors(model_dir)
+    image_processor, tokenizer = processors(processors_dir)
     retrieval = evaluate_retrieval(
         model,
         section.data,
@@ -68,12 +73,8 @@ def _write_expert_load(model, section: EvalSection, image_processor, tokenizer, 
     from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
     from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load
 
-    dataset = load_image_text_dataset(
-        section.data, section.format, section.image_root, image_processor, tokenizer
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=section.batch_size, collate_fn=ImageTextCollator(1.0)
-    )
+    dataset = load_image_text_dataset(section.data, section.format, section.image_root, image_processor, tokenizer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=section.batch_size, collate_fn=ImageTextCollator(1.0))
     load = expert_load(model, loader, progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "expert_load.json", load)

@@ -37,9 +37,7 @@ def extract_features(
     """
     state = state or DistState()
     subset = torch.utils.data.Subset(dataset, list(range(state.rank, len(dataset), state.world_size)))
-    loader = torch.utils.data.DataLoader(
-        subset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers
-    )
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
     core = _unwrap(model).eval()
     parts: Dict[str, list] = {"index": [], "image": [], "text": []}
     for batch in tqdm(loader, desc=f"extract features (rank {state.rank})", disable=not state.is_main):
@@ -70,8 +68,7 @@ def load_features(feature_dir: Union[str, Path]) -> Dict[str, np.ndarray]:
         raise ValueError(f"no feature shards (features_rank*.safetensors) in {feature_dir}")
     loaded = [load_file(str(shard)) for shard in shards]
     arrays = {
-        key: np.concatenate([part[key] for part in loaded if len(part[key])])
-        for key in ("index", "image", "text")
+        key: np.concatenate([part[key] for part in loaded if len(part[key])]) for key in ("index", "image", "text")
     }
     order = np.argsort(arrays["index"], kind="stable")
     return {key: value[order] for key, value in arrays.items()}

@@ -99,7 +99,7 @@ def _train_stage(
 
 def _eval_stage(ctx: RunContext, model_dir: Path, out_dir: Path) -> Callable[[], Dict[str, Any]]:
     def run() -> Dict[str, Any]:
-        metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir)
+        metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir, ctx.config.base_model)
         return {"model": str(model_dir), "metrics": metrics}
 
     return run
@@ -116,9 +116,7 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
             (
                 f"dmu/extract_{s - 1}",
                 lambda src=source, out=features: {
-                    "features": str(
-                        run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size)
-                    )
+                    "features": str(run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))
                 },
             )
         )
@@ -199,9 +197,7 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
             (lambda: _sparse_upcycled(cfg)),
             {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef},
         )
-    train = _train_stage(
-        ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides
-    )
+    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
     return [
         (f"{method}/train", train),
         (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval")),
@@ -226,22 +222,16 @@ def _check_config_copy(config: RunConfig, run_dir: Path, is_main: bool) -> None:
     saved = run_dir / "config.yaml"
     current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
     if saved.exists():
-        previous = {
-            key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"
-        }
+        previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
         if previous != current:
-            raise ValueError(
-                f"{saved}: the run directory was started with a different config; use a new run_dir"
-            )
+            raise ValueError(f"{saved}: the run directory was started with a different config; use a new run_dir")
     elif is_main:
         from mllm_encoder.atomic import atomic_write_text
 
         atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def run_pipeline(
-    config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None
-) -> Dict[str, Any]:
+def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
     """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,8 +254,4 @@ def run_pipeline(
 
 def collect_results(manifest: Manifest) -> Dict[str, Dict[str, Any]]:
     """``{method: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``)."""
-    return {
-        name.split("/")[0]: info["metrics"]
-        for name, info in manifest.stages.items()
-        if name.endswith("/eval")
-    }
+    return {name.split("/")[0]: info["metrics"] for name, info in manifest.stages.items() if name.endswith("/eval")}

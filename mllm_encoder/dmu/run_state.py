@@ -49,11 +49,7 @@ class Manifest:
 
 
 def _trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
 
 
 def save_training_state(

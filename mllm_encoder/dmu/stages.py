@@ -27,10 +27,13 @@ PathLike = Union[str, Path]
 
 
 def load_model(model_dir: PathLike) -> torch.nn.Module:
-    """A CLIP-MoE (dense or MoE) model from a checkpoint directory, in float32."""
-    from mllm_encoder import CLIPMoEModel
+    """A two-tower model from a CLIP-MoE (dense or MoE) or Hugging Face CLIP directory, in float32."""
+    from mllm_encoder.loading import load_clip_moe
 
-    return CLIPMoEModel.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = load_clip_moe(str(model_dir)).float()
+    if not hasattr(model, "text_model") or not hasattr(model, "vision_model"):
+        raise ValueError(f"{model_dir}: DMU needs both towers (a CLIP / CLIP-MoE model, not a single tower)")
+    return model
 
 
 @functools.lru_cache(maxsize=8)
@@ -52,9 +55,7 @@ def load_training_data(
 
     image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
-        raise ValueError(
-            f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions"
-        )
+        raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
     dataset = load_image_text_dataset(
         path or data.train,
         format=format or data.format,
@@ -110,17 +111,13 @@ def train_config(
     return TrainConfig(**{**values, **overrides})
 
 
-def run_extract(
-    model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256
-) -> Path:
+def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
     """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``."""
     model = load_model(model_dir).to(accelerator.device)
     dataset, collator = load_training_data(data, model_dir)
     state = DistState(accelerator.num_processes, accelerator.process_index)
     with accelerator.autocast():
-        extract_features(
-            model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device
-        )
+        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
     collator.check(final=True)
     accelerator.wait_for_everyone()
     return Path(out_dir)

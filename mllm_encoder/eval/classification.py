@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.data.images import ImageFileDataset, read_class_folders
 from mllm_encoder.data.preprocess import ClipTextTokenizer
-from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, load_attributes, single_object_labels
-from mllm_encoder.eval.retrieval import default_context_length, encode_images, encode_texts
+from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, load_attributes, single_object_labels, swapped_captions
+from mllm_encoder.eval.retrieval import default_context_length, encode_images, encode_texts, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def class_embeddings(
     if bad:
         raise ValueError(f"templates must contain '{{}}' for the class name: {bad}")
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeds = encode_texts(model, prompts, text_tokenizer, progress=False).view(
-        len(class_names), len(templates), -1
-    )
+    embeds = encode_texts(model, prompts, text_tokenizer, progress=False).view(len(class_names), len(templates), -1)
     return torch.nn.functional.normalize(embeds.mean(dim=1), dim=-1)
 
 
@@ -44,9 +42,7 @@ def classification_metrics(
     hits = top == labels[:, None]
     top1 = hits[:, 0].float()
     per_class = {
-        name: 100.0 * top1[labels == c].mean().item()
-        for c, name in enumerate(class_names)
-        if (labels == c).any()
+        name: 100.0 * top1[labels == c].mean().item() for c, name in enumerate(class_names) if (labels == c).any()
     }
     return {
         "top1": 100.0 * top1.mean().item(),
@@ -110,17 +106,38 @@ def zero_shot_classify(
             raise ValueError("class_names are required unless images come from an image folder")
         class_names = [folder.replace("_", " ") for folder in folders]
     if folders is not None and len(class_names) != len(folders):
-        raise ValueError(
-            f"{len(class_names)} class names for {len(folders)} class folders in {images_or_loader}"
-        )
-    was_training = model.training
-    model.eval()
-    try:
+        raise ValueError(f"{len(class_names)} class names for {len(folders)} class folders in {images_or_loader}")
+    with eval_mode(model):
         class_embeds = class_embeddings(model, text_tokenizer, class_names, templates)
         image_embeds, labels = _encode_labelled(model, batches, progress)
-    finally:
-        model.train(was_training)
     return classification_metrics(image_embeds, class_embeds, labels, class_names)
+
+
+def _prompt_accuracy(model, text_tokenizer, data, attribute, image_embeds, prompt: str) -> Optional[float]:
+    """Accuracy of classifying ``attribute`` among its values with one prompt, on unambiguous samples."""
+    values = data["attributes"][attribute]
+    labelled = single_object_labels(data, attribute)
+    if not labelled:
+        return None
+    row_of = {sample["index"]: row for row, sample in enumerate(data["samples"])}
+    rows = torch.tensor([row_of[index] for index, _ in labelled])
+    labels = torch.tensor([values.index(value) for _, value in labelled])
+    class_embeds = class_embeddings(model, text_tokenizer, values, [prompt])
+    return classification_metrics(image_embeds[rows], class_embeds, labels, values)["top1"]
+
+
+def _swap_accuracy(model, text_tokenizer, data, attribute, image_embeds, prompt: str) -> Optional[float]:
+    """How often the true caption beats the captions with ``attribute`` swapped to the other values."""
+    values = list(data["attributes"][attribute])
+    samples = data["samples"]
+    captions = [caption for sample in samples for caption in swapped_captions(sample, attribute, values)]
+    texts = encode_texts(model, captions, text_tokenizer, progress=False).view(len(samples), len(values), -1)
+    truth = [
+        sample["background"] if attribute == "background" else sample["objects"][0][attribute] for sample in samples
+    ]
+    labels = torch.tensor([values.index(value) for value in truth])
+    predictions = torch.einsum("nd,nvd->nv", image_embeds, texts).argmax(dim=1)
+    return 100.0 * (predictions == labels).float().mean().item()
 
 
 def per_attribute_accuracy(
@@ -130,42 +147,36 @@ def per_attribute_accuracy(
     attributes_file: Union[str, os.PathLike],
     image_root: Optional[Union[str, os.PathLike]] = None,
     prompts: Optional[Dict[str, str]] = None,
+    mode: str = "prompt",
     context_length: Optional[int] = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> Dict[str, float]:
     """Zero-shot accuracy (percent) per attribute of the synthetic shapes set, plus their ``mean``.
 
-    For each attribute (colour, shape, texture, size, position, background) the images where it is
-    unambiguous (single-object images; all images for the background) are classified among the
-    attribute's values with the prompt template (default ``ATTRIBUTE_PROMPTS``, e.g. "a photo of a
-    {} object."). Chance level is ``100 / number of values``.
+    ``mode="prompt"``: for each attribute (colour, shape, texture, size, position, background) the images
+    where it is unambiguous (single-object images; all images for the background) are classified among
+    the attribute's values with a prompt (default ``ATTRIBUTE_PROMPTS``, e.g. "a photo of a {} object.");
+    chance is ``100 / number of values``. ``mode="caption"``: every image picks among its own caption
+    and the captions with the attribute (of its first object) changed to each other value, a stricter
+    test of fine-grained binding that needs no generalisation to short prompts.
     """
+    if mode not in ("prompt", "caption"):
+        raise ValueError(f"mode must be 'prompt' or 'caption', got {mode!r}")
     data = load_attributes(attributes_file)
     prompts = {**ATTRIBUTE_PROMPTS, **data.get("prompts", {}), **(prompts or {})}
     root = Path(attributes_file).parent if image_root is None else Path(image_root)
     context_length = default_context_length(model, tokenizer, context_length)
     transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
-    samples = data["samples"]
-    position = {sample["index"]: row for row, sample in enumerate(samples)}
-    dataset = ImageFileDataset([str(root / sample["image"]) for sample in samples], transform)
-    was_training = model.training
-    model.eval()
-    try:
+    dataset = ImageFileDataset([str(root / sample["image"]) for sample in data["samples"]], transform)
+    score = _prompt_accuracy if mode == "prompt" else _swap_accuracy
+    with eval_mode(model):
         image_embeds = encode_images(model, DataLoader(dataset, batch_size=batch_size), progress)
-        results = {}
-        for attribute, values in data["attributes"].items():
-            labelled = single_object_labels(data, attribute)
-            if not labelled:
-                continue
-            rows = torch.tensor([position[index] for index, _ in labelled])
-            labels = torch.tensor([values.index(value) for _, value in labelled])
-            class_embeds = class_embeddings(model, text_tokenizer, values, [prompts[attribute]])
-            results[attribute] = classification_metrics(image_embeds[rows], class_embeds, labels, values)[
-                "top1"
-            ]
-    finally:
-        model.train(was_training)
+        results = {
+            attribute: score(model, text_tokenizer, data, attribute, image_embeds, prompts.get(attribute, ""))
+            for attribute in data["attributes"]
+        }
+    results = {attribute: value for attribute, value in results.items() if value is not None}
     results["mean"] = sum(results.values()) / max(len(results), 1)
     return results
 

@@ -1,8 +1,9 @@
 """Zero-shot image-text retrieval: I2T and T2I Recall@K with any number of captions per image."""
 
+import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,6 +38,17 @@ def default_context_length(model: Any, tokenizer: Any, context_length: Optional[
     return min(limits) if limits else None
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in eval mode for the block, restoring its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _features(output: Any) -> torch.Tensor:
     """Embeddings from ``get_*_features``: a tensor, or (transformers 5) an output with ``pooler_output``."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -47,9 +59,7 @@ def _normalize(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(
-    model: Any, batches: Iterable[Dict[str, torch.Tensor]], progress: bool = True
-) -> torch.Tensor:
+def encode_images(model: Any, batches: Iterable[Dict[str, torch.Tensor]], progress: bool = True) -> torch.Tensor:
     """L2-normalised image embeddings ``[N, D]`` (on CPU) of batches holding ``pixel_values``."""
     device = model_device(model)
     dtype = next(model.parameters()).dtype
@@ -157,9 +167,7 @@ def evaluate_retrieval(
     file are grouped) or a loader of collated batches (``pixel_values``/``input_ids``/``attention_mask``,
     pair ``i`` matching ``i``). The model is put in eval mode; its training flag is restored.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if isinstance(data, (str, os.PathLike)):
             data = read_retrieval_set(data, format, split, image_root)
         if isinstance(data, ImageTextDataset):
@@ -172,8 +180,6 @@ def evaluate_retrieval(
             image_embeds, text_embeds = _paired_batches(model, data, progress)
             return retrieval_metrics(image_embeds, text_embeds, torch.arange(len(text_embeds)), ks)
         return _evaluate_set(model, data, transform, text_tokenizer, batch_size, num_workers, ks, progress)
-    finally:
-        model.train(was_training)
 
 
 def _evaluate_set(

@@ -7,16 +7,14 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from mllm_encoder.eval.retrieval import model_device
+from mllm_encoder.eval.retrieval import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
 
 TOWERS = (("vision", "vision_model", "pixel_values"), ("text", "text_model", "input_ids"))
 
 
-def routing_counts(
-    router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def routing_counts(router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[E]`` counts of the top-``top_k`` (of the softmax) selections over the (unmasked) tokens."""
     logits = router_logits.reshape(-1, router_logits.shape[-1]).float()
     if token_mask is not None and token_mask.numel() == logits.shape[0]:
@@ -57,9 +55,7 @@ def _moe_towers(model: Any) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def expert_load(
-    model: Any, loader: Iterable, max_batches: Optional[int] = None, progress: bool = True
-) -> Dict:
+def expert_load(model: Any, loader: Iterable, max_batches: Optional[int] = None, progress: bool = True) -> Dict:
     """Per tower (``vision``/``text``) and MoE layer, the fraction of token slots routed to each expert.
 
     Runs each tower of a CLIP-MoE model (or a single-tower model) on the loader's batches (``pixel_values``
@@ -71,9 +67,7 @@ def expert_load(
     inputs = {name: key for name, _, key in TOWERS}
     counts: Dict[str, torch.Tensor] = {}
     device, dtype = model_device(model), next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for step, batch in enumerate(tqdm(loader, desc="router load", disable=not progress, leave=False)):
             if max_batches is not None and step >= max_batches:
                 break
@@ -81,12 +75,8 @@ def expert_load(
                 if batch is None or inputs[name] not in batch:
                     continue
                 logits, mask = _run_tower(name, tower, batch, device, dtype)
-                layer_counts = torch.stack(
-                    [routing_counts(layer, tower.config.top_k, mask) for layer in logits]
-                )
+                layer_counts = torch.stack([routing_counts(layer, tower.config.top_k, mask) for layer in logits])
                 counts[name] = counts[name] + layer_counts if name in counts else layer_counts
-    finally:
-        model.train(was_training)
     return {name: _load_entry(towers[name].config, tower_counts) for name, tower_counts in counts.items()}
 
 
@@ -116,9 +106,7 @@ def format_load_table(load: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_expert_load(
-    load: Dict[str, Dict[str, Any]], png_path: Union[str, os.PathLike], title: str = ""
-) -> str:
+def plot_expert_load(load: Dict[str, Dict[str, Any]], png_path: Union[str, os.PathLike], title: str = "") -> str:
     """Save a heatmap (layers x experts, a panel per tower) of the expert load as a PNG; returns the path."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, safe in any thread
 
@@ -126,9 +114,7 @@ def plot_expert_load(
     axes = figure.subplots(1, len(load), squeeze=False)[0]
     for axis, (tower, entry) in zip(axes, load.items()):
         values = torch.tensor(entry["load"]).numpy()
-        image = axis.imshow(
-            values, cmap="viridis", vmin=0.0, vmax=max(float(values.max()), 1e-9), aspect="auto"
-        )
+        image = axis.imshow(values, cmap="viridis", vmin=0.0, vmax=max(float(values.max()), 1e-9), aspect="auto")
         axis.set_title(f"{tower} (top-{entry['top_k']})")
         axis.set_xlabel("expert")
         axis.set_ylabel("layer")
@@ -137,9 +123,7 @@ def plot_expert_load(
         axis.set_yticklabels([str(layer) for layer in entry["layers"]])
         for row in range(values.shape[0]):
             for col in range(values.shape[1]):
-                axis.text(
-                    col, row, f"{100 * values[row, col]:.0f}", ha="center", va="center", color="w", fontsize=7
-                )
+                axis.text(col, row, f"{100 * values[row, col]:.0f}", ha="center", va="center", color="w", fontsize=7)
         figure.colorbar(image, ax=axis, fraction=0.046)
     if title:
         figure.suptitle(title)

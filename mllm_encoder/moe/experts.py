@@ -53,15 +53,14 @@ class GroupedLinear(nn.Module):
         if backend == "grouped":
             offsets = plan.group_ends.to(torch.int32)
             out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=offsets)
-        else:
-            assert split_sizes is not None
-            pieces = [
-                piece @ self.weight[e].transpose(0, 1)
-                for e, piece in enumerate(rows.split(split_sizes))
-                if split_sizes[e]
-            ]
-            out = torch.cat(pieces) if pieces else rows.new_zeros(0, self.weight.shape[1])
-        return out + self.bias.index_select(0, plan.expert_ids)
+            return out + self.bias.index_select(0, plan.expert_ids)
+        assert split_sizes is not None
+        pieces = [
+            torch.addmm(self.bias[e], piece, self.weight[e].transpose(0, 1))
+            for e, piece in enumerate(rows.split(split_sizes))
+            if split_sizes[e]
+        ]
+        return torch.cat(pieces) if pieces else rows.new_zeros(0, self.weight.shape[1])
 
     def extra_repr(self) -> str:
         experts, out_features, in_features = self.weight.shape

@@ -23,9 +23,7 @@ def image_processor():
         from transformers import CLIPImageProcessorPil as processor_class
     except ImportError:
         processor_class = CLIPImageProcessor
-    return processor_class(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    return processor_class(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 @pytest.fixture

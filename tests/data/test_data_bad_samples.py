@@ -85,9 +85,7 @@ def test_bad_fraction_below_threshold_and_final_check(broken_dataset):
         ([{"image": 3, "conversations": _turns("x")}], "record 0: 'image' must be a string"),
     ],
 )
-def test_wrong_json_shape_names_file_and_record(
-    image_files, image_processor, clip_tokenizer, records, message
-):
+def test_wrong_json_shape_names_file_and_record(image_files, image_processor, clip_tokenizer, records, message):
     root, _ = image_files
     (root / "bad.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match=f"bad.json: {message}"):
@@ -98,15 +96,11 @@ def test_invalid_json_and_jsonl_name_the_line(image_files, image_processor, clip
     root, _ = image_files
     (root / "broken.json").write_text('[\n{"image": "img0.jpg",\n "conversations": [}\n]')
     with pytest.raises(ValueError, match="broken.json: line 3: invalid JSON"):
-        load_image_text_dataset(
-            root / "broken.json", image_processor=image_processor, tokenizer=clip_tokenizer
-        )
+        load_image_text_dataset(root / "broken.json", image_processor=image_processor, tokenizer=clip_tokenizer)
     good = json.dumps({"image": "img0.jpg", "conversations": _turns("fine")})
     (root / "broken.jsonl").write_text(good + "\n" + good + "\n{oops\n")
     with pytest.raises(ValueError, match="broken.jsonl: line 3: invalid JSON"):
-        load_image_text_dataset(
-            root / "broken.jsonl", image_processor=image_processor, tokenizer=clip_tokenizer
-        )
+        load_image_text_dataset(root / "broken.jsonl", image_processor=image_processor, tokenizer=clip_tokenizer)
 
 
 def test_csv_short_row_names_the_line(image_files, image_processor, clip_tokenizer):

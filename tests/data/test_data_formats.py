@@ -131,6 +131,22 @@ def _write_shards(root, captions, out_dir):
     return paths
 
 
+def test_expand_shards_patterns(tmp_path):
+    from mllm_encoder.data.webdataset import expand_braces
+
+    assert expand_braces("s-{08..10}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar"]
+    assert expand_braces("{a,b}/x-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "b/x-1.tar", "b/x-2.tar"]
+    for name in ("b.tar", "a.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_shards(f"{tmp_path}/*.tar::extra.tar") == [
+        str(tmp_path / "a.tar"),
+        str(tmp_path / "b.tar"),
+        "extra.tar",
+    ]
+    with pytest.raises(ValueError, match="no webdataset shards"):
+        expand_shards(f"{tmp_path}/*.none")
+
+
 def test_webdataset_streaming(image_files, image_processor, clip_tokenizer, tmp_path_factory):
     root, captions = image_files
     out_dir = tmp_path_factory.mktemp("wds")
@@ -147,9 +163,7 @@ def test_webdataset_streaming(image_files, image_processor, clip_tokenizer, tmp_
     assert torch.equal(torch.stack([s["input_ids"] for s in samples]), input_ids)
 
 
-def test_webdataset_split_over_ranks_and_workers(
-    image_files, image_processor, clip_tokenizer, tmp_path_factory
-):
+def test_webdataset_split_over_ranks_and_workers(image_files, image_processor, clip_tokenizer, tmp_path_factory):
     root, captions = image_files
     out_dir = tmp_path_factory.mktemp("wds")
     shards = [str(p) for p in _write_shards(root, captions, out_dir)]

@@ -46,17 +46,15 @@ def test_captions_and_attributes_agree(tmp_path, image_processor, clip_tokenizer
         caption = record["conversations"][1]["value"]
         counts[len(sample["objects"])] += 1
         assert sample["background"] in caption and record["image"] == sample["image"]
+        assert sample["caption"] == caption == describe(sample["objects"], sample["background"], sample["template"])
         for obj in sample["objects"]:
             assert (
-                f"a {obj['size']} {obj['colour']} {obj['texture']} {obj['shape']} in the {obj['position']}"
-                in caption
+                f"a {obj['size']} {obj['colour']} {obj['texture']} {obj['shape']} in the {obj['position']}" in caption
             )
         with Image.open(tmp_path / record["image"]) as image:
             assert image.size == (48, 48) and image.mode == "RGB"
     assert counts[1] > 20 and counts[2] > 10
-    dataset = load_image_text_dataset(
-        paths["eval"], image_processor=image_processor, tokenizer=clip_tokenizer
-    )
+    dataset = load_image_text_dataset(paths["eval"], image_processor=image_processor, tokenizer=clip_tokenizer)
     assert len(dataset) == 20 and dataset[19]["index"] == 19
     labels = single_object_labels(attributes, "texture")
     assert 0 < len(labels) < 60 and all(value in ATTRIBUTES["texture"] for _, value in labels)

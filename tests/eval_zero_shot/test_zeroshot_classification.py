@@ -5,7 +5,14 @@ import torch
 from PIL import Image
 
 from mllm_encoder.data import ClipImageTransform
-from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, TEXTURES, load_attributes, write_shapes_dataset
+from mllm_encoder.data.synthetic import (
+    ATTRIBUTE_PROMPTS,
+    SHAPES,
+    TEXTURES,
+    load_attributes,
+    swapped_captions,
+    write_shapes_dataset,
+)
 from mllm_encoder.eval.classification import (
     classification_metrics,
     per_attribute_accuracy,
@@ -22,9 +29,7 @@ def test_metrics_hand_computed():
     assert metrics["top1"] == 50.0 and metrics["top5"] == 100.0
     assert metrics["per_class"] == {"a": 100.0, "b": 50.0, "c": 0.0}
     assert metrics["predictions"] == [0, 2, 1, 1] and metrics["num_images"] == 4
-    many = classification_metrics(
-        torch.eye(6)[[5, 0]], torch.eye(6).flip(0), torch.tensor([0, 1]), list("abcdef")
-    )
+    many = classification_metrics(torch.eye(6)[[5, 0]], torch.eye(6).flip(0), torch.tensor([0, 1]), list("abcdef"))
     assert many["top1"] == 50.0 and many["top5"] == 50.0  # image 1 is class 5 exactly: class 1 ranks last
 
 
@@ -35,12 +40,8 @@ def _manual_predictions(model, processor, tokenizer, paths, prompts_per_class):
         images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
         classes = []
         for prompts in prompts_per_class:
-            tokens = tokenizer(
-                prompts, padding="max_length", truncation=True, max_length=16, return_tensors="pt"
-            )
-            texts = model.get_text_features(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-            )
+            tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+            texts = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             classes.append(torch.nn.functional.normalize(texts, dim=-1).mean(0))
     return (images @ torch.nn.functional.normalize(torch.stack(classes), dim=-1).t()).argmax(1).tolist()
 
@@ -64,9 +65,7 @@ def test_image_folder_end_to_end(tiny_moe, class_folder):
     with pytest.raises(ValueError, match="2 class names for 3 class folders"):
         zero_shot_classify(model, tokenizer, class_folder, ["a", "b"], templates, processor, progress=False)
     with pytest.raises(ValueError, match="must contain"):
-        zero_shot_classify(
-            model, tokenizer, class_folder, None, ["no placeholder"], processor, progress=False
-        )
+        zero_shot_classify(model, tokenizer, class_folder, None, ["no placeholder"], processor, progress=False)
 
 
 def test_per_attribute_accuracy_matches_classification(tiny_moe, tmp_path):
@@ -84,7 +83,28 @@ def test_per_attribute_accuracy_matches_classification(tiny_moe, tmp_path):
         }
         for s in samples
     ]
-    texture = zero_shot_classify(
-        model, tokenizer, dataset, TEXTURES, [ATTRIBUTE_PROMPTS["texture"]], progress=False
-    )
+    texture = zero_shot_classify(model, tokenizer, dataset, TEXTURES, [ATTRIBUTE_PROMPTS["texture"]], progress=False)
     assert results["texture"] == pytest.approx(texture["top1"])
+
+
+def test_caption_swap_mode_matches_manual_computation(tiny_moe, tmp_path):
+    model, processor, tokenizer = tiny_moe
+    paths = write_shapes_dataset(tmp_path, 0, 10, image_size=32, seed=2, progress=False)
+    results = per_attribute_accuracy(
+        model, processor, tokenizer, paths["eval_attributes"], mode="caption", progress=False
+    )
+    assert set(results) == {"colour", "shape", "texture", "size", "position", "background", "mean"}
+    transform = ClipImageTransform.from_processor(processor)
+    hits = 0
+    for sample in load_attributes(paths["eval_attributes"])["samples"]:
+        captions = swapped_captions(sample, "shape", SHAPES)
+        assert captions[SHAPES.index(sample["objects"][0]["shape"])] == sample["caption"]
+        tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            texts = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            image = model.get_image_features(pixel_values=transform(Image.open(tmp_path / sample["image"]))[None])
+        scores = torch.nn.functional.normalize(texts, dim=-1) @ torch.nn.functional.normalize(image, dim=-1)[0]
+        hits += int(scores.argmax()) == SHAPES.index(sample["objects"][0]["shape"])
+    assert results["shape"] == pytest.approx(100.0 * hits / 10)
+    with pytest.raises(ValueError, match="mode"):
+        per_attribute_accuracy(model, processor, tokenizer, paths["eval_attributes"], mode="other")

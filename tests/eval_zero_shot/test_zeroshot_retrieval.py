@@ -41,18 +41,10 @@ def _expected(model, processor, tokenizer, images, captions, caption_image):
     transform = ClipImageTransform.from_processor(processor)
     with torch.no_grad():
         pixels = torch.stack([transform(Image.open(path)) for path in images])
-        image_embeds = torch.nn.functional.normalize(
-            _tensor(model.get_image_features(pixel_values=pixels)), dim=-1
-        )
-        tokens = tokenizer(
-            captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt"
-        )
-        text_embeds = model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        )
-    return retrieval_metrics(
-        image_embeds, torch.nn.functional.normalize(_tensor(text_embeds), dim=-1), caption_image
-    )
+        image_embeds = torch.nn.functional.normalize(_tensor(model.get_image_features(pixel_values=pixels)), dim=-1)
+        tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        text_embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return retrieval_metrics(image_embeds, torch.nn.functional.normalize(_tensor(text_embeds), dim=-1), caption_image)
 
 
 def test_karpathy_split_end_to_end(tiny_moe, karpathy_set):
@@ -61,9 +53,7 @@ def test_karpathy_split_end_to_end(tiny_moe, karpathy_set):
     data = read_retrieval_set(root / "dataset_coco.json")
     assert [p.split("/")[-1] for p in data.images] == ["a.jpg", "b.jpg", "c.jpg"]
     assert data.caption_image == [0, 0, 1, 1, 1, 2]
-    metrics = evaluate_retrieval(
-        model, root / "dataset_coco.json", processor, tokenizer, batch_size=2, progress=False
-    )
+    metrics = evaluate_retrieval(model, root / "dataset_coco.json", processor, tokenizer, batch_size=2, progress=False)
     expected = _expected(model, processor, tokenizer, data.images, data.captions, data.caption_image)
     assert metrics == pytest.approx(expected)
     assert not model.training
@@ -76,9 +66,7 @@ def test_csv_and_dataset_inputs_group_captions_per_image(tiny_moe, karpathy_set)
     with open(root / "pairs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "caption"])
-        writer.writerows(
-            [f"val2014/{name}", c] for name in ("a.jpg", "b.jpg", "c.jpg") for c in captions[name]
-        )
+        writer.writerows([f"val2014/{name}", c] for name in ("a.jpg", "b.jpg", "c.jpg") for c in captions[name])
     reference = evaluate_retrieval(model, root / "dataset_coco.json", processor, tokenizer, progress=False)
     from_csv = evaluate_retrieval(model, root / "pairs.csv", processor, tokenizer, progress=False)
     assert from_csv == pytest.approx(reference)
@@ -92,9 +80,7 @@ def test_loader_of_pairs(tiny_moe, karpathy_set):
     transform = ClipImageTransform.from_processor(processor)
     names = ["a.jpg", "b.jpg", "c.jpg"]
     pixels = torch.stack([transform(Image.open(root / "val2014" / n)) for n in names])
-    tokens = tokenizer(
-        [captions[n][0] for n in names], padding="max_length", max_length=16, return_tensors="pt"
-    )
+    tokens = tokenizer([captions[n][0] for n in names], padding="max_length", max_length=16, return_tensors="pt")
     batches = [
         {
             "pixel_values": pixels[:2],
@@ -134,9 +120,7 @@ def test_hf_clip_directory(tiny_hf_clip_dir, karpathy_set):
 
 def test_malformed_karpathy_and_missing_image(tiny_moe, tmp_path):
     model, processor, tokenizer = tiny_moe
-    (tmp_path / "bad.json").write_text(
-        '{"images": [{"filename": "x.jpg", "split": "test", "sentences": []}]}'
-    )
+    (tmp_path / "bad.json").write_text('{"images": [{"filename": "x.jpg", "split": "test", "sentences": []}]}')
     with pytest.raises(ValueError, match=r"bad.json: images\[0\]"):
         read_retrieval_set(tmp_path / "bad.json")
     (tmp_path / "pairs.json").write_text('[{"image": "missing.jpg", "caption": "nothing"}]')
