@@ -11,6 +11,10 @@
   tower weights survive ``load_pretrained_model`` (:mod:`llava_patch.loading`);
 * the tower's load-balancing loss is added to the language-model loss when the tower is trained;
 * DeepSpeed ZeRO-3 gets one parameter dtype (:mod:`llava_patch.zero3`).
+
+Entry points: ``python -m llava_patch.train``, ``python -m llava_patch.eval.model_vqa_loader`` and
+``python -m llava_patch.serve.cli``. :mod:`llava_patch.hf_llava` builds transformers' own Llava with a CLIP-MoE
+tower; :mod:`llava_patch.testing` makes tiny offline checkpoints for tests. See ``docs/llava.md``.
 """
 
 import logging

@@ -1,7 +1,8 @@
 """``python -m llava_patch.train ARGS``: LLaVA-1.5's ``llava/train/train.py`` with CLIP-MoE towers.
 
-Takes the arguments of ``llava/train/train.py`` plus ``--unfreeze_mm_vision_tower``; launch it with
-``deepspeed`` or ``torchrun`` exactly like LLaVA's script.
+Takes the arguments of ``llava/train/train.py`` plus ``--unfreeze_mm_vision_tower`` (flags that newer
+transformers renamed are translated); launch it with ``deepspeed --module`` or ``torchrun -m`` like LLaVA's
+script. ``LLAVA_ATTN_IMPLEMENTATION`` picks the attention (``flash_attention_2`` like ``train_mem.py``).
 """
 
 import os
@@ -25,6 +26,9 @@ def main() -> None:
     import llava_patch
 
     llava_patch.apply()
+    from llava_patch.trainer_compat import translate_arguments
+
+    sys.argv[1:] = translate_arguments(sys.argv[1:])
     _init_cpu_deepspeed()
     from llava.train.train import train
 

@@ -4,15 +4,20 @@
   in ``transformers.pytorch_utils``.
 * ``LLaVATrainer._get_train_sampler()`` takes no dataset, newer Trainers pass one; ``create_optimizer()`` takes
   no model, newer Trainers may pass one.
+* ``LLaVATrainer.create_optimizer`` makes empty parameter groups (e.g. no bias-free LoRA weights); DeepSpeed
+  drops them, and the learning-rate scheduler of recent torch then fails on the group count. They are removed.
 * ``Trainer(tokenizer=...)`` became ``processing_class`` (the old name is gone in 5.0).
 * ``safe_save_model_for_hf_trainer`` calls ``torch.cuda.synchronize()`` under DeepSpeed, which fails on CPU.
+* transformers 5 renamed ``--warmup_ratio`` (now a fractional ``--warmup_steps``) and ``--evaluation_strategy``
+  (``--eval_strategy``); :func:`translate_arguments` rewrites command lines written for LLaVA's versions.
 * transformers < 4.39 fills the ZeRO-3 ``"auto"`` ``stage3_prefetch_bucket_size`` with a float
   (``0.9 * hidden**2``) that DeepSpeed >= 0.14 rejects; it is rounded to an integer.
 """
 
+import dataclasses
 import functools
 import inspect
-from typing import Any
+from typing import Any, List
 
 import torch
 
@@ -46,7 +51,9 @@ def _patch_trainer_class(trainer_cls: type) -> None:
 
     @functools.wraps(original_create_optimizer)
     def create_optimizer(self, model: Any = None):
-        return original_create_optimizer(self)
+        optimizer = original_create_optimizer(self)
+        optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     trainer_cls.__init__ = __init__
     trainer_cls._get_train_sampler = _get_train_sampler
@@ -68,6 +75,24 @@ def _patch_final_save(train_module: Any) -> None:
             torch.cuda.synchronize = synchronize
 
     train_module.safe_save_model_for_hf_trainer = safe_save_model_for_hf_trainer
+
+
+_RENAMED_ARGUMENTS = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+
+
+def translate_arguments(argv: List[str]) -> List[str]:
+    """Rename ``TrainingArguments`` flags that this transformers version no longer knows."""
+    from transformers import TrainingArguments
+
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    renames = {old: new for old, new in _RENAMED_ARGUMENTS.items() if old not in fields and new in fields}
+    translated = []
+    for arg in argv:
+        name, sep, value = arg[2:].partition("=")
+        if arg.startswith("--") and name in renames:
+            arg = f"--{renames[name]}{sep}{value}"
+        translated.append(arg)
+    return translated
 
 
 _BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")

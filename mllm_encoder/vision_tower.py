@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor
 
+from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
+from mllm_encoder.modeling_clip_moe import CLIPMoEVisionModel
+
 logger = logging.getLogger(__name__)
 
 # Keys of a saved config.json that describe the file, not the model.
@@ -49,8 +52,8 @@ def is_clip_moe_dir(model_dir: Union[str, os.PathLike]) -> bool:
     except json.JSONDecodeError:
         return False
     vision = config.get("vision_config") or {}
-    return str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or (
-        "num_experts" in config
+    return (
+        str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or ("num_experts" in config)
     )
 
 
@@ -147,9 +150,7 @@ class CLIPMoEVisionTower(nn.Module):
             )
         return Path(self.source)
 
-    def _build_config(self, saved: Optional[Dict[str, Any]]):
-        from mllm_encoder import CLIPMoEVisionConfig
-
+    def _build_config(self, saved: Optional[Dict[str, Any]]) -> CLIPMoEVisionConfig:
         config = dict(saved) if saved else read_vision_config_dict(self._require_source("its config"))
         for key in _CONFIG_META_KEYS:
             config.pop(key, None)
@@ -162,8 +163,6 @@ class CLIPMoEVisionTower(nn.Module):
 
     def _build_encoder(self) -> nn.Module:
         """The encoder truncated after the selected layer (later layers and the final norm are never used)."""
-        from mllm_encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
-
         truncated = CLIPMoEVisionConfig(**self.cfg_only.to_dict())
         truncated.num_hidden_layers = self.num_computed_layers
         moe_layers = getattr(truncated, "moe_layers", None)
@@ -202,6 +201,7 @@ class CLIPMoEVisionTower(nn.Module):
         }
 
     def is_trainable(self) -> bool:
+        """Whether this call runs with gradients: some encoder weight is trainable and grad mode is on."""
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
 
     def feature_select(self, hidden_state: torch.Tensor) -> torch.Tensor:

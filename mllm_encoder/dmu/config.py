@@ -112,6 +112,9 @@ SECTIONS = {
 }
 
 
+TOP_LEVEL = ("base_model", "run_dir", "seed")
+
+
 def config_from_dict(values: Dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a nested dict (unknown keys are errors naming the section) into a :class:`RunConfig`."""
     if not isinstance(values, dict):
@@ -121,12 +124,11 @@ def config_from_dict(values: Dict[str, Any], where: str = "config") -> RunConfig
     for key, value in values.items():
         if key in SECTIONS:
             kwargs[key] = _build(SECTIONS[key], value or {}, f"{where}: {key}", getattr(defaults, key))
-        elif key in ("base_model", "run_dir", "seed"):
+        elif key in TOP_LEVEL:
             kwargs[key] = value
         else:
-            raise ValueError(
-                f"{where}: unknown top-level key {key!r}; expected {sorted([*SECTIONS, 'base_model', 'run_dir', 'seed'])}"
-            )
+            expected = sorted([*SECTIONS, *TOP_LEVEL])
+            raise ValueError(f"{where}: unknown top-level key {key!r}; expected {expected}")
     config = RunConfig(**kwargs)
     if not config.base_model or not config.data.train:
         raise ValueError(f"{where}: 'base_model' and 'data.train' are required")

@@ -31,19 +31,19 @@ METHOD_ORDER = ("base", "finetune", "upcycle", "dmu")
 class DemoSettings:
     """Sizes and schedule of the demo (``QUICK`` for tests, ``DEFAULT`` for ``make demo``)."""
 
-    num_train: int = 3000
-    num_eval: int = 500
-    image_size: int = 64
+    num_train: int = 2000
+    num_eval: int = 400
+    image_size: int = 48
     patch_size: int = 8
-    width: int = 96
-    layers: int = 3
-    context_length: int = 40
-    base_steps: int = 150
+    width: int = 64
+    layers: int = 2
+    context_length: int = 32
+    base_steps: int = 400
     base_lr: float = 2e-3
     base_temperature: float = 0.07
     batch_size: int = 64
-    mcl_steps: int = 30
-    mcl_lr: float = 1e-4
+    mcl_steps: int = 40
+    mcl_lr: float = 5e-4
     route_steps: int = 20
     route_lr: float = 1e-3
     num_experts: int = 4
@@ -53,15 +53,7 @@ class DemoSettings:
 
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(
-    num_train=400,
-    num_eval=100,
-    image_size=32,
-    width=48,
-    layers=2,
-    base_steps=20,
-    batch_size=32,
-    mcl_steps=4,
-    route_steps=3,
+    num_train=160, num_eval=48, image_size=32, width=32, base_steps=6, batch_size=16, mcl_steps=2, route_steps=2
 )
 
 
@@ -129,6 +121,7 @@ def run_config(out_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
         batch_size=settings.batch_size,
         lr=settings.mcl_lr,
         warmup_steps=max(1, settings.mcl_steps // 10),
+        temperature=settings.base_temperature,  # the base's own (fixed) temperature, as 0.01 is OpenAI CLIP's
     )
     return {
         "base_model": str(base_dir),

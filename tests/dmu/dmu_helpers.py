@@ -6,9 +6,7 @@ import torch
 class TensorPairs(torch.utils.data.Dataset):
     """Random images and token ids; item ``i`` is the dict the real loaders produce."""
 
-    def __init__(
-        self, n: int = 48, image_size: int = 16, seq_len: int = 8, vocab: int = 64, seed: int = 0
-    ) -> None:
+    def __init__(self, n: int = 48, image_size: int = 16, seq_len: int = 8, vocab: int = 64, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.pixels = torch.randn(n, 3, image_size, image_size, generator=generator)
         self.ids = torch.randint(1, vocab - 1, (n, seq_len), generator=generator)
@@ -30,10 +28,7 @@ def collate(items):
     items = [item for item in items if item is not None]
     return {
         "index": torch.tensor([item["index"] for item in items]),
-        **{
-            key: torch.stack([item[key] for item in items])
-            for key in ("pixel_values", "input_ids", "attention_mask")
-        },
+        **{key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "input_ids", "attention_mask")},
     }
 
 

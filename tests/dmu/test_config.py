@@ -11,11 +11,25 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def test_paper_recipe_config():
     config = load_config(CONFIGS / "paper_vitl14_336_sharegpt4v.yaml")
-    assert (config.dmu.num_experts, config.dmu.top_k, config.dmu.image_clusters, config.dmu.text_clusters) == (4, 2, 3, 3)
-    assert (config.mcl.lr, config.mcl.weight_decay, config.mcl.warmup_steps, config.mcl.batch_size) == (1e-5, 0.2, 200, 100)
+    assert (config.dmu.num_experts, config.dmu.top_k, config.dmu.image_clusters, config.dmu.text_clusters) == (
+        4,
+        2,
+        3,
+        3,
+    )
+    assert (config.mcl.lr, config.mcl.weight_decay, config.mcl.warmup_steps, config.mcl.batch_size) == (
+        1e-5,
+        0.2,
+        200,
+        100,
+    )
     assert (config.mcl.temperature, config.mcl.label_smoothing, config.mcl.trainable) == (0.01, 0.1, "ffn")
     assert (config.route.lr, config.route.weight_decay, config.route.aux_loss_coef, config.route.trainable) == (
-        1e-6, 0.01, 0.01, "router")
+        1e-6,
+        0.01,
+        0.01,
+        "router",
+    )
 
 
 def test_demo_config_loads():

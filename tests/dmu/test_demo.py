@@ -27,7 +27,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     model = AutoModel.from_pretrained(tmp_path / "clip-moe")
     assert model.config.vision_config.num_experts == 4 and model.config.vision_config.top_k == 2
     route = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
-    assert route["dmu/route"]["steps"] == 3 and route["finetune/train"]["steps"] == 3 * 4 + 3  # equal steps
+    assert route["dmu/route"]["steps"] == 2 and route["finetune/train"]["steps"] == 3 * 2 + 2  # equal steps
     with torch.no_grad():
         out = model(input_ids=torch.full((1, 8), 49407), pixel_values=torch.zeros(1, 3, 32, 32))
     assert out.logits_per_image.shape == (1, 1)

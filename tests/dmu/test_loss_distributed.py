@@ -36,8 +36,8 @@ def _worker(rank: int, port: int, queue) -> None:
     dist.all_reduce(grads)  # what DDP does: average the gradients over ranks
     dist.all_reduce(loss_sum := loss.detach().clone())
     uneven = _uneven_gather(rank)
-    if rank == 0:
-        queue.put((loss_sum / 2, grads / 2, *uneven))
+    if rank == 0:  # numpy: torch tensors would travel as shared memory that dies with this process
+        queue.put([t.detach().numpy() for t in (loss_sum / 2, grads / 2, *uneven)])
     dist.barrier()
     dist.destroy_process_group()
 
@@ -65,7 +65,7 @@ def test_two_gloo_ranks_match_single_process():
     context = mp.get_context("spawn")
     queue = context.Queue()
     mp.start_processes(_worker, args=(_free_port(), queue), nprocs=2, join=False, start_method="spawn")
-    loss, grads, gathered, rank0_grad = queue.get(timeout=60)
+    loss, grads, gathered, rank0_grad = map(torch.from_numpy, queue.get(timeout=60))
     torch.testing.assert_close(gathered, torch.arange(16.0).reshape(8, 2))
     torch.testing.assert_close(rank0_grad, 2 * torch.arange(6.0).reshape(3, 2))
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)

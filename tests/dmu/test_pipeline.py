@@ -1,44 +1,50 @@
 """``clip-moe dmu run``: stages, manifest, resume after an injected stop, equal-step baselines."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
+from mllm_encoder.cli import main
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.config import config_from_dict
+from mllm_encoder.dmu.config import DataSection, config_from_dict
 from mllm_encoder.dmu.pipeline import run_pipeline
-from mllm_encoder.dmu.trainer import TrainingInterrupted
+from mllm_encoder.dmu.stages import run_cluster, run_extract
+from mllm_encoder.dmu.trainer import STOP_ENV, TrainingInterrupted
 
 
 def _config(run_dir, base, data, **dmu):
+    return config_from_dict(_values(run_dir, base, data, **dmu))
+
+
+def _values(run_dir, base, data, **dmu):
     stage = dict(steps=4, batch_size=4, warmup_steps=1, lr=1e-3)
-    return config_from_dict(
-        {
-            "base_model": str(base),
-            "run_dir": str(run_dir),
-            "data": {"train": data["train"]},
-            "dmu": {
-                "num_experts": 3,
-                "top_k": 2,
-                "extract_batch_size": 16,
-                "kmeans_backend": "sklearn",
-                **dmu,
-            },
-            "mcl": stage,
-            "route": {**stage, "steps": 3, "lr": 1e-3},
-            "baseline": stage,
-            "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
-        }
-    )
+    return {
+        "base_model": str(base),
+        "run_dir": str(run_dir),
+        "data": {"train": data["train"]},
+        "dmu": {
+            "num_experts": 3,
+            "top_k": 2,
+            "extract_batch_size": 16,
+            "kmeans_backend": "sklearn",
+            **dmu,
+        },
+        "mcl": stage,
+        "route": {**stage, "steps": 3, "lr": 1e-3},
+        "baseline": stage,
+        "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
+    }
 
 
 def _weights(run_dir, stage):
     return load_file(str(run_dir / stage / "model" / "model.safetensors"))
 
 
-def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_data):
+def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_data, monkeypatch):
     accelerator = build_accelerator("no")
     straight = tmp_path / "straight"
     stages = run_pipeline(_config(straight, tiny_base_dir, shapes_data, num_experts=2), "dmu", accelerator)
@@ -59,12 +65,16 @@ def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_
     assert any((straight / "dmu" / "mcl_1" / "tensorboard").iterdir())
 
     resumed = tmp_path / "resumed"
-    config = _config(resumed, tiny_base_dir, shapes_data, num_experts=2)
+    config_file = tmp_path / "resumed.yaml"
+    config_file.write_text(yaml.safe_dump(_values(resumed, tiny_base_dir, shapes_data, num_experts=2)))
+    monkeypatch.setenv(STOP_ENV, "3")  # a kill in dmu/mcl_1 after step 3; the last save was at step 2
     with pytest.raises(TrainingInterrupted):
-        run_pipeline(config, "dmu", accelerator, stop_after_step=3)  # in dmu/mcl_1, after the step-2 save
+        main(["dmu", "run", str(config_file)])
     manifest = json.loads((resumed / "manifest.json").read_text())["stages"]
     assert "dmu/cluster_0" in manifest and "dmu/mcl_1" not in manifest
-    run_pipeline(config, "dmu", accelerator)
+    assert (resumed / "dmu" / "mcl_1" / "train_state" / "step_00000002").is_dir()
+    monkeypatch.delenv(STOP_ENV)
+    main(["dmu", "run", str(config_file)])
     for stage in ("dmu/mcl_1", "dmu/assemble", "dmu/route"):
         a, b = _weights(straight, stage), _weights(resumed, stage)
         assert a.keys() == b.keys()
@@ -83,3 +93,25 @@ def test_rerun_skips_finished_stages_and_rejects_a_changed_config(tmp_path, tiny
     assert (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="different config"):
         run_pipeline(_config(tmp_path, tiny_base_dir, shapes_data, num_experts=3), "finetune", accelerator)
+
+
+def _copy_with_corrupt_images(shapes_data, tmp_path, corrupt: int):
+    root = tmp_path / "data"
+    shutil.copytree(shapes_data["image_root"], root)
+    records = json.loads((root / "train.json").read_text())
+    for record in records[:corrupt]:
+        (root / record["image"]).write_bytes(b"not an image")
+    return str(root / "train.json"), [i for i in range(corrupt)]
+
+
+def test_bad_images_get_no_pseudo_label_and_too_many_stop_the_stage(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    train, bad = _copy_with_corrupt_images(shapes_data, tmp_path, corrupt=1)
+    data = DataSection(train=train, max_bad_fraction=0.05)
+    run_extract(tiny_base_dir, data, tmp_path / "features", accelerator, batch_size=16)
+    labels = np.load(run_cluster(tmp_path / "features", 40, tmp_path / "clusters", backend="sklearn"))
+    assert (labels[bad] == -1).all() and (np.delete(labels, bad) >= 0).all()
+
+    train, _ = _copy_with_corrupt_images(shapes_data, tmp_path / "many", corrupt=10)
+    with pytest.raises(ValueError, match="were bad"):
+        run_extract(tiny_base_dir, DataSection(train=train, max_bad_fraction=0.05), tmp_path / "f2", accelerator)

@@ -32,10 +32,7 @@ def test_drop_last_coverage_and_batch_count():
 
 def test_two_ranks_share_the_cluster_at_every_step():
     labels = _labels(1)
-    ranks = [
-        list(ClusterBatchSampler(labels, batch_size=4, world_size=2, rank=r, seed=7, epoch=2))
-        for r in range(2)
-    ]
+    ranks = [list(ClusterBatchSampler(labels, batch_size=4, world_size=2, rank=r, seed=7, epoch=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 10
     union = []
     for batch0, batch1 in zip(*ranks):

@@ -37,9 +37,7 @@ def run_train(workdir: Path, args: List[str], nproc: int = 1, timeout: int = 600
             env.pop(key, None)
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
         command = [sys.executable, *launcher, "-m", "llava_patch.train"]
-    result = subprocess.run(
-        command + args, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(command + args, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log

@@ -32,7 +32,9 @@ def inputs(batch: int = 2):
 
 
 def vision_tower(model) -> torch.nn.Module:
-    return model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
+    from llava_patch.hf_llava import llava_vision_tower
+
+    return llava_vision_tower(model)
 
 
 def test_hf_llava_round_trip(tmp_path):
@@ -70,7 +72,8 @@ def test_hf_llava_projects_layer_minus_two_patch_features():
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(tiny_llava_config()).eval()
     batch = inputs()
-    projector = model.multi_modal_projector if hasattr(model, "multi_modal_projector") else model.model.multi_modal_projector
+    owner = model if hasattr(model, "multi_modal_projector") else model.model
+    projector = owner.multi_modal_projector
     seen = []
     handle = projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     with torch.no_grad():
@@ -78,3 +81,24 @@ def test_hf_llava_projects_layer_minus_two_patch_features():
         hidden = vision_tower(model)(batch["pixel_values"], output_hidden_states=True).hidden_states
     handle.remove()
     torch.testing.assert_close(seen[0], hidden[-2][:, 1:])
+
+
+def test_build_hf_llava_from_clip_moe_and_llm(llava_workdir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llava_patch.hf_llava import build_hf_llava, llava_vision_tower
+
+    model, tokenizer, processor = build_hf_llava(llava_workdir / "clipmoe", llava_workdir / "llm")
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.image_token_index == image_token == len(tokenizer) - 1
+    assert processor.crop_size["height"] == model.config.vision_config.image_size == 32
+    vision = CLIPMoEVisionModel.from_pretrained(llava_workdir / "clipmoe")
+    tower = llava_vision_tower(model).state_dict()
+    assert all(torch.equal(tower[name], tensor) for name, tensor in vision.state_dict().items())
+    language_model = AutoModelForCausalLM.from_pretrained(llava_workdir / "llm").eval()
+    text = tokenizer("What color is the image?", return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(**text).logits[..., : len(tokenizer) - 1]
+        torch.testing.assert_close(logits, language_model(**text).logits)
+    model.save_pretrained(tmp_path)
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path).config.vision_config.num_experts == 4

