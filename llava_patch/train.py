@@ -33,6 +33,10 @@ def main() -> None:
     from llava.train.train import train
 
     train(attn_implementation=os.environ.get("LLAVA_ATTN_IMPLEMENTATION") or None)
+    # Join the communicator's threads before the interpreter exits (CPU ranks otherwise abort at exit).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

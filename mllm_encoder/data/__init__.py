@@ -11,6 +11,7 @@ from mllm_encoder.data.dataset import (
 )
 from mllm_encoder.data.preprocess import ClipImageTransform, ClipTextTokenizer, resolve_context_length
 from mllm_encoder.data.records import FORMATS, ImageTextRecord, detect_format, read_image_text_records
+from mllm_encoder.data.retrieval_sets import read_karpathy_records
 from mllm_encoder.data.webdataset import WebDatasetImageText, expand_shards
 
 
@@ -23,12 +24,14 @@ def load_image_text_dataset(
     image_column: Optional[str] = None,
     caption_column: Optional[str] = None,
     context_length: Optional[int] = None,
+    split: Optional[str] = "test",
     **webdataset_kwargs: Any,
 ) -> Union[ImageTextDataset, WebDatasetImageText]:
     """Load an image-caption dataset preprocessed for a CLIP checkpoint.
 
     ``format``: ``auto`` (from the path), ``sharegpt4v`` (LLaVA conversation JSON/JSONL), ``folder``
-    (img2dataset files), ``csv``/``tsv`` (``image_column``/``caption_column``, guessed when omitted) or
+    (img2dataset files), ``csv``/``tsv`` (``image_column``/``caption_column``, guessed when omitted),
+    ``karpathy`` (COCO/Flickr30k Karpathy-split JSON, one sample per sentence of ``split``) or
     ``webdataset`` (tar shards, streaming; extra keyword arguments go to ``WebDatasetImageText``).
     ``image_processor`` is a ``CLIPImageProcessor`` (or ``ClipImageTransform``), ``tokenizer`` the
     checkpoint's tokenizer; captions are padded/truncated to ``context_length`` (default: the
@@ -43,7 +46,10 @@ def load_image_text_dataset(
         return WebDatasetImageText(path, transform, text_tokenizer, **webdataset_kwargs)
     if webdataset_kwargs:
         raise ValueError(f"unexpected arguments for format {format!r}: {sorted(webdataset_kwargs)}")
-    records = read_image_text_records(path, format, image_root, image_column, caption_column)
+    if format == "karpathy":
+        records = read_karpathy_records(path, split, image_root)
+    else:
+        records = read_image_text_records(path, format, image_root, image_column, caption_column)
     return ImageTextDataset(records, transform, text_tokenizer)
 
 

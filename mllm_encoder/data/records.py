@@ -18,7 +18,7 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "filepath", "file_path", "image_path", "filename", "file_name", "path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "description", "txt")
-FORMATS = ("sharegpt4v", "folder", "csv", "tsv", "webdataset")
+FORMATS = ("sharegpt4v", "folder", "csv", "tsv", "karpathy", "webdataset")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,26 @@ def read_karpathy(path: PathLike, split: Optional[str] = "test", image_root: Opt
     return result
 
 
+def read_karpathy_records(
+    path: PathLike, split: Optional[str] = "test", image_root: Optional[PathLike] = None
+) -> List[ImageTextRecord]:
+    """One image-caption record per sentence of a Karpathy-split file (for training or feature extraction)."""
+    data = read_karpathy(path, split, image_root)
+    return [
+        ImageTextRecord(data.images[image], caption, f"{path}: {os.path.basename(data.images[image])} sentence {n}")
+        for image, caption, n in zip(data.caption_image, data.captions, _sentence_numbers(data.caption_image))
+    ]
+
+
+def _sentence_numbers(caption_image: Sequence[int]) -> List[int]:
+    numbers, previous, count = [], None, 0
+    for image in caption_image:
+        count = count + 1 if image == previous else 0
+        numbers.append(count)
+        previous = image
+    return numbers
+
+
 def _generic_captions(record: Any, where: str) -> List[str]:
     if isinstance(record.get("captions"), list):
         return [str(caption).strip() for caption in record["captions"]]

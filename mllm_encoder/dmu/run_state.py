@@ -59,6 +59,7 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     history: List[Dict[str, float]],
     keep: int = 1,
+    world_size: int = 1,
 ) -> Path:
     """Save trainable weights, optimizer state, RNG and history after ``step`` steps, atomically.
 
@@ -75,7 +76,7 @@ def save_training_state(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    write_json_atomic(tmp / "state.json", {"step": step, "history": history})
+    write_json_atomic(tmp / "state.json", {"step": step, "world_size": world_size, "history": history})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_dir.glob(f"{STATE_PREFIX}*[0-9]"))[:-keep]:
@@ -90,10 +91,20 @@ def latest_training_state(ckpt_dir: Union[str, Path]) -> Optional[Path]:
 
 
 def load_training_state(
-    state_dir: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    state_dir: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int = 1
 ) -> Tuple[int, List[Dict[str, float]]]:
-    """Restore what :func:`save_training_state` wrote; returns (step, history)."""
+    """Restore what :func:`save_training_state` wrote; returns (step, history).
+
+    The data position is a step count over global batches of ``batch_size x world_size``, so a state only
+    resumes with the number of processes that saved it.
+    """
     state_dir = Path(state_dir)
+    meta = json.loads((state_dir / "state.json").read_text())
+    if meta.get("world_size", 1) != world_size:
+        raise ValueError(
+            f"{state_dir}: saved by {meta.get('world_size', 1)} processes, resumed with {world_size}; "
+            "relaunch with the same number of processes (or delete the state to restart the stage)"
+        )
     weights = load_file(str(state_dir / "trainable.safetensors"))
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in weights]
     if missing:
@@ -107,5 +118,4 @@ def load_training_state(
     torch.set_rng_state(saved["rng"]["torch"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
-    meta = json.loads((state_dir / "state.json").read_text())
     return int(meta["step"]), list(meta["history"])

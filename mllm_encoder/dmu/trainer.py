@@ -187,7 +187,8 @@ def _save(ckpt_dir, step: int, accelerator, wrapped, optimizer, history) -> None
         return  # a DeepSpeed run resumes an interrupted stage from its start
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_training_state(ckpt_dir, step, accelerator.unwrap_model(wrapped), optimizer, history)
+        model = accelerator.unwrap_model(wrapped)
+        save_training_state(ckpt_dir, step, model, optimizer, history, world_size=accelerator.num_processes)
     accelerator.wait_for_everyone()
 
 
@@ -215,7 +216,7 @@ def train(
     start_step, history = 0, []
     latest = latest_training_state(ckpt_dir)
     if latest is not None:
-        start_step, history = load_training_state(latest, model, optimizer)
+        start_step, history = load_training_state(latest, model, optimizer, accelerator.num_processes)
         logger.info("%s: resuming from %s (step %d)", desc, latest, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     index_batches = _ResumableBatches(labels, cfg, state, start_step * cfg.grad_accum)

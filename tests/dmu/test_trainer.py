@@ -6,6 +6,7 @@ from dmu_helpers import collate
 from transformers import CLIPConfig, CLIPModel
 
 from mllm_encoder.dmu.accelerator import build_accelerator
+from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
 from mllm_encoder.dmu.trainer import TrainConfig, TrainingInterrupted, learning_rate, select_trainable, train
 
 
@@ -69,3 +70,14 @@ def test_resume_after_injected_stop_matches_uninterrupted_run(tmp_path, pairs):
         frozen.text_model.encoder.layers[0].mlp.fc1.weight,
         resumed.text_model.encoder.layers[0].mlp.fc1.weight,
     )
+
+
+def test_training_state_refuses_another_world_size(tmp_path):
+    model = _tiny_clip()
+    params = select_trainable(model, "ffn")
+    optimizer = torch.optim.AdamW(params.values())
+    state = save_training_state(tmp_path, 5, model, optimizer, [{"step": 5}], world_size=2)
+    assert latest_training_state(tmp_path) == state and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="saved by 2 processes"):
+        load_training_state(state, model, optimizer, world_size=1)
+    assert load_training_state(state, model, optimizer, world_size=2) == (5, [{"step": 5}])

@@ -72,6 +72,12 @@ def test_csv_and_dataset_inputs_group_captions_per_image(tiny_moe, karpathy_set)
     assert from_csv == pytest.approx(reference)
     dataset = load_image_text_dataset(root / "pairs.csv", image_processor=processor, tokenizer=tokenizer)
     assert evaluate_retrieval(model, dataset, progress=False) == pytest.approx(reference)
+    karpathy = load_image_text_dataset(
+        root / "dataset_coco.json", format="karpathy", image_processor=processor, tokenizer=tokenizer
+    )
+    assert [r.caption for r in karpathy.records] == [r.caption for r in dataset.records]
+    assert karpathy.records[4].source.endswith("dataset_coco.json: b.jpg sentence 2")
+    assert evaluate_retrieval(model, karpathy, progress=False) == pytest.approx(reference)
 
 
 def test_loader_of_pairs(tiny_moe, karpathy_set):
