@@ -10,7 +10,8 @@
 * the tower's MoE settings are saved into the LLaVA config (:mod:`llava_patch.mm_config`) and trained
   tower weights survive ``load_pretrained_model`` (:mod:`llava_patch.loading`);
 * the tower's load-balancing loss is added to the language-model loss when the tower is trained;
-* DeepSpeed ZeRO-3 gets one parameter dtype (:mod:`llava_patch.zero3`).
+* DeepSpeed ZeRO-3 gets one parameter dtype (:mod:`llava_patch.zero3`);
+* LoRA adapters target the language model only (:mod:`llava_patch.lora`).
 
 Entry points: ``python -m llava_patch.train``, ``python -m llava_patch.eval.model_vqa_loader`` and
 ``python -m llava_patch.serve.cli``. :mod:`llava_patch.hf_llava` builds transformers' own Llava with a CLIP-MoE
@@ -36,7 +37,7 @@ def apply() -> None:
     # `llava.model` swallows import errors; importing the module directly surfaces them.
     import llava.model.language_model.llava_llama  # noqa: F401
 
-    from llava_patch import forward, loading, mm_config, quantization, registry, zero3
+    from llava_patch import forward, loading, lora, mm_config, quantization, registry, zero3
 
     registry.apply()
     mm_config.apply()
@@ -44,5 +45,6 @@ def apply() -> None:
     quantization.apply()
     loading.apply()
     zero3.apply()
+    lora.apply()
     _applied = True
     logger.debug("llava patched for CLIP-MoE vision towers")

@@ -79,6 +79,7 @@ def plot_attribute_accuracy(results: Dict[str, Dict[str, float]], png: Path) -> 
 
 
 def _verdict(results: Dict[str, Dict[str, float]]) -> str:
+    """One line per headline metric: DMU minus the best baseline, stated plainly either way."""
     if not {"dmu", "finetune", "upcycle"} <= set(results):
         return ""
     lines = []
@@ -86,8 +87,8 @@ def _verdict(results: Dict[str, Dict[str, float]]) -> str:
         if metric in results["dmu"]:
             best = max(("finetune", "upcycle"), key=lambda m: results[m][metric])
             gap = results["dmu"][metric] - results[best][metric]
-            word = "beats" if gap > 0 else "does not beat"
-            lines.append(f"- {metric}: DMU {word} the best baseline ({best}) by {gap:+.1f} points.")
+            verdict = "DMU beats it" if gap > 0 else "DMU does not beat it"
+            lines.append(f"- {metric}: DMU - best baseline ({best}) = {gap:+.1f} points; {verdict}.")
     return "\n".join(lines)
 
 

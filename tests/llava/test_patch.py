@@ -177,3 +177,17 @@ def test_quantised_load_keeps_tower_unquantised(tiny_llava_dir, bits):
             max_new_tokens=2, do_sample=False,
         )  # fmt: skip
     assert output.shape[1] >= 2
+
+
+def test_lora_targets_only_the_language_model(tiny_llava_dir):
+    import re
+
+    import llava.train.train as llava_train
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    model = LlavaLlamaForCausalLM.from_pretrained(str(tiny_llava_dir))
+    pattern = llava_train.find_all_linear_names(model)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    targeted = [name for name in linear if re.fullmatch(pattern, name)]
+    assert len(targeted) == 14 and all(name.startswith("model.layers.") for name in targeted)
+    assert any("vision_tower" in name and name.endswith("q_proj") for name in linear)

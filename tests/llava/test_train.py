@@ -104,6 +104,7 @@ def test_finetune_lora_and_reload_with_base(llava_workdir, deepspeed):
     args += ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5"]
     assert_finite_losses(run_train(llava_workdir, args))
     assert (output / "adapter_model.safetensors").exists() and (output / "non_lora_trainables.bin").exists()
+    assert "vision_tower" in json.loads((output / "adapter_config.json").read_text())["target_modules"]
     _, model, processor, _ = load_pretrained_model(str(output), str(llava_workdir / "llm"), output.name, device="cpu")
     source = read_vision_state_dict(llava_workdir / "clipmoe")  # a frozen tower comes from its checkpoint
     assert all(torch.equal(t, source[n].half()) for n, t in model.get_vision_tower().vision_tower.state_dict().items())
