@@ -1,6 +1,6 @@
 """Reusable transformer layers of the CLIP towers (HF CLIP 4.x parameter names), with MoE FFNs."""
 
-from typing import List, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,9 +37,7 @@ class VisionEmbeddings(nn.Module):
             )
         side = int(self.num_patches**0.5)
         grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = nn.functional.interpolate(
-            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        )
+        grid = nn.functional.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
         return torch.cat([table[:1], grid])
 
@@ -86,9 +84,7 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``attention_mask``: additive, broadcastable to ``[batch, heads, queries, keys]``."""
         batch, length, width = hidden_states.shape
         attended = nn.functional.scaled_dot_product_attention(
@@ -138,23 +134,18 @@ class EncoderLayer(nn.Module):
         self.mlp = build_ffn(config, layer_index)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-    ) -> LayerOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> LayerOutput:
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
         ffn_output, router_logits = self.mlp(self.layer_norm2(hidden_states))
         return hidden_states + ffn_output, router_logits
 
 
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
     """What :class:`Encoder` returns: the last state, every state when asked, and the router logits."""
 
-    def __init__(
-        self, last: torch.Tensor, states: Optional[List[torch.Tensor]], router_logits: List[torch.Tensor]
-    ):
-        self.last_hidden_state = last
-        self.hidden_states = tuple(states) if states is not None else None
-        self.router_logits = tuple(router_logits)
+    last_hidden_state: torch.Tensor
+    hidden_states: Optional[Tuple[torch.Tensor, ...]]
+    router_logits: Tuple[torch.Tensor, ...]
 
 
 class Encoder(nn.Module):
@@ -190,4 +181,4 @@ class Encoder(nn.Module):
                 router_logits.append(logits)
             if states is not None:
                 states.append(hidden_states)
-        return EncoderOutput(hidden_states, states, router_logits)
+        return EncoderOutput(hidden_states, tuple(states) if states is not None else None, tuple(router_logits))

@@ -30,9 +30,7 @@ def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> st
     if backend != "auto":
         return backend
     aligned = all(d % 8 == 0 for d in dims)
-    use_grouped = (
-        hidden_states.is_cuda and hidden_states.dtype == torch.bfloat16 and aligned and grouped_mm_available()
-    )
+    use_grouped = hidden_states.is_cuda and hidden_states.dtype == torch.bfloat16 and aligned and grouped_mm_available()
     return "grouped" if use_grouped else "loop"
 
 
@@ -41,6 +39,9 @@ class GroupedLinear(nn.Module):
 
     def __init__(self, num_experts: int, in_features: int, out_features: int):
         super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
         bound = 1 / math.sqrt(in_features)
@@ -60,11 +61,11 @@ class GroupedLinear(nn.Module):
             for e, piece in enumerate(rows.split(split_sizes))
             if split_sizes[e]
         ]
-        return torch.cat(pieces) if pieces else rows.new_zeros(0, self.weight.shape[1])
+        return torch.cat(pieces) if pieces else rows.new_zeros(0, self.out_features)
 
     def extra_repr(self) -> str:
-        experts, out_features, in_features = self.weight.shape
-        return f"num_experts={experts}, in_features={in_features}, out_features={out_features}"
+        # From attributes: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder.
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 class StackedExperts(nn.Module):
@@ -80,8 +81,7 @@ class StackedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Apply expert ``plan.expert_ids[n]`` to row n of ``rows [N, D]``."""
-        intermediate, hidden = self.fc1.weight.shape[1:]
-        backend = resolve_backend(self.backend, rows, intermediate, hidden)
+        backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features)
         split_sizes = plan.counts.tolist() if backend == "loop" else None
         hidden_states = self.activation_fn(self.fc1(rows, plan, backend, split_sizes))
         return self.fc2(hidden_states, plan, backend, split_sizes)
