@@ -3,11 +3,14 @@
 See ``docs/checkpoints.md`` for the format.
 """
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
+import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel
 
 from mllm_encoder.atomic import atomic_directory
@@ -17,6 +20,8 @@ logger = logging.getLogger(__name__)
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def default_image_processor(image_size: int) -> CLIPImageProcessor:
@@ -72,3 +77,33 @@ def load_processors(directory: Union[str, os.PathLike]) -> Tuple[CLIPImageProces
     image_processor = CLIPImageProcessor.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer(directory) else None
     return image_processor, tokenizer
+
+
+def _weight_files(directory: Path, prefix: str) -> List[Path]:
+    """The weight files of ``directory`` holding tensors named ``prefix...``: the shards of an index, else one file."""
+    for name in WEIGHT_INDEX_FILES:
+        index = directory / name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [directory / shard for shard in sorted({s for k, s in weight_map.items() if k.startswith(prefix)})]
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return [directory / name]
+    raise ValueError(f"{directory}: no weights found (expected one of {WEIGHT_FILES + WEIGHT_INDEX_FILES})")
+
+
+def read_checkpoint_tensors(directory: Union[str, os.PathLike], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face checkpoint directory whose names start with ``prefix``.
+
+    Reads a sharded checkpoint through its ``*.index.json`` (only the shards holding such tensors) or a single
+    ``model.safetensors`` / ``pytorch_model.bin``; torch files are loaded with ``weights_only=True``.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(directory), prefix):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)})
+        else:
+            loaded = torch.load(str(file), map_location="cpu", weights_only=True)
+            tensors.update({name: tensor for name, tensor in loaded.items() if name.startswith(prefix)})
+    return tensors

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor
 
+from mllm_encoder.checkpoint import read_checkpoint_tensors
 from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
 from mllm_encoder.modeling_clip_moe import CLIPMoEVisionModel
 
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 # Keys of a saved config.json that describe the file, not the model.
 _CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_vision_config_dict(model_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -57,30 +56,9 @@ def is_clip_moe_dir(model_dir: Union[str, os.PathLike]) -> bool:
     )
 
 
-def _weight_files(model_dir: Path) -> List[Path]:
-    for name in _INDEX_FILES:
-        index = model_dir / name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [model_dir / shard for shard in shards]
-    for name in _WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            return [model_dir / name]
-    raise ValueError(f"{model_dir}: no weights found (expected one of {_WEIGHT_FILES + _INDEX_FILES})")
-
-
 def read_vision_state_dict(model_dir: Union[str, os.PathLike], prefix: str = "vision_model.") -> Dict[str, Any]:
     """All tensors of a checkpoint whose names start with ``prefix`` (safetensors or weights-only torch files)."""
-    from safetensors.torch import load_file
-
-    state_dict = {}
-    for file in _weight_files(Path(model_dir)):
-        if file.suffix == ".safetensors":
-            tensors = load_file(str(file))
-        else:
-            tensors = torch.load(str(file), map_location="cpu", weights_only=True)
-        state_dict.update({name: tensor for name, tensor in tensors.items() if name.startswith(prefix)})
-    return state_dict
+    return read_checkpoint_tensors(model_dir, prefix)
 
 
 def load_state_dict_zero3_safe(module: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:

@@ -142,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> None:
         attributes=args.attributes,
         batch_size=args.batch_size,
     )
-    out = args.out or str(Path(args.model) / "eval")
+    out = args.out or str(Path(args.model).resolve().parent / "eval")
     metrics = evaluate_checkpoint(args.model, section, build_accelerator("no"), out)
     print(json.dumps(metrics, indent=2))
 
@@ -254,7 +254,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", default="test", help="Karpathy split (default test)")
     evaluate.add_argument("--attributes", help="synthetic attributes file for per-attribute accuracy")
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--out", help="output directory (default MODEL/eval)")
+    evaluate.add_argument("--out", help="output directory (default: eval/ next to MODEL)")
     evaluate.set_defaults(func=run_eval)
 
     demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic shapes (CPU)")

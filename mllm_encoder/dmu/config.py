@@ -41,7 +41,10 @@ class DMUSection:
 
 @dataclass
 class StageSection:
-    """One training stage; ``steps`` wins over ``epochs`` (epochs over the training set, rounded up)."""
+    """One training stage; ``steps`` wins over ``epochs`` (epochs over the training set, rounded up).
+
+    In the ``baseline`` section both are ignored: the baselines train for DMU's total step count.
+    """
 
     steps: Optional[int] = None
     epochs: float = 1.0

@@ -139,7 +139,7 @@ def run_config(out_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
             "trainable": "router",
             "aux_loss_coef": 0.01,
         },
-        "baseline": stage,
+        "baseline": {key: value for key, value in stage.items() if key != "steps"},  # steps: DMU's total
         "runtime": {"save_every": 50, "log_every": 25, "mixed_precision": "no"},
     }
 

@@ -13,6 +13,7 @@ Run directory::
     finetune/train/...  upcycle/train/...  {method}/eval/metrics.json
 """
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,61 +110,39 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
     """extract/cluster/MCL for stages 1..N-1, assemble N experts, tune the routers."""
     cfg, root = ctx.config, ctx.run_dir / "dmu"
     models, labels, stages = [Path(cfg.base_model)], None, []
+    base = functools.partial(load_model, cfg.base_model)  # every MCL stage starts from the base
     for s in range(1, cfg.dmu.num_experts):
-        features, cluster = root / f"extract_{s - 1}", root / f"cluster_{s - 1}"
-        source = models[-1]
-        stages.append(
-            (
-                f"dmu/extract_{s - 1}",
-                lambda src=source, out=features: {
-                    "features": str(run_extract(src, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))
-                },
-            )
-        )
+        features, cluster, stage_dir = root / f"extract_{s - 1}", root / f"cluster_{s - 1}", root / f"mcl_{s}"
+        stages.append((f"dmu/extract_{s - 1}", _extract_stage(ctx, models[-1], features)))
         stages.append((f"dmu/cluster_{s - 1}", _cluster_stage(ctx, features, cluster, labels)))
         labels = cluster / "labels.npy"
-        stage_dir = root / f"mcl_{s}"
-        stages.append(
-            (
-                f"dmu/mcl_{s}",
-                _train_stage(
-                    ctx,
-                    stage_dir,
-                    lambda: load_model(cfg.base_model),
-                    cfg.mcl,
-                    ctx.mcl_steps(),
-                    labels,
-                    cfg.seed + s,
-                ),
-            )
-        )
+        mcl = _train_stage(ctx, stage_dir, base, cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)
+        stages.append((f"dmu/mcl_{s}", mcl))
         models.append(stage_dir / "model")
     assembled = root / "assemble" / "model"
-    stages.append(
-        (
-            "dmu/assemble",
-            lambda: {
-                "model": str(run_assemble(models, cfg.dmu.top_k, assembled, cfg.dmu.moe_layers))
-                if ctx.accelerator.is_main_process
-                else str(assembled)
-            },
-        )
-    )
-    stages.append(
-        (
-            "dmu/route",
-            _train_stage(
-                ctx,
-                root / "route",
-                lambda: load_model(assembled),
-                cfg.route,
-                ctx.route_steps(),
-                None,
-                cfg.seed,
-            ),
-        )
-    )
+    stages.append(("dmu/assemble", _assemble_stage(ctx, models, assembled)))
+    assembled_model = functools.partial(load_model, assembled)
+    route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps(), None, cfg.seed)
+    stages.append(("dmu/route", route))
     return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
+
+
+def _extract_stage(ctx: RunContext, model_dir: Path, out: Path):
+    def run() -> Dict[str, Any]:
+        cfg = ctx.config
+        return {"features": str(run_extract(model_dir, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))}
+
+    return run
+
+
+def _assemble_stage(ctx: RunContext, models: List[Path], out: Path):
+    def run() -> Dict[str, Any]:
+        if ctx.accelerator.is_main_process:
+            run_assemble(models, ctx.config.dmu.top_k, out, ctx.config.dmu.moe_layers)
+        ctx.accelerator.wait_for_everyone()
+        return {"model": str(out), "experts": [str(model) for model in models]}
+
+    return run
 
 
 def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optional[Path]):
@@ -190,13 +169,10 @@ def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optiona
 def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     """Direct fine-tuning (dense FFNs) or sparse upcycling (copied experts + routers), at DMU's step count."""
     cfg, stage_dir = ctx.config, ctx.run_dir / method / "train"
-    if method == "finetune":
-        build, overrides = (lambda: load_model(cfg.base_model)), {}
-    else:
-        build, overrides = (
-            (lambda: _sparse_upcycled(cfg)),
-            {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef},
-        )
+    build, overrides = functools.partial(load_model, cfg.base_model), {}
+    if method == "upcycle":
+        build = functools.partial(_sparse_upcycled, cfg)
+        overrides = {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
     train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
     return [
         (f"{method}/train", train),

@@ -14,36 +14,9 @@ set -euo pipefail
 
 MODEL_PATH=${1:?usage: bash scripts/eval/mme.sh CHECKPOINT [DATA_DIR]}
 DATA=${2:-./playground/data/eval/MME}
-CLIP_MOE=${CLIP_MOE:-clip-moe}
-CKPT=$(basename "$MODEL_PATH")
-IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"
-CHUNKS=${#GPULIST[@]}
+source "$(dirname "$0")/answer_sharded.sh"
 
-SHARDS=()
-PIDS=()
-for IDX in $(seq 0 $((CHUNKS - 1))); do
-    SHARD="$DATA/answers/$CKPT/${CHUNKS}_${IDX}.jsonl"
-    SHARDS+=("$SHARD")
-    CUDA_VISIBLE_DEVICES=${GPULIST[$IDX]} $CLIP_MOE eval answer \
-        --model-path "$MODEL_PATH" \
-        --question-file "$DATA/llava_mme.jsonl" \
-        --image-folder "$DATA/MME_Benchmark_release_version" \
-        --answers-file "$SHARD" \
-        --num-chunks "$CHUNKS" \
-        --chunk-idx "$IDX" \
-        --temperature 0 \
-        --conv-mode vicuna_v1 \
-        ${ANSWER_ARGS:-} &
-    PIDS+=($!)
-done
-for PID in "${PIDS[@]}"; do
-    wait "$PID"
-done
-
-$CLIP_MOE eval merge \
-    --question-file "$DATA/llava_mme.jsonl" \
-    --output "$DATA/answers/$CKPT.jsonl" \
-    "${SHARDS[@]}"
+answer_sharded "$DATA/llava_mme.jsonl" "$DATA/MME_Benchmark_release_version"
 
 $CLIP_MOE eval mme \
     --mme-root "$DATA/MME_Benchmark_release_version" \

@@ -113,3 +113,31 @@ def test_bad_arguments_raise(tiny_clip_moe_dir, args, message):
 def test_missing_checkpoint_raises(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         CLIPMoEVisionTower("clip-moe", args=tower_args(), source=str(tmp_path))
+
+
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "safetensors", "bin"])
+def test_read_checkpoint_tensors_filters_by_prefix(layout, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from mllm_encoder.checkpoint import read_checkpoint_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(2, 3, generator=generator) for name in ("vision_model.a", "vision_model.b", "text.c")}
+    if layout == "sharded-safetensors":
+        shards = {"shard-1.safetensors": ["vision_model.a", "text.c"], "shard-2.safetensors": ["vision_model.b"]}
+        for file, names in shards.items():
+            save_file({name: tensors[name] for name in names}, str(tmp_path / file))
+        weight_map = {name: file for file, names in shards.items() for name in names}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif layout == "safetensors":
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(tensors, tmp_path / "pytorch_model.bin")
+    vision = read_checkpoint_tensors(tmp_path, prefix="vision_model.")
+    assert sorted(vision) == ["vision_model.a", "vision_model.b"]
+    assert all(torch.equal(vision[name], tensors[name]) for name in vision)
+    assert sorted(read_checkpoint_tensors(tmp_path)) == sorted(tensors)
+    with pytest.raises(ValueError, match="no weights found"):
+        read_checkpoint_tensors(tmp_path / "missing")

@@ -3,8 +3,9 @@
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, NamedTuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, TextIO, Union
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,7 @@ def repair_partial_tail(path: PathLike) -> int:
     except (UnicodeDecodeError, json.JSONDecodeError):
         with open(path, "r+b") as handle:
             handle.truncate(start)
-        logger.warning(
-            "%s: removed an incomplete last line (%d bytes) left by an interrupted run", path, len(tail)
-        )
+        logger.warning("%s: removed an incomplete last line (%d bytes) left by an interrupted run", path, len(tail))
         return len(tail)
     with open(path, "ab") as handle:
         handle.write(b"\n")
@@ -83,25 +82,28 @@ def dumps_line(record: Dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-def write_jsonl_atomic(path: PathLike, records: Iterable[Dict[str, Any]]) -> None:
-    """Write ``records`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+@contextmanager
+def _atomic_text_file(path: PathLike) -> Iterator[TextIO]:
+    """Open a temporary file beside ``path`` for writing; on success fsync it and ``os.replace`` it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(dumps_line(record))
+        yield handle
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: PathLike, records: Iterable[Dict[str, Any]]) -> None:
+    """Write ``records`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    with _atomic_text_file(path) as handle:
+        for record in records:
+            handle.write(dumps_line(record))
+
+
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """Write one JSON document (indented) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with _atomic_text_file(path) as handle:
         json.dump(obj, handle, indent=2)
         handle.write("\n")
-    os.replace(tmp, path)

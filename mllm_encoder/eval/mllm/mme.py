@@ -17,15 +17,13 @@ question file) and an image without exactly two questions is reported. A questio
 as wrong (like "other") and reported, so an incomplete run can only score lower, never higher.
 """
 
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
 from mllm_encoder.eval.mllm.pope import binary_metrics
-
-logger = logging.getLogger(__name__)
+from mllm_encoder.eval.mllm.problems import report_problems
 
 PERCEPTION = (
     "existence",
@@ -68,9 +66,7 @@ def _read_ground_truth_file(path: Path) -> Dict[str, str]:
                 continue
             parts = line.strip().split("\t")
             if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
-                raise ValueError(
-                    f"{path}:{line_number}: expected 'question<TAB>Yes|No', got {line.strip()!r}"
-                )
+                raise ValueError(f"{path}:{line_number}: expected 'question<TAB>Yes|No', got {line.strip()!r}")
             answers[parts[0]] = parts[1].strip().lower()
     return answers
 
@@ -174,25 +170,13 @@ class MMEResult:
         return out
 
 
-def _warn(result: MMEResult, summary: str, examples: List[str], limit: int = 5) -> None:
-    """One loud warning listing the first examples of a kind of problem."""
-    if not examples:
-        return
-    more = f"; ... and {len(examples) - limit} more" if len(examples) > limit else ""
-    message = f"{summary}: {'; '.join(examples[:limit])}{more}"
-    logger.warning(message)
-    result.warnings.append(message)
-
-
 def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[JsonlRecord, str]]:
     """Questions with their ground truth; (question_id, text) must be unique and known to the ground truth."""
     questions, seen = [], {}
     for record in read_jsonl(question_file):
         require_fields(question_file, record, ("question_id", "text"))
         if not isinstance(record.data["question_id"], str) or "/" not in record.data["question_id"]:
-            raise ValueError(
-                f"{question_file}:{record.line}: MME question_id must be an image path 'subtask/...'"
-            )
+            raise ValueError(f"{question_file}:{record.line}: MME question_id must be an image path 'subtask/...'")
         key = (record.data["question_id"], record.data["text"])
         if key in seen:
             raise ValueError(f"{question_file}:{record.line}: duplicate question (first on line {seen[key]})")
@@ -208,9 +192,7 @@ def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[J
     return questions
 
 
-def _index_answers(
-    result_file: PathLike, known: set, result: MMEResult
-) -> Dict[Tuple[str, str], JsonlRecord]:
+def _index_answers(result_file: PathLike, known: set, result: MMEResult) -> Dict[Tuple[str, str], JsonlRecord]:
     """Answers by (question_id, prompt), first kept; unknown and duplicate answers counted and warned."""
     answers: Dict[Tuple[str, str], JsonlRecord] = {}
     unknown, duplicate = [], []
@@ -225,12 +207,12 @@ def _index_answers(
         else:
             answers[key] = record
     if records and not answers:
-        raise ValueError(
-            f"{result_file}: none of its {len(records)} answers matches a question; wrong files?"
-        )
+        raise ValueError(f"{result_file}: none of its {len(records)} answers matches a question; wrong files?")
     result.num_answers, result.num_unknown, result.num_duplicate = len(records), len(unknown), len(duplicate)
-    _warn(result, f"{len(unknown)} answers to questions not in the question file (not scored)", unknown)
-    _warn(result, f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
+    report_problems(
+        result.warnings, f"{len(unknown)} answers to questions not in the question file (not scored)", unknown
+    )
+    report_problems(result.warnings, f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
     return answers
 
 
@@ -281,20 +263,20 @@ def evaluate_mme(mme_root: PathLike, question_file: PathLike, result_file: PathL
     return result
 
 
-def _check_structure(
-    result: MMEResult, items: Dict[str, List[Tuple[str, str, str]]], result_file: PathLike
-) -> None:
+def _check_structure(result: MMEResult, items: Dict[str, List[Tuple[str, str, str]]], result_file: PathLike) -> None:
     """Warn about images without exactly two questions, unknown or absent subtasks and missing answers."""
     counts: Dict[str, int] = {}
     for triples in items.values():
         for image, _, _ in triples:
             counts[image] = counts.get(image, 0) + 1
     odd = [f"{image} ({n} questions)" for image, n in counts.items() if n != 2]
-    _warn(result, "images without exactly two questions (MME pairs two per image)", odd)
+    report_problems(result.warnings, "images without exactly two questions (MME pairs two per image)", odd)
     extra = sorted(set(items) - set(PERCEPTION + COGNITION))
-    _warn(result, "categories that are not MME subtasks (scored, left out of the totals)", extra)
+    report_problems(result.warnings, "categories that are not MME subtasks (scored, left out of the totals)", extra)
     absent = [name for name in PERCEPTION + COGNITION if name not in items]
-    _warn(result, "MME subtasks absent from the question file (totals are incomplete)", absent, limit=14)
+    report_problems(
+        result.warnings, "MME subtasks absent from the question file (totals are incomplete)", absent, limit=14
+    )
     missing = [f"{name}: {sum(p == 'missing' for _, _, p in t)}" for name, t in items.items()]
     missing = [m for m in missing if not m.endswith(": 0")]
-    _warn(result, f"{result_file}: questions without an answer (scored as wrong)", missing, limit=14)
+    report_problems(result.warnings, f"{result_file}: questions without an answer (scored as wrong)", missing, limit=14)

@@ -17,17 +17,14 @@ answers, answers to a different prompt. Missing answers are never scored: they a
 matrix and counted.
 """
 
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-
-logger = logging.getLogger(__name__)
+from mllm_encoder.eval.mllm.problems import report_problems
 
 ANNOTATION_PREFIX = "coco_pope_"
-MAX_LISTED = 5  # examples named per kind of problem before "... and N more"
 
 
 def normalize_pope_answer(text: str) -> str:
@@ -120,22 +117,6 @@ class PopeResult:
         return out
 
 
-class _Problems:
-    """Collects one kind of data problem and emits a single loud warning listing the first examples."""
-
-    def __init__(self, result: PopeResult):
-        self.result = result
-
-    def report(self, summary: str, examples: List[str]) -> None:
-        if not examples:
-            return
-        listed = "; ".join(examples[:MAX_LISTED])
-        more = f"; ... and {len(examples) - MAX_LISTED} more" if len(examples) > MAX_LISTED else ""
-        message = f"{summary}: {listed}{more}"
-        logger.warning(message)
-        self.result.warnings.append(message)
-
-
 def load_annotations(annotation_dir: PathLike) -> Dict[str, Tuple[Path, List[JsonlRecord]]]:
     """Read the ``coco_pope_<split>.json`` files of ``annotation_dir`` (sorted by split), checking labels."""
     files = sorted(Path(annotation_dir).glob(f"{ANNOTATION_PREFIX}*.json"))
@@ -147,9 +128,7 @@ def load_annotations(annotation_dir: PathLike) -> Dict[str, Tuple[Path, List[Jso
         for record in records:
             require_fields(path, record, ("text", "label"))
             if record.data["label"] not in ("yes", "no"):
-                raise ValueError(
-                    f"{path}:{record.line}: label must be 'yes' or 'no', got {record.data['label']!r}"
-                )
+                raise ValueError(f"{path}:{record.line}: label must be 'yes' or 'no', got {record.data['label']!r}")
         annotations[path.stem[len(ANNOTATION_PREFIX) :]] = (path, records)
     return annotations
 
@@ -170,9 +149,7 @@ def load_questions(question_file: PathLike) -> List[JsonlRecord]:
     return questions
 
 
-def _index_answers(
-    result_file: PathLike, questions: List[JsonlRecord], result: PopeResult
-) -> Dict[Any, JsonlRecord]:
+def _index_answers(result_file: PathLike, questions: List[JsonlRecord], result: PopeResult) -> Dict[Any, JsonlRecord]:
     """Answers by question id (first kept); unknown, duplicate and wrong-prompt answers counted, warned."""
     question_text = {q.data["question_id"]: q.data["text"] for q in questions}
     answers: Dict[Any, JsonlRecord] = {}
@@ -185,8 +162,7 @@ def _index_answers(
             unknown.append(f"{result_file}:{record.line} (question_id {question_id!r})")
         elif question_id in answers:
             duplicate.append(
-                f"{result_file}:{record.line} (question_id {question_id!r}, "
-                f"kept line {answers[question_id].line})"
+                f"{result_file}:{record.line} (question_id {question_id!r}, kept line {answers[question_id].line})"
             )
         else:
             answers[question_id] = record
@@ -199,23 +175,23 @@ def _index_answers(
         )
     result.num_answers, result.num_unknown = len(records), len(unknown)
     result.num_duplicate, result.num_prompt_mismatch = len(duplicate), len(mismatch)
-    problems = _Problems(result)
-    problems.report(f"{len(unknown)} answers to question ids not in the question file (not scored)", unknown)
-    problems.report(f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
-    problems.report(f"{len(mismatch)} answers whose prompt differs from the question's text", mismatch)
-    _check_answer_order(result_file, questions, answers, problems)
+    report_problems(
+        result.warnings, f"{len(unknown)} answers to question ids not in the question file (not scored)", unknown
+    )
+    report_problems(result.warnings, f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
+    report_problems(result.warnings, f"{len(mismatch)} answers whose prompt differs from the question's text", mismatch)
+    _check_answer_order(result_file, questions, answers, result.warnings)
     return answers
 
 
 def _check_answer_order(
-    result_file: PathLike, questions: List[JsonlRecord], answers: Dict[Any, JsonlRecord], problems: _Problems
+    result_file: PathLike, questions: List[JsonlRecord], answers: Dict[Any, JsonlRecord], warnings: List[str]
 ) -> None:
     """Warn when answers are not in question order: LLaVA's script, which pairs by order, would mis-score."""
-    answer_lines = [
-        answers[q.data["question_id"]].line for q in questions if q.data["question_id"] in answers
-    ]
+    answer_lines = [answers[q.data["question_id"]].line for q in questions if q.data["question_id"] in answers]
     out_of_order = [f"{result_file}:{b}" for a, b in zip(answer_lines, answer_lines[1:]) if b < a]
-    problems.report(
+    report_problems(
+        warnings,
         "answers are not in question-file order (scored by question id here; LLaVA's eval_pope.py would pair "
         "them with the wrong annotation lines)",
         out_of_order,
@@ -288,12 +264,12 @@ def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file
     questions = load_questions(question_file)
     result = PopeResult(splits={})
     answers = _index_answers(result_file, questions, result)
-    problems = _Problems(result)
     by_split: Dict[str, List[JsonlRecord]] = {}
     for question in questions:
         by_split.setdefault(question.data["category"], []).append(question)
     orphans = sorted(set(by_split) - set(annotations))
-    problems.report(
+    report_problems(
+        result.warnings,
         f"question categories without a {ANNOTATION_PREFIX}<category>.json annotation file (not scored)",
         orphans,
     )
@@ -301,29 +277,32 @@ def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file
         split_questions = by_split.get(split, [])
         num_q, num_a = len(split_questions), len(split_annotations)
         if not num_q:
-            problems.report(f"{path}: no question of {question_file} has category {split!r}", ["not scored"])
+            report_problems(
+                result.warnings, f"{path}: no question of {question_file} has category {split!r}", ["not scored"]
+            )
             continue
         if num_q != num_a:
-            problems.report(
+            report_problems(
+                result.warnings,
                 f"split {split!r}: {num_q} questions in {question_file} but {num_a} lines in {path} "
                 f"(only the first {min(num_q, num_a)} are paired)",
                 ["annotation files from another POPE commit? LLaVA's question file matches commit e3e39262"],
             )
         misaligned = _alignment_problems(question_file, split_questions, path, split_annotations)
         result.num_misaligned += len(misaligned)
-        problems.report(
-            f"split {split!r}: {len(misaligned)} question/annotation lines do not line up", misaligned
+        report_problems(
+            result.warnings, f"split {split!r}: {len(misaligned)} question/annotation lines do not line up", misaligned
         )
         result.splits[split] = _score_split(split, split_questions, path, split_annotations, answers)
-    _report_missing(result, problems, result_file)
+    _report_missing(result, result_file)
     return result
 
 
-def _report_missing(result: PopeResult, problems: _Problems, result_file: PathLike) -> None:
+def _report_missing(result: PopeResult, result_file: PathLike) -> None:
     """Warn about unanswered and empty answers (missing: not scored; empty: "yes", as in LLaVA)."""
-    missing = [
-        f"{s.split}: {s.num_missing} of {s.num_questions}" for s in result.splits.values() if s.num_missing
-    ]
-    problems.report(f"{result_file}: questions without an answer (left out of the metrics)", missing)
+    missing = [f"{s.split}: {s.num_missing} of {s.num_questions}" for s in result.splits.values() if s.num_missing]
+    report_problems(result.warnings, f"{result_file}: questions without an answer (left out of the metrics)", missing)
     empty = [f"{s.split}: {s.num_empty}" for s in result.splits.values() if s.num_empty]
-    problems.report(f"{result_file}: empty answers (scored as 'yes', as LLaVA's eval_pope.py does)", empty)
+    report_problems(
+        result.warnings, f"{result_file}: empty answers (scored as 'yes', as LLaVA's eval_pope.py does)", empty
+    )
