@@ -240,6 +240,9 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Projected, unnormalised text embeddings ``[batch, projection_dim]``."""
         return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
