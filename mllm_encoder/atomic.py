@@ -1,11 +1,12 @@
 """Atomic writes: a file or directory appears whole under its final name, or not at all."""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -46,3 +47,8 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: PathLike, payload: Any, indent: int = 2) -> None:
+    """Write ``payload`` as an indented JSON document to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")

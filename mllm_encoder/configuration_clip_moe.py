@@ -97,9 +97,7 @@ class _CLIPMoETowerConfig(PretrainedConfig):
     def _get_generation_parameters(self) -> Dict[str, Any]:
         """transformers 5.x refuses to save generation parameters; here ``top_k`` is the MoE routing."""
         parameters = (
-            dict(super()._get_generation_parameters())
-            if hasattr(super(), "_get_generation_parameters")
-            else {}
+            dict(super()._get_generation_parameters()) if hasattr(super(), "_get_generation_parameters") else {}
         )
         parameters.pop("top_k", None)
         return parameters
@@ -188,9 +186,7 @@ class CLIPMoETextConfig(_CLIPMoETowerConfig):
     ):
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
-        )
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
 
 TowerConfig = Union[CLIPMoEVisionConfig, CLIPMoETextConfig, Dict[str, Any], None]

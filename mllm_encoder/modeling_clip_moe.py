@@ -125,9 +125,7 @@ class TextTransformer(nn.Module):
         output_hidden_states: bool = False,
     ) -> MoEModelOutputWithPooling:
         hidden_states = self.embeddings(input_ids)
-        mask = causal_padding_mask(
-            attention_mask, input_ids.shape[-1], hidden_states.dtype, hidden_states.device
-        )
+        mask = causal_padding_mask(attention_mask, input_ids.shape[-1], hidden_states.dtype, hidden_states.device)
         encoded = self.encoder(hidden_states, mask, output_hidden_states)
         last = self.final_layer_norm(encoded.last_hidden_state)
         rows = torch.arange(last.shape[0], device=last.device)
@@ -249,14 +247,10 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
         """Projected, unnormalised image embeddings ``[batch, projection_dim]``."""
-        pooled = self.vision_model(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-        ).pooler_output
+        pooled = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
         return self.visual_projection(pooled)
 
-    def similarity_logits(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor
-    ) -> Tuple[torch.Tensor, ...]:
+    def similarity_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Normalise both embeddings and return ``(logits_per_image, logits_per_text, images, texts)``."""
         image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)

@@ -71,9 +71,7 @@ def check_shared_parameters(models: Sequence[CLIPMoEPreTrainedModel], atol: floa
     reference = models[0].state_dict()
     for index, model in enumerate(models[1:], start=1):
         if type(model) is not type(models[0]):
-            raise ValueError(
-                f"model {index} is a {type(model).__name__}, model 0 a {type(models[0]).__name__}"
-            )
+            raise ValueError(f"model {index} is a {type(model).__name__}, model 0 a {type(models[0]).__name__}")
         state = model.state_dict()
         if set(state) != set(reference):
             missing = sorted(set(reference) ^ set(state))[:3]
@@ -83,9 +81,7 @@ def check_shared_parameters(models: Sequence[CLIPMoEPreTrainedModel], atol: floa
                 continue
             other = state[name]
             if other.shape != tensor.shape:
-                raise ValueError(
-                    f"model {index}: {name} has shape {tuple(other.shape)}, model 0 {tuple(tensor.shape)}"
-                )
+                raise ValueError(f"model {index}: {name} has shape {tuple(other.shape)}, model 0 {tuple(tensor.shape)}")
             difference = (other.float() - tensor.float()).abs().max().item() if tensor.numel() else 0.0
             if difference > atol:
                 raise ValueError(

@@ -103,7 +103,7 @@ def tower_rows(args, device, dtype, config) -> List[str]:
     dense = CLIPMoEVisionModel(config).to(device, dtype).eval()
     moe = sparse_upcycle(dense, args.num_experts, args.top_k).to(device, dtype).eval()
     rows = []
-    for images in args.images:
+    for images in args.tower_images:
         pixels = torch.randn(images, 3, config.image_size, config.image_size, device=device, dtype=dtype)
         with torch.no_grad():
             t_moe = timed(functools.partial(moe, pixels), device, args.repeats)
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument(
         "--images", nargs="+", type=int, default=[1, 16], help="images of 577 tokens per batch"
     )
+    parser.add_argument("--tower-images", nargs="+", type=int, default=[1, 16], help="batch sizes of the tower run")
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)

@@ -9,9 +9,7 @@ from mllm_encoder.cli import dmu, eval_mllm, eval_zero_shot, model
 
 def build_parser() -> argparse.ArgumentParser:
     """Assemble the ``clip-moe`` parser from the subcommand modules."""
-    parser = argparse.ArgumentParser(
-        prog="clip-moe", description="CLIP-MoE: build, train, convert and evaluate."
-    )
+    parser = argparse.ArgumentParser(prog="clip-moe", description="CLIP-MoE: build, train, convert and evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model.register(commands)

@@ -5,13 +5,13 @@ import logging
 import sys
 from typing import Any, Dict, List, Sequence
 
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.eval.mllm.answering import (
     answer_questions,
     get_chunk,
     load_question_file,
     merge_answer_files,
 )
-from mllm_encoder.eval.mllm.jsonl import write_json_atomic
 from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, evaluate_mme
 from mllm_encoder.eval.mllm.pope import evaluate_pope
 
@@ -30,16 +30,12 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-file", required=True, help="LLaVA's question file (JSON lines)")
     parser.add_argument("--result-file", required=True, help="answer file in LLaVA's format (JSON lines)")
     parser.add_argument("--output", help="write every number to this JSON file")
-    parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 when any data problem is found"
-    )
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any data problem is found")
 
 
 def _register_pope(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("pope", help="score POPE answers (LLaVA's eval_pope.py protocol)")
-    parser.add_argument(
-        "--annotation-dir", required=True, help="folder of coco_pope_<split>.json (commit e3e39262)"
-    )
+    parser.add_argument("--annotation-dir", required=True, help="folder of coco_pope_<split>.json (commit e3e39262)")
     _add_scoring_arguments(parser)
     parser.set_defaults(func=run_pope)
 
@@ -55,9 +51,7 @@ def _register_answer(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "answer", help="answer a LLaVA question file with a LLaVA checkpoint (resumable, shardable)"
     )
-    parser.add_argument(
-        "--model-path", required=True, help="LLaVA checkpoint directory ('llava' in its name)"
-    )
+    parser.add_argument("--model-path", required=True, help="LLaVA checkpoint directory ('llava' in its name)")
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA checkpoints")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", required=True)
@@ -77,22 +71,17 @@ def _register_merge(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("merge", help="merge sharded answer files in question-file order")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--output", required=True, help="the merged answer file (written atomically)")
-    parser.add_argument(
-        "--allow-missing", action="store_true", help="merge even if some questions lack answers"
-    )
+    parser.add_argument("--allow-missing", action="store_true", help="merge even if some questions lack answers")
     parser.add_argument("shards", nargs="+", help="the answer files of the shards")
     parser.set_defaults(func=run_merge)
 
 
 def format_table(header: Sequence[str], rows: List[Sequence[Any]]) -> str:
     """A plain-text table with right-aligned columns (first column left-aligned)."""
-    cells = [[str(c) for c in header]] + [
-        [f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows
-    ]
+    cells = [[str(c) for c in header]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in cells
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -101,12 +90,10 @@ def format_table(header: Sequence[str], rows: List[Sequence[Any]]) -> str:
 def _finish(args: argparse.Namespace, report: Dict[str, Any]) -> None:
     """Write the JSON report if asked, list problems, and exit 1 under ``--strict`` when there were any."""
     if args.output:
-        write_json_atomic(args.output, report)
+        atomic_write_json(args.output, report)
         print(f"wrote {args.output}")
     if report["warnings"]:
-        print(
-            f"\n{len(report['warnings'])} data problem(s), see the warnings above (also in the JSON report)"
-        )
+        print(f"\n{len(report['warnings'])} data problem(s), see the warnings above (also in the JSON report)")
         if args.strict:
             sys.exit(1)
 
@@ -190,7 +177,5 @@ def run_answer(args: argparse.Namespace) -> None:
 
 def run_merge(args: argparse.Namespace) -> None:
     """Merge shard answer files into one answer file in question-file order."""
-    missing = merge_answer_files(
-        args.question_file, args.shards, args.output, allow_missing=args.allow_missing
-    )
+    missing = merge_answer_files(args.question_file, args.shards, args.output, allow_missing=args.allow_missing)
     print(f"wrote {args.output} ({missing} questions without an answer)")

@@ -1,11 +1,11 @@
 """``clip-moe eval retrieval`` and ``clip-moe eval classify``: zero-shot evaluation of a checkpoint."""
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
+
+from mllm_encoder.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,8 @@ def _default_device() -> str:
 
 
 def _write_json(path: str, data: Dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, target)
-    print(f"wrote {target}")
+    atomic_write_json(path, data)
+    print(f"wrote {path}")
 
 
 def run_retrieval(args: argparse.Namespace) -> None:

@@ -24,15 +24,9 @@ def _add_moe_arguments(parser: argparse.ArgumentParser, with_num_experts: bool) 
     if with_num_experts:
         parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument(
-        "--moe-layers", type=_layer_list, help="layer indices made MoE in every tower (default all)"
-    )
-    parser.add_argument(
-        "--vision-moe-layers", type=_layer_list, help="MoE layers of the image tower ('' = dense)"
-    )
-    parser.add_argument(
-        "--text-moe-layers", type=_layer_list, help="MoE layers of the text tower ('' = dense)"
-    )
+    parser.add_argument("--moe-layers", type=_layer_list, help="layer indices made MoE in every tower (default all)")
+    parser.add_argument("--vision-moe-layers", type=_layer_list, help="MoE layers of the image tower ('' = dense)")
+    parser.add_argument("--text-moe-layers", type=_layer_list, help="MoE layers of the text tower ('' = dense)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random router initialisation")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the source's)")
 
@@ -102,9 +96,7 @@ def print_summary(directory: Path, summary) -> None:
     print(f"{'tower':<8}{'layers':>7}{'width':>7}{'experts':>9}{'top_k':>7}  moe layers")
     for name, tower in summary.towers.items():
         layers = _format_layers(tower.moe_layers, tower.layers)
-        print(
-            f"{name:<8}{tower.layers:>7}{tower.hidden_size:>7}{tower.num_experts:>9}{tower.top_k:>7}  {layers}"
-        )
+        print(f"{name:<8}{tower.layers:>7}{tower.hidden_size:>7}{tower.num_experts:>9}{tower.top_k:>7}  {layers}")
     print(f"parameters: {summary.parameters:,} total, {summary.active_parameters:,} active per token")
     for name, tower in summary.towers.items():
         print(f"{name} experts per layer: {' '.join(map(str, tower.experts_per_layer))}")
@@ -119,11 +111,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     model = load_clip_moe(args.model)
     summary = summarize_model(model)
     if args.json:
-        print(
-            json.dumps(
-                {"config": AutoConfig.from_pretrained(args.model).to_dict(), **summary.to_dict()}, indent=2
-            )
-        )
+        print(json.dumps({"config": AutoConfig.from_pretrained(args.model).to_dict(), **summary.to_dict()}, indent=2))
     else:
         print_summary(args.model, summary)
 
@@ -136,32 +124,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_moe_arguments(upcycle, with_num_experts=True)
     upcycle.set_defaults(func=run_upcycle)
 
-    assemble = commands.add_parser(
-        "assemble", help="DMU: make the FFNs of N dense models the experts of one MoE"
-    )
-    assemble.add_argument(
-        "models", type=Path, nargs="+", help="N dense checkpoint directories (expert i = model i)"
-    )
+    assemble = commands.add_parser("assemble", help="DMU: make the FFNs of N dense models the experts of one MoE")
+    assemble.add_argument("models", type=Path, nargs="+", help="N dense checkpoint directories (expert i = model i)")
     assemble.add_argument("--out", type=Path, required=True, help="output directory")
     assemble.add_argument("--atol", type=float, default=0.0, help="tolerance for shared (non-FFN) parameters")
     _add_moe_arguments(assemble, with_num_experts=False)
     assemble.set_defaults(func=run_assemble)
 
-    convert = commands.add_parser(
-        "convert", help="convert released CLIP-MoE, OpenAI/open_clip or timm weights"
-    )
+    convert = commands.add_parser("convert", help="convert released CLIP-MoE, OpenAI/open_clip or timm weights")
     convert.add_argument("source", type=Path, help="weights file (.pt/.pth/.bin/.safetensors) or directory")
     convert.add_argument("out", type=Path, help="output directory")
-    convert.add_argument(
-        "--from", dest="source_format", required=True, choices=["official-clip-moe", "openai", "timm"]
-    )
+    convert.add_argument("--from", dest="source_format", required=True, choices=["official-clip-moe", "openai", "timm"])
     convert.add_argument("--top-k", type=int, default=2, help="routing of MoE weights (not stored in them)")
     convert.add_argument("--num-experts", type=int, help="sparse-upcycle the converted dense model")
     convert.add_argument("--num-heads", type=int, help="attention heads (default width // 64)")
     convert.add_argument("--tokenizer", type=Path, help="copy the tokenizer from this directory")
-    convert.add_argument(
-        "--seed", type=int, default=0, help="seed of the router initialisation when upcycling"
-    )
+    convert.add_argument("--seed", type=int, default=0, help="seed of the router initialisation when upcycling")
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype")
     convert.set_defaults(func=run_convert)
 

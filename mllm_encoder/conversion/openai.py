@@ -98,9 +98,7 @@ def infer_openai_config(state_dict: StateDict, top_k: int = 2) -> CLIPMoEConfig:
         max_position_embeddings=source.take("positional_embedding").shape[0],
         eos_token_id=LEGACY_ARGMAX_EOS_TOKEN_ID,
     )
-    return CLIPMoEConfig(
-        vision_config=vision, text_config=text, projection_dim=source.take("text_projection").shape[1]
-    )
+    return CLIPMoEConfig(vision_config=vision, text_config=text, projection_dim=source.take("text_projection").shape[1])
 
 
 def _convert_block(source: _Source, src: str, dst: str) -> StateDict:

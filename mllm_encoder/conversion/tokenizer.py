@@ -63,14 +63,10 @@ def build_vocab(merges: List[str]) -> Dict[str, int]:
 def _construct_tokenizer(vocab: Dict[str, int], merges: List[str], scratch: Path, context_length: int):
     import transformers
 
-    special = dict(
-        bos_token=START_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, unk_token=END_OF_TEXT
-    )
+    special = dict(bos_token=START_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, unk_token=END_OF_TEXT)
     if int(transformers.__version__.split(".")[0]) >= 5:
         pairs = [tuple(m.split()) for m in merges]
-        return transformers.CLIPTokenizer(
-            vocab=vocab, merges=pairs, model_max_length=context_length, **special
-        )
+        return transformers.CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=context_length, **special)
     vocab_file, merges_file = scratch / "vocab.json", scratch / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mllm_encoder.atomic import atomic_write_json
+
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -144,12 +146,6 @@ def render_image(objects: Sequence[Dict[str, str]], background: str, rng: np.ran
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), mode="RGB")
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, image_format: str, progress):
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -169,9 +165,9 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: i
         )
         sample = {"index": index, "image": relative, "background": background, "objects": objects}
         samples.append({**sample, "template": template, "caption": caption})
-    _write_json_atomic(out_dir / f"{split}.json", conversations)
+    atomic_write_json(out_dir / f"{split}.json", conversations)
     attributes = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, "prompts": ATTRIBUTE_PROMPTS}
-    _write_json_atomic(out_dir / f"{split}_attributes.json", {**attributes, "samples": samples})
+    atomic_write_json(out_dir / f"{split}_attributes.json", {**attributes, "samples": samples})
 
 
 def write_shapes_dataset(

@@ -17,10 +17,11 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.dmu.accelerator import build_accelerator
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
 from mllm_encoder.dmu.pipeline import collect_results, run_pipeline
-from mllm_encoder.dmu.run_state import Manifest, write_json_atomic
+from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import run_training, train_config
 
 logger = logging.getLogger(__name__)
@@ -166,13 +167,13 @@ def run_demo(
     if not manifest.is_done("base"):
         manifest.mark_done("base", model=str(_train_base(out_dir / "base", data, settings, accelerator)))
     values = run_config(out_dir, Path(manifest.result("base")["model"]), data, settings)
-    write_json_atomic(out_dir / "run_config.json", values)
+    atomic_write_json(out_dir / "run_config.json", values)
     config = config_from_dict(values, "demo config")
     for method in ("dmu", "finetune", "upcycle"):
         stages = run_pipeline(config, method, accelerator)
     results = collect_results(Manifest(Path(config.run_dir) / "manifest.json"))
     results = {method: results[method] for method in METHOD_ORDER if method in results}
-    write_json_atomic(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", results)
     _publish_checkpoint(Path(stages["dmu/route"]["model"]), out_dir / "clip-moe")
     write_report(out_dir, results, asdict(settings))
     return results

@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.dmu.config import EvalSection
-from mllm_encoder.dmu.run_state import write_json_atomic
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -33,7 +33,7 @@ def evaluate_checkpoint(
         metrics = _evaluate(
             Path(model_dir), Path(processors_dir or model_dir), section, accelerator.device, Path(out_dir)
         )
-        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+        atomic_write_json(Path(out_dir) / "metrics.json", metrics)
         logger.info("%s: %s", model_dir, {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
     return metrics
@@ -77,7 +77,7 @@ def _write_expert_load(model, section: EvalSection, image_processor, tokenizer, 
     loader = torch.utils.data.DataLoader(dataset, batch_size=section.batch_size, collate_fn=ImageTextCollator(1.0))
     load = expert_load(model, loader, progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "expert_load.json", load)
+    atomic_write_json(out_dir / "expert_load.json", load)
     plot_expert_load(load, out_dir / "expert_load.png", title=str(model_dir_name(out_dir)))
 
 

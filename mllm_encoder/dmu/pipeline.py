@@ -23,9 +23,10 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.dmu.config import METHODS, RunConfig
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
-from mllm_encoder.dmu.run_state import Manifest, write_json_atomic
+from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
     load_model,
     load_training_data,
@@ -224,7 +225,7 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
         manifest.mark_done(name, **run())
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(run_dir / "results.json", collect_results(manifest))
+        atomic_write_json(run_dir / "results.json", collect_results(manifest))
     return manifest.stages
 
 

@@ -9,16 +9,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from mllm_encoder.atomic import atomic_write_json
+
 STATE_PREFIX = "step_"
-
-
-def write_json_atomic(path: Union[str, Path], payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 class Manifest:
@@ -45,7 +38,7 @@ class Manifest:
     def mark_done(self, stage: str, **info: Any) -> None:
         self.stages[stage] = info
         if self.writable:
-            write_json_atomic(self.path, {"stages": self.stages})
+            atomic_write_json(self.path, {"stages": self.stages})
 
 
 def _trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -76,7 +69,7 @@ def save_training_state(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    write_json_atomic(tmp / "state.json", {"step": step, "world_size": world_size, "history": history})
+    atomic_write_json(tmp / "state.json", {"step": step, "world_size": world_size, "history": history})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_dir.glob(f"{STATE_PREFIX}*[0-9]"))[:-keep]:

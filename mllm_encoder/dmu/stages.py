@@ -14,12 +14,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.checkpoint import load_processors, save_checkpoint
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.distributed import DistState
 from mllm_encoder.dmu.features import extract_features, load_features
-from mllm_encoder.dmu.run_state import write_json_atomic
 from mllm_encoder.dmu.trainer import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def run_training(
         writer.close()
     if accelerator.is_main_process:
         save_model(model, stage_dir / "model", processors_dir)
-        write_json_atomic(stage_dir / "history.json", history)
+        atomic_write_json(stage_dir / "history.json", history)
     accelerator.wait_for_everyone()
     return stage_dir / "model", history
 

@@ -58,9 +58,7 @@ def get_chunk(items: Sequence[T], num_chunks: int, chunk_idx: int) -> List[T]:
     Chunks past the end (more chunks than items allow) are empty.
     """
     if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
-        raise ValueError(
-            f"need num_chunks >= 1 and 0 <= chunk_idx < num_chunks, got {num_chunks}, {chunk_idx}"
-        )
+        raise ValueError(f"need num_chunks >= 1 and 0 <= chunk_idx < num_chunks, got {num_chunks}, {chunk_idx}")
     size = max(1, math.ceil(len(items) / num_chunks))
     return list(items[chunk_idx * size : (chunk_idx + 1) * size])
 
@@ -121,9 +119,7 @@ def answer_questions(
     pending = [q for q, key in zip(questions, keys) if key not in done]
     num_done = len(questions) - len(pending)
     if num_done:
-        logger.info(
-            "%s: resuming, %d of %d questions already answered", answers_file, num_done, len(questions)
-        )
+        logger.info("%s: resuming, %d of %d questions already answered", answers_file, num_done, len(questions))
     Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
     with (
         open(answers_file, "a", encoding="utf-8") as handle,
@@ -162,9 +158,7 @@ def merge_answer_files(
             require_fields(shard, record, ("question_id", "prompt", "text"))
             key = question_key(record.data["question_id"], record.data["prompt"])
             if key not in known:
-                problems.append(
-                    f"{shard}:{record.line}: answer to a question not in {question_file} (dropped)"
-                )
+                problems.append(f"{shard}:{record.line}: answer to a question not in {question_file} (dropped)")
             elif key in answers:
                 problems.append(f"{shard}:{record.line}: duplicate answer (first kept)")
             else:

@@ -3,9 +3,10 @@
 import json
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, TextIO, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Union
+
+from mllm_encoder.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,28 +83,6 @@ def dumps_line(record: Dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-@contextmanager
-def _atomic_text_file(path: PathLike) -> Iterator[TextIO]:
-    """Open a temporary file beside ``path`` for writing; on success fsync it and ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_jsonl_atomic(path: PathLike, records: Iterable[Dict[str, Any]]) -> None:
     """Write ``records`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    with _atomic_text_file(path) as handle:
-        for record in records:
-            handle.write(dumps_line(record))
-
-
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """Write one JSON document (indented) atomically."""
-    with _atomic_text_file(path) as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
+    atomic_write_text(path, "".join(dumps_line(record) for record in records))

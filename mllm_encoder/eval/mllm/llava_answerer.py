@@ -20,9 +20,7 @@ def _import_llava():
     try:
         import llava_patch
     except ImportError as error:
-        raise ImportError(
-            f"the answering step needs the llava_patch package of mllm-encoder: {error}"
-        ) from error
+        raise ImportError(f"the answering step needs the llava_patch package of mllm-encoder: {error}") from error
     llava_patch.apply()
     try:
         from llava import constants, conversation, mm_utils
@@ -63,11 +61,7 @@ class LlavaAnswerer:
             )
         if self.device == "cpu":
             self.model.float()  # LLaVA loads float16, which CPUs run slowly or not at all
-        if (
-            "plain" in self.model_name
-            and "finetune" not in self.model_name.lower()
-            and "mmtag" not in conv_mode
-        ):
+        if "plain" in self.model_name and "finetune" not in self.model_name.lower() and "mmtag" not in conv_mode:
             conv_mode = conv_mode + "_mmtag"
             logger.info("plain (pretrain-only) model: using the %s prompt, as LLaVA does", conv_mode)
         self.template = conversation.conv_templates[conv_mode]
