@@ -7,7 +7,7 @@ GEMMs. Parameter names follow the checkpoint format: ``fc1.weight [E, I, D]``, `
 """
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
@@ -47,21 +47,14 @@ class GroupedLinear(nn.Module):
         bound = 1 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(
-        self, rows: torch.Tensor, plan: DispatchPlan, backend: str, split_sizes: Optional[List[int]]
-    ) -> torch.Tensor:
-        """Map ``rows [N, in]`` (sorted by expert as in ``plan``) to ``[N, out]``."""
-        if backend == "grouped":
-            offsets = plan.group_ends.to(torch.int32)
-            out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=offsets)
-            return out + self.bias.index_select(0, plan.expert_ids)
-        assert split_sizes is not None
-        pieces = [
-            torch.addmm(self.bias[e], piece, self.weight[e].transpose(0, 1))
-            for e, piece in enumerate(rows.split(split_sizes))
-            if split_sizes[e]
-        ]
-        return torch.cat(pieces) if pieces else rows.new_zeros(0, self.out_features)
+    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Grouped GEMM: map ``rows [N, in]`` (sorted by expert as in ``plan``) to ``[N, out]``."""
+        out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=plan.group_ends.to(torch.int32))
+        return out + self.bias.index_select(0, plan.expert_ids)
+
+    def expert(self, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert ``index`` alone on ``rows [n, in]``."""
+        return torch.addmm(self.bias[index], rows, self.weight[index].transpose(0, 1))
 
     def extra_repr(self) -> str:
         # From attributes: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder.
@@ -82,6 +75,15 @@ class StackedExperts(nn.Module):
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Apply expert ``plan.expert_ids[n]`` to row n of ``rows [N, D]``."""
         backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features)
-        split_sizes = plan.counts.tolist() if backend == "loop" else None
-        hidden_states = self.activation_fn(self.fc1(rows, plan, backend, split_sizes))
-        return self.fc2(hidden_states, plan, backend, split_sizes)
+        if backend == "grouped":
+            return self.fc2(self.activation_fn(self.fc1(rows, plan)), plan)
+        return self._loop(rows, plan.counts.tolist())
+
+    def _loop(self, rows: torch.Tensor, split_sizes: List[int]) -> torch.Tensor:
+        """Each expert over its contiguous slice (fc1 -> activation -> fc2), then one concatenation."""
+        outputs = [
+            self.fc2.expert(e, self.activation_fn(self.fc1.expert(e, piece)))
+            for e, piece in enumerate(rows.split(split_sizes))
+            if split_sizes[e]
+        ]
+        return torch.cat(outputs) if outputs else rows.new_zeros(0, self.fc2.out_features)
