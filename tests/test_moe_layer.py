@@ -109,3 +109,18 @@ def test_load_balancing_loss_ignores_masked_tokens():
 def test_router_rejects_top_k_above_num_experts():
     with pytest.raises(ValueError, match="top_k"):
         SparseMoE(D, H, num_experts=2, top_k=3)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_each_expert_linear_is_entered_once_through_its_module_call(backend):
+    """DeepSpeed ZeRO-3 gathers a module's parameters in its forward hooks: the stacked expert weights must
+    be used only inside ``fc1(...)`` / ``fc2(...)`` calls, once per layer whatever the routing."""
+    if backend == "grouped" and not grouped_mm_available():
+        pytest.skip("torch has no _grouped_mm")
+    layer, x = make_layer()
+    layer.experts.backend = backend
+    calls = []
+    for name in ("fc1", "fc2"):
+        getattr(layer.experts, name).register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+    layer(x)
+    assert calls == ["fc1", "fc2"]

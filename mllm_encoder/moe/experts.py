@@ -7,7 +7,7 @@ GEMMs. Parameter names follow the checkpoint format: ``fc1.weight [E, I, D]``, `
 """
 
 import math
-from typing import List
+from typing import List, Union
 
 import torch
 from torch import nn
@@ -47,14 +47,16 @@ class GroupedLinear(nn.Module):
         bound = 1 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Grouped GEMM: map ``rows [N, in]`` (sorted by expert as in ``plan``) to ``[N, out]``."""
+    def forward(self, rows: Union[torch.Tensor, List[torch.Tensor]], plan: DispatchPlan):
+        """Map expert-sorted rows ``[N, in]`` to ``[N, out]`` with one grouped GEMM, or a list of per-expert
+        slices (slice e for expert e, possibly empty) to the list of their outputs.
+
+        Called once per layer either way, so DeepSpeed ZeRO-3's hooks gather the stacked weight once.
+        """
+        if isinstance(rows, list):
+            return [torch.addmm(self.bias[e], piece, self.weight[e].transpose(0, 1)) for e, piece in enumerate(rows)]
         out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=plan.group_ends.to(torch.int32))
         return out + self.bias.index_select(0, plan.expert_ids)
-
-    def expert(self, index: int, rows: torch.Tensor) -> torch.Tensor:
-        """Expert ``index`` alone on ``rows [n, in]``."""
-        return torch.addmm(self.bias[index], rows, self.weight[index].transpose(0, 1))
 
     def extra_repr(self) -> str:
         # From attributes: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder.
@@ -77,13 +79,7 @@ class StackedExperts(nn.Module):
         backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features)
         if backend == "grouped":
             return self.fc2(self.activation_fn(self.fc1(rows, plan)), plan)
-        return self._loop(rows, plan.counts.tolist())
-
-    def _loop(self, rows: torch.Tensor, split_sizes: List[int]) -> torch.Tensor:
-        """Each expert over its contiguous slice (fc1 -> activation -> fc2), then one concatenation."""
-        outputs = [
-            self.fc2.expert(e, self.activation_fn(self.fc1.expert(e, piece)))
-            for e, piece in enumerate(rows.split(split_sizes))
-            if split_sizes[e]
-        ]
-        return torch.cat(outputs) if outputs else rows.new_zeros(0, self.fc2.out_features)
+        # One slice per expert: fc1 -> activation -> fc2 stay per slice, only the outputs are concatenated.
+        pieces = list(rows.split(plan.counts.tolist()))
+        hidden = [self.activation_fn(piece) for piece in self.fc1(pieces, plan)]
+        return torch.cat(self.fc2(hidden, plan))
