@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings
-from mllm_encoder.moe import StackedExperts, TopKRouter, total_load_balancing_loss
+from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
 
 LEGACY_EOS_TOKEN_ID = 2
@@ -89,7 +89,7 @@ class VisionTransformer(nn.Module):
             pooler_output=self.post_layernorm(last[:, 0, :]),
             hidden_states=encoded.hidden_states,
             router_logits=encoded.router_logits,
-            aux_loss=total_load_balancing_loss(encoded.router_logits, self.config.top_k, device=last.device),
+            aux_loss=mean_load_balancing_loss(encoded.router_logits, self.config.top_k, device=last.device),
         )
 
 
@@ -134,7 +134,7 @@ class TextTransformer(nn.Module):
             pooler_output=last[rows, self.pooled_positions(input_ids).to(last.device)],
             hidden_states=encoded.hidden_states,
             router_logits=encoded.router_logits,
-            aux_loss=total_load_balancing_loss(
+            aux_loss=mean_load_balancing_loss(
                 encoded.router_logits, self.config.top_k, token_mask=attention_mask, device=last.device
             ),
         )
@@ -275,14 +275,18 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         per_image, per_text, image_embeds, text_embeds = self.similarity_logits(
             self.visual_projection(vision.pooler_output), self.text_projection(text.pooler_output)
         )
-        aux_loss = text.aux_loss + vision.aux_loss.to(text.aux_loss.device)
+        # Both towers' MoE layers together: the mean over all A + B layers (the paper's Eq. 6), with each
+        # tower's layers weighted by that tower's coefficient in the loss.
+        num_text, num_vision = len(text.router_logits), len(vision.router_logits)
+        layers = max(num_text + num_vision, 1)
+        text_aux, vision_aux = text.aux_loss, vision.aux_loss.to(text.aux_loss.device)
+        aux_loss = (num_text * text_aux + num_vision * vision_aux) / layers
         loss = None
         if return_loss:
-            loss = (
-                clip_contrastive_loss(per_text)
-                + self.config.text_config.router_aux_loss_coef * text.aux_loss
-                + self.config.vision_config.router_aux_loss_coef * vision.aux_loss
-            )
+            loss = clip_contrastive_loss(per_text) + (
+                self.config.text_config.router_aux_loss_coef * num_text * text_aux
+                + self.config.vision_config.router_aux_loss_coef * num_vision * vision_aux
+            ) / layers
         output = CLIPMoEOutput(
             loss=loss,
             logits_per_image=per_image,

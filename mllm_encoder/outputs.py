@@ -18,7 +18,8 @@ class MoEModelOutputWithPooling(ModelOutput):
         hidden_states: when asked, index 0 = the embeddings (after ``pre_layrnorm`` for images), index i =
             the output of layer i.
         router_logits: one ``[tokens, num_experts]`` tensor per MoE layer (empty for a dense tower).
-        aux_loss: the unweighted load-balancing loss summed over the MoE layers (0 for a dense tower).
+        aux_loss: the unweighted load-balancing loss averaged over the MoE layers (0 for a dense tower; 1 when
+            routing is uniform).
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
@@ -36,7 +37,8 @@ class CLIPMoEOutput(ModelOutput):
         loss: when ``return_loss``: the symmetric contrastive loss plus ``router_aux_loss_coef * aux_loss``.
         logits_per_image: ``[images, texts]`` scaled cosine similarities; ``logits_per_text`` its transpose.
         text_embeds, image_embeds: normalised projected embeddings.
-        aux_loss: the unweighted load-balancing loss summed over the MoE layers of both towers.
+        aux_loss: the unweighted load-balancing loss averaged over the MoE layers of both towers (the paper's
+            ``1 / (A + B)`` weighting).
         router_logits: the router logits of the text tower's MoE layers, then the image tower's.
         text_model_output, vision_model_output: the towers' own outputs.
     """

@@ -71,9 +71,7 @@ def test_dense_clip_moe_model_equals_hf_clip(eos_token_id):
         (actual.text_model_output, hf_text),
         (actual.vision_model_output, hf_vision),
     ):
-        torch.testing.assert_close(
-            ours_tower.last_hidden_state, hf_tower.last_hidden_state, atol=ATOL, rtol=0
-        )
+        torch.testing.assert_close(ours_tower.last_hidden_state, hf_tower.last_hidden_state, atol=ATOL, rtol=0)
         torch.testing.assert_close(ours_tower.pooler_output, hf_tower.pooler_output, atol=ATOL, rtol=0)
         assert_states_close(hf_tower.hidden_states, ours_tower.hidden_states)
     assert actual.aux_loss.item() == 0.0
@@ -125,18 +123,39 @@ def test_moe_model_outputs_aux_loss_and_router_logits():
     input_ids, attention_mask = text_inputs()
     pixel_values = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        out = model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
-        )
+        out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
     assert len(out.router_logits) == 2 + 3
     assert out.router_logits[0].shape == (3 * 12, 4) and out.router_logits[-1].shape == (3 * 17, 4)
-    text_aux = out.text_model_output.aux_loss
-    assert text_aux.item() >= 2 * 0.99, "each layer's balancing loss is >= ~1"
-    torch.testing.assert_close(out.aux_loss, text_aux + out.vision_model_output.aux_loss)
+    text_aux, vision_aux = out.text_model_output.aux_loss, out.vision_model_output.aux_loss
+    text_layers = [load_balancing_loss(logits, 2, attention_mask) for logits in out.router_logits[:2]]
+    vision_layers = [load_balancing_loss(logits, 2) for logits in out.router_logits[2:]]
+    torch.testing.assert_close(text_aux, sum(text_layers) / 2)  # a tower's aux loss: its layer mean
+    torch.testing.assert_close(vision_aux, sum(vision_layers) / 3)
+    torch.testing.assert_close(out.aux_loss, sum(text_layers + vision_layers) / 5)  # mean over both towers
     from mllm_encoder.modeling_clip_moe import clip_contrastive_loss
 
     expected = clip_contrastive_loss(out.logits_per_text) + 0.01 * out.aux_loss
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("text_layers,vision_layers", [(1, 1), (2, 3), (6, 12)])
+def test_aux_loss_is_one_under_uniform_routing_whatever_the_depth(text_layers, vision_layers):
+    moe = dict(num_experts=4, top_k=2)
+    config = CLIPMoEConfig(
+        vision_config=tiny_vision_config(num_hidden_layers=vision_layers, **moe),
+        text_config=tiny_text_config(num_hidden_layers=text_layers, **moe),
+        projection_dim=16,
+    )
+    model = CLIPMoEModel(config).eval()
+    for name, param in model.named_parameters():
+        if ".router." in name:
+            torch.nn.init.zeros_(param)  # equal logits: every expert has probability 1/4
+    input_ids, attention_mask = text_inputs()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=torch.randn(3, 3, 32, 32), attention_mask=attention_mask)
+    assert len(out.router_logits) == text_layers + vision_layers
+    for aux in (out.aux_loss, out.text_model_output.aux_loss, out.vision_model_output.aux_loss):
+        assert aux.item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_text_aux_loss_counts_only_real_tokens():
@@ -147,11 +166,9 @@ def test_text_aux_loss_counts_only_real_tokens():
         masked = model.text_model(input_ids, attention_mask).aux_loss
         unmasked = model.text_model(input_ids, None).aux_loss
         lengths = attention_mask.sum(1).tolist()
-        per_sequence = [
-            model.text_model(input_ids[i : i + 1, :n]).router_logits for i, n in enumerate(lengths)
-        ]
+        per_sequence = [model.text_model(input_ids[i : i + 1, :n]).router_logits for i, n in enumerate(lengths)]
     real_token_logits = [torch.cat(layer) for layer in zip(*per_sequence)]
-    expected = sum(load_balancing_loss(logits, top_k=2) for logits in real_token_logits)
+    expected = sum(load_balancing_loss(logits, top_k=2) for logits in real_token_logits) / len(real_token_logits)
     torch.testing.assert_close(masked, expected)
     assert abs(masked.item() - unmasked.item()) > 1e-4
 
@@ -199,8 +216,5 @@ def test_moe_layers_subset_and_dense_towers():
     model = CLIPMoEVisionModel(config)
     assert hasattr(model.vision_model.encoder.layers[0].mlp, "fc1")
     assert model.vision_model.encoder.layers[1].mlp.experts.fc1.weight.shape == (4, 64, 32)
-    assert (
-        CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, moe_layers=[])).moe_layer_indices
-        == []
-    )
+    assert CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, moe_layers=[])).moe_layer_indices == []
     assert CLIPMoEVisionConfig(**tiny_vision_config()).moe_layer_indices == []

@@ -28,15 +28,25 @@ def _kmeans_sklearn(features: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _kmeans_torch(features: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
+    """Lloyd's k-means from a k-means++ start, on the GPU when there is one; bit-reproducible for a seed on
+    one machine (no atomics: sums by ``index_add_`` on CPU, a one-hot matmul on GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = torch.from_numpy(features).to(device)
     generator = torch.Generator().manual_seed(seed)
-    centroids = data[torch.randperm(len(data), generator=generator)[:k].to(device)].clone()
+    centroids = data[torch.randint(len(data), (1,), generator=generator).to(device)]
+    for _ in range(1, k):  # k-means++: next centre drawn with probability ~ squared distance to the nearest
+        nearest = torch.cdist(data, centroids).min(dim=1).values.pow(2).double().cpu()
+        pick = torch.multinomial(nearest / nearest.sum(), 1, generator=generator) if nearest.sum() > 0 else 0
+        centroids = torch.cat([centroids, data[pick].reshape(1, -1)])
     for _ in range(iters):
         assign = torch.cdist(data, centroids).argmin(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, data)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        one_hot = torch.nn.functional.one_hot(assign, k).to(data.dtype)
+        sums = one_hot.t() @ data
+        counts = one_hot.sum(0).unsqueeze(1)
+        updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
     return torch.cdist(data, centroids).argmin(dim=1).cpu().numpy()
 
 
@@ -58,13 +68,14 @@ def _pick_backend(backend: str) -> str:
 
         return "faiss"
     except ImportError:
-        return "torch" if torch.cuda.is_available() else "sklearn"
+        return "torch"
 
 
 def kmeans(features: np.ndarray, k: int, seed: int = 0, backend: str = "auto") -> np.ndarray:
     """Cluster L2-normalised ``features`` [N, D] into ``k`` groups; returns int64 labels [N].
 
-    ``auto`` uses faiss if installed, else torch on a GPU, else scikit-learn's MiniBatchKMeans.
+    ``auto`` uses faiss if installed, else the torch k-means (GPU or CPU, bit-reproducible for a seed);
+    ``sklearn`` is scikit-learn's MiniBatchKMeans.
     """
     if len(features) < k:
         raise ValueError(f"cannot make {k} clusters from {len(features)} samples")

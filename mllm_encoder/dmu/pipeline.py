@@ -5,10 +5,11 @@ Run directory::
     manifest.json            finished stages and what they produced (atomic)
     config.yaml              the config the run was started with (a resume must use the same)
     run.log                  the log of every invocation
+    base/stretch/model/      the base with a stretched text context (only with dmu.text_context)
     base/eval/metrics.json
     dmu/extract_{s}/         features_rank{r}.safetensors
     dmu/cluster_{s}/         labels.npy, cluster_sizes.json, cluster_sizes.png
-    dmu/mcl_{s}/             model/, train_state/step_*/, tensorboard/, history.json
+    dmu/mcl_{s}/             model/, train_state/step_*/, tensorboard/, history.json, summary.json
     dmu/assemble/model/  dmu/route/...  dmu/eval/metrics.json
     finetune/train/...  upcycle/train/...  {method}/eval/metrics.json
 """
@@ -23,8 +24,8 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
-from mllm_encoder.atomic import atomic_write_json
-from mllm_encoder.dmu.config import METHODS, RunConfig
+from mllm_encoder.atomic import atomic_write_json, atomic_write_text
+from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
@@ -33,10 +34,14 @@ from mllm_encoder.dmu.stages import (
     run_assemble,
     run_cluster,
     run_extract,
+    run_stretch,
     run_training,
     steps_for,
     train_config,
 )
+from mllm_encoder.loading import read_model_type
+from mllm_encoder.locking import directory_lock, hold
+from mllm_encoder.upcycle import sparse_upcycle
 
 logger = logging.getLogger(__name__)
 Stage = Tuple[str, Callable[[], Dict[str, Any]]]
@@ -54,6 +59,13 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return Path(self.config.run_dir)
+
+    @property
+    def base_model(self) -> Path:
+        """The dense model every method starts from: the configured base, or its text-stretched copy."""
+        if self.config.dmu.text_context is None:
+            return Path(self.config.base_model)
+        return self.run_dir / "base" / "stretch" / "model"
 
     @property
     def world_size(self) -> int:
@@ -86,7 +98,7 @@ def _train_stage(
         model_dir, history = run_training(
             build_model(),
             ctx.config.data,
-            ctx.config.base_model,
+            ctx.base_model,
             labels,
             cfg,
             stage_dir,
@@ -101,7 +113,7 @@ def _train_stage(
 
 def _eval_stage(ctx: RunContext, model_dir: Path, out_dir: Path) -> Callable[[], Dict[str, Any]]:
     def run() -> Dict[str, Any]:
-        metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir, ctx.config.base_model)
+        metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir, ctx.base_model)
         return {"model": str(model_dir), "metrics": metrics}
 
     return run
@@ -110,8 +122,8 @@ def _eval_stage(ctx: RunContext, model_dir: Path, out_dir: Path) -> Callable[[],
 def dmu_stages(ctx: RunContext) -> List[Stage]:
     """extract/cluster/MCL for stages 1..N-1, assemble N experts, tune the routers."""
     cfg, root = ctx.config, ctx.run_dir / "dmu"
-    models, labels, stages = [Path(cfg.base_model)], None, []
-    base = functools.partial(load_model, cfg.base_model)  # every MCL stage starts from the base
+    models, labels, stages = [ctx.base_model], None, []
+    base = functools.partial(load_model, ctx.base_model)  # every MCL stage starts from the base
     for s in range(1, cfg.dmu.num_experts):
         features, cluster, stage_dir = root / f"extract_{s - 1}", root / f"cluster_{s - 1}", root / f"mcl_{s}"
         stages.append((f"dmu/extract_{s - 1}", _extract_stage(ctx, models[-1], features)))
@@ -170,9 +182,9 @@ def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optiona
 def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     """Direct fine-tuning (dense FFNs) or sparse upcycling (copied experts + routers), at DMU's step count."""
     cfg, stage_dir = ctx.config, ctx.run_dir / method / "train"
-    build, overrides = functools.partial(load_model, cfg.base_model), {}
+    build, overrides = functools.partial(load_model, ctx.base_model), {}
     if method == "upcycle":
-        build = functools.partial(_sparse_upcycled, cfg)
+        build = functools.partial(_sparse_upcycled, ctx)
         overrides = {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
     train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
     return [
@@ -181,51 +193,84 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     ]
 
 
-def _sparse_upcycled(cfg: RunConfig):
-    from mllm_encoder.upcycle import sparse_upcycle
+def _sparse_upcycled(ctx: RunContext):
+    dmu = ctx.config.dmu
+    return sparse_upcycle(load_model(ctx.base_model), dmu.num_experts, dmu.top_k, dmu.moe_layers)
 
-    return sparse_upcycle(load_model(cfg.base_model), cfg.dmu.num_experts, cfg.dmu.top_k, cfg.dmu.moe_layers)
+
+def _stretch_stage(ctx: RunContext) -> Callable[[], Dict[str, Any]]:
+    def run() -> Dict[str, Any]:
+        positions = ctx.config.dmu.text_context
+        if ctx.accelerator.is_main_process:
+            run_stretch(ctx.config.base_model, positions, ctx.base_model)
+        ctx.accelerator.wait_for_everyone()
+        return {"model": str(ctx.base_model), "text_context": positions}
+
+    return run
 
 
 def plan(ctx: RunContext, method: str) -> List[Stage]:
-    """The ordered stages of ``method``, the base model's evaluation first."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    base = [("base/eval", _eval_stage(ctx, Path(ctx.config.base_model), ctx.run_dir / "base" / "eval"))]
+    """The ordered stages of ``method``: the text stretch (if configured), the base model's evaluation, then
+    DMU's stages or the baseline's."""
+    base = [("base/eval", _eval_stage(ctx, ctx.base_model, ctx.run_dir / "base" / "eval"))]
+    if ctx.config.dmu.text_context is not None:
+        base.insert(0, ("base/stretch", _stretch_stage(ctx)))
     return base + (dmu_stages(ctx) if method == "dmu" else baseline_stages(ctx, method))
 
 
-def _check_config_copy(config: RunConfig, run_dir: Path, is_main: bool) -> None:
+def _check_config_copy(config: RunConfig, run_dir: Path, manifest: Manifest, is_main: bool) -> None:
+    """Pin the run directory to its config once a stage has finished; until then a corrected config may replace
+    the saved one. A differing config is refused with the differing keys named (``runtime`` may change)."""
     saved = run_dir / "config.yaml"
     current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
-    if saved.exists():
+    if saved.exists() and manifest.stages:
         previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
-        if previous != current:
-            raise ValueError(f"{saved}: the run directory was started with a different config; use a new run_dir")
+        differing = config_differences(previous, current)
+        if differing:
+            raise ValueError(
+                f"{saved}: the run directory was started with a different config (differs in "
+                f"{', '.join(differing)}); restore those values or use a new run_dir"
+            )
     elif is_main:
-        from mllm_encoder.atomic import atomic_write_text
-
         atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def check_run_inputs(config: RunConfig) -> int:
+    """Open the base model's config and processors and the training data before anything is written;
+    returns the number of training samples."""
+    read_model_type(config.base_model)
+    try:
+        dataset, _ = load_training_data(config.data, config.base_model)
+    except OSError as error:
+        raise ValueError(f"data.train: cannot open {config.data.train} ({error.strerror or error})") from error
+    return len(dataset)
+
+
 def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
-    """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest."""
+    """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest.
+
+    Everything is checked (the config when it was built, then the base model and the data here) before the
+    run directory is touched. ``stop_after_step`` interrupts a training stage after that step (for tests).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    num_samples = check_run_inputs(config)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_copy(config, run_dir, accelerator.is_main_process)
-    manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
-    dataset, _ = load_training_data(config.data, config.base_model)
-    ctx = RunContext(config, accelerator, len(dataset), stop_after_step)
-    for position, (name, run) in enumerate(plan(ctx, method)):
-        if manifest.is_done(name):
-            logger.info("%s: done already, skipped", name)
-            continue
-        logger.info("%s: running", name)
-        set_seed(config.seed + position)  # e.g. router initialisation: the same whether resumed or not
-        manifest.mark_done(name, **run())
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(run_dir / "results.json", collect_results(manifest))
+    with hold(directory_lock(run_dir), enabled=accelerator.is_main_process):  # a second run is refused
+        manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
+        _check_config_copy(config, run_dir, manifest, accelerator.is_main_process)
+        ctx = RunContext(config, accelerator, num_samples, stop_after_step)
+        for position, (name, run) in enumerate(plan(ctx, method)):
+            if manifest.is_done(name):
+                logger.info("%s: done already, skipped", name)
+                continue
+            logger.info("%s: running", name)
+            set_seed(config.seed + position)  # e.g. router initialisation: the same whether resumed or not
+            manifest.mark_done(name, **run())
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(run_dir / "results.json", collect_results(manifest))
     return manifest.stages
 
 

@@ -4,10 +4,12 @@ Each stage reads checkpoint directories and writes its outputs under one stage d
 (:mod:`mllm_encoder.dmu.pipeline`) and the ``clip-moe dmu`` subcommands both call these.
 """
 
+import dataclasses
 import functools
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,11 +18,16 @@ import torch
 
 from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.checkpoint import load_processors, save_checkpoint
+from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.distributed import DistState
 from mllm_encoder.dmu.features import extract_features, load_features
+from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, train
+from mllm_encoder.loading import load_clip_moe
+from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
+from mllm_encoder.upcycle import assemble_experts
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -28,8 +35,6 @@ PathLike = Union[str, Path]
 
 def load_model(model_dir: PathLike) -> torch.nn.Module:
     """A two-tower model from a CLIP-MoE (dense or MoE) or Hugging Face CLIP directory, in float32."""
-    from mllm_encoder.loading import load_clip_moe
-
     model = load_clip_moe(str(model_dir)).float()
     if not hasattr(model, "text_model") or not hasattr(model, "vision_model"):
         raise ValueError(f"{model_dir}: DMU needs both towers (a CLIP / CLIP-MoE model, not a single tower)")
@@ -51,8 +56,6 @@ def load_training_data(
     data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None
 ):
     """``(dataset, collator)`` for ``path`` (default ``data.train``) with the processors of ``processors_dir``."""
-    from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
-
     image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
         raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
@@ -62,6 +65,8 @@ def load_training_data(
         image_root=data.image_root,
         image_processor=image_processor,
         tokenizer=tokenizer,
+        random_access=True,
+        allow_absolute_paths=data.allow_absolute_paths,
     )
     return dataset, ImageTextCollator(max_bad_fraction=data.max_bad_fraction, dataset=dataset)
 
@@ -69,7 +74,7 @@ def load_training_data(
 def save_model(model: torch.nn.Module, out_dir: PathLike, processors_dir: PathLike) -> Path:
     """A complete checkpoint directory with the image processor and tokenizer of ``processors_dir``."""
     image_processor, tokenizer = processors(processors_dir)
-    return save_checkpoint(model, out_dir, image_processor=image_processor, tokenizer=tokenizer)
+    return save_checkpoint(model, out_dir, image_processor=image_processor, tokenizer=tokenizer, overwrite=True)
 
 
 def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
@@ -88,27 +93,8 @@ def train_config(
     num_workers: int = 0,
     **overrides: Any,
 ) -> TrainConfig:
-    """The trainer's config of one stage."""
-    values = dict(
-        steps=steps,
-        batch_size=section.batch_size,
-        grad_accum=section.grad_accum,
-        lr=section.lr,
-        weight_decay=section.weight_decay,
-        warmup_steps=min(section.warmup_steps, max(steps - 1, 0)),
-        min_lr_ratio=section.min_lr_ratio,
-        grad_clip=section.grad_clip,
-        trainable=section.trainable,
-        temperature=section.temperature,
-        label_smoothing=section.label_smoothing,
-        aux_loss_coef=section.aux_loss_coef,
-        save_every=runtime.save_every,
-        log_every=runtime.log_every,
-        seed=seed,
-        num_workers=num_workers,
-        gradient_checkpointing=runtime.gradient_checkpointing,
-    )
-    return TrainConfig(**{**values, **overrides})
+    """The trainer's config of one stage; ``overrides`` replace fields of ``section`` (e.g. ``trainable``)."""
+    return TrainConfig(dataclasses.replace(section, **overrides), steps, seed, runtime, num_workers)
 
 
 def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
@@ -175,6 +161,7 @@ def run_training(
     if len(labels) != len(dataset):
         raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")
     writer = _tensorboard_writer(stage_dir / "tensorboard") if accelerator.is_main_process else None
+    started = time.perf_counter()
     history = train(
         model,
         dataset,
@@ -192,8 +179,29 @@ def run_training(
     if accelerator.is_main_process:
         save_model(model, stage_dir / "model", processors_dir)
         atomic_write_json(stage_dir / "history.json", history)
+        summary = stage_summary(labels, cfg, accelerator.num_processes, time.perf_counter() - started)
+        atomic_write_json(stage_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return stage_dir / "model", history
+
+
+def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seconds: float) -> Dict[str, Any]:
+    """The machine-readable account of a training stage (``summary.json``): steps, samples seen, clusters
+    used and skipped and samples dropped per epoch, and the wall time of the invocation that finished it."""
+    plan = ClusterBatchSampler(labels, cfg.stage.batch_size, world_size, drop_last=cfg.stage.drop_last).epoch_plan()
+    micro_steps = cfg.steps * cfg.stage.grad_accum
+    return {
+        "steps": cfg.steps,
+        "samples_seen": round(micro_steps * plan.samples / plan.batches),  # exact with drop_last
+        "epochs": micro_steps / plan.batches,
+        "batches_per_epoch": plan.batches,
+        "clusters_used": plan.clusters_used,
+        "clusters_skipped": plan.clusters_skipped,
+        "samples_dropped_per_epoch": plan.samples_dropped,
+        "drop_last": cfg.stage.drop_last,
+        "world_size": world_size,
+        "seconds": round(seconds, 3),
+    }
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -205,12 +213,19 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
+def run_stretch(model_dir: PathLike, positions: int, out_dir: PathLike) -> Path:
+    """Stage ``stretch``: the base with its text context stretched to ``positions`` (Long-CLIP), tokenizer too."""
+    image_processor, tokenizer = processors(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir}: the checkpoint has no tokenizer files, needed to stretch the text context")
+    model = stretch_text_context(load_model(model_dir), positions)
+    return save_checkpoint(model, out_dir, image_processor, stretch_tokenizer(tokenizer, positions))
+
+
 def run_assemble(
     model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None
 ) -> Path:
     """Stage ``assemble``: the FFNs of N dense models become N experts per layer (top-k routing)."""
-    from mllm_encoder.upcycle import assemble_experts
-
     model = assemble_experts([str(path) for path in model_dirs], top_k=top_k, moe_layers=moe_layers)
     return save_model(model, out_dir, model_dirs[0])
 

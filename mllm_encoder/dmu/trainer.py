@@ -9,8 +9,7 @@ an accelerate config); a single CPU process runs the same code.
 import contextlib
 import logging
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -18,6 +17,8 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from mllm_encoder.dmu import config
+from mllm_encoder.dmu.config import RuntimeSection, StageSection, check_section
 from mllm_encoder.dmu.distributed import DistState
 from mllm_encoder.dmu.loss import clip_contrastive_loss
 from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
@@ -25,46 +26,40 @@ from mllm_encoder.dmu.sampler import ClusterBatchSampler
 
 logger = logging.getLogger(__name__)
 
-STOP_ENV = "MLLM_ENCODER_DMU_STOP_AFTER_STEP"
 TRAINABLE = {
     "all": lambda name: True,
-    "ffn": lambda name: ".mlp." in name,
+    "ffn": lambda name: ".mlp." in name and ".mlp.router." not in name,
     "router": lambda name: ".mlp.router." in name,
     "ffn+router": lambda name: ".mlp." in name,
 }
+assert set(TRAINABLE) == set(config.TRAINABLE)
 
 
 class TrainingInterrupted(RuntimeError):
-    """Raised by the injected stop (``stop_after_step`` or the ``MLLM_ENCODER_DMU_STOP_AFTER_STEP`` variable)."""
+    """Raised by the injected stop (``stop_after_step``): tests interrupt a stage this way."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training stage. ``batch_size`` is per process and micro-step."""
+    """One training stage as the trainer runs it: the stage's hyper-parameters, its resolved step count,
+    the seed of its batches and the runtime settings (saving, logging, checkpointing)."""
 
+    stage: StageSection
     steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    trainable: str = "ffn"
-    temperature: float = 0.01
-    label_smoothing: float = 0.1
-    aux_loss_coef: float = 0.0
-    save_every: int = 100
-    log_every: int = 10
     seed: int = 0
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
     num_workers: int = 0
-    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {sorted(TRAINABLE)}, got {self.trainable!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"steps, batch_size and grad_accum must be positive: {self}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        check_section(self.stage, "stage")
+        check_section(self.runtime, "runtime")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The stage's warmup, capped so that a short stage still reaches its peak learning rate."""
+        return min(self.stage.warmup_steps, max(self.steps - 1, 0))
 
 
 def select_trainable(model: torch.nn.Module, trainable: str) -> Dict[str, torch.nn.Parameter]:
@@ -80,35 +75,40 @@ def select_trainable(model: torch.nn.Module, trainable: str) -> Dict[str, torch.
     return selected
 
 
-def build_optimizer(params: Dict[str, torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no weight decay on biases, norms and 1-d tensors."""
-    decay = [p for name, p in params.items() if p.ndim >= 2 and not name.endswith("bias")]
-    no_decay = [p for name, p in params.items() if not (p.ndim >= 2 and not name.endswith("bias"))]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def build_optimizer(params: Dict[str, torch.nn.Parameter], stage: StageSection) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on every tensor unless ``decay_norms_and_biases``
+    is false (then biases, norms and other 1-d tensors are not decayed)."""
+    decayed = {name: p for name, p in params.items() if stage.decay_norms_and_biases or p.ndim >= 2}
+    groups = [
+        {"params": list(decayed.values()), "weight_decay": stage.weight_decay},
+        {"params": [p for name, p in params.items() if name not in decayed], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    options = dict(lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps)
     try:  # the fused kernel: several times faster on CPU (torch >= 2.4) and GPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        return torch.optim.AdamW(groups, **options, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        return torch.optim.AdamW(groups, **options)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warmup for ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    min_lr = cfg.min_lr_ratio * cfg.lr
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+    lr, warmup = cfg.stage.lr, cfg.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    min_lr = cfg.stage.min_lr_ratio * lr
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
 
 
 class _ResumableBatches:
     """Endless micro-batches of indices across epochs, starting at micro-batch ``start``."""
 
     def __init__(self, labels: Sequence[int], cfg: TrainConfig, state: DistState, start: int) -> None:
-        self.sampler = ClusterBatchSampler(labels, cfg.batch_size, state.world_size, state.rank, seed=cfg.seed)
+        self.sampler = ClusterBatchSampler(
+            labels, cfg.stage.batch_size, state.world_size, state.rank, seed=cfg.seed, drop_last=cfg.stage.drop_last
+        )
         self.per_epoch = len(self.sampler)
-        if self.per_epoch == 0:
-            raise ValueError(f"no batch of {cfg.batch_size} x {state.world_size} fits the clusters")
         self.start = start
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -126,11 +126,11 @@ def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], cfg
         attention_mask=batch["attention_mask"],
     )
     contrastive = clip_contrastive_loss(
-        outputs.image_embeds, outputs.text_embeds, state, cfg.temperature, cfg.label_smoothing
+        outputs.image_embeds, outputs.text_embeds, state, cfg.stage.temperature, cfg.stage.label_smoothing
     )
     aux = getattr(outputs, "aux_loss", None)
     aux = aux.float() if aux is not None else torch.zeros((), device=contrastive.device)
-    return contrastive + cfg.aux_loss_coef * aux, contrastive.detach(), aux.detach()
+    return contrastive + cfg.stage.aux_loss_coef * aux, contrastive.detach(), aux.detach()
 
 
 def _next_batch(batches: Iterator, device) -> Dict[str, torch.Tensor]:
@@ -145,26 +145,21 @@ def _accumulate_gradients(
     model, batches: Iterator, cfg: TrainConfig, accelerator, state: DistState
 ) -> Dict[str, float]:
     totals = {"loss": 0.0, "contrastive": 0.0, "aux": 0.0}
-    for micro in range(cfg.grad_accum):
+    grad_accum = cfg.stage.grad_accum
+    for micro in range(grad_accum):
         batch = _next_batch(batches, accelerator.device)
-        sync = micro == cfg.grad_accum - 1
+        sync = micro == grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             loss, contrastive, aux = _micro_step_loss(model, batch, cfg, state)
-            accelerator.backward(loss / cfg.grad_accum)
+            accelerator.backward(loss / grad_accum)
         for key, value in (("loss", loss), ("contrastive", contrastive), ("aux", aux)):
-            totals[key] += value.item() / cfg.grad_accum
+            totals[key] += value.item() / grad_accum
     return totals
 
 
-def _stop_requested(step: int, stop_after_step: Optional[int]) -> bool:
-    env = os.environ.get(STOP_ENV)
-    limit = stop_after_step if stop_after_step is not None else (int(env) if env else None)
-    return limit is not None and step >= limit
-
-
 def _prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> Dict[str, torch.nn.Parameter]:
-    params = select_trainable(model, cfg.trainable)
-    if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+    params = select_trainable(model, cfg.stage.trainable)
+    if cfg.runtime.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return params
@@ -177,7 +172,7 @@ def _log_step(record: Dict[str, float], writer, history: List[Dict[str, float]],
             if key != "step":
                 writer.add_scalar(f"train/{key}", value, record["step"])
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-    if record["step"] % cfg.log_every == 0:
+    if record["step"] % cfg.runtime.log_every == 0:
         logger.info("step %d: %s", record["step"], {k: round(v, 5) for k, v in record.items() if k != "step"})
 
 
@@ -207,19 +202,20 @@ def train(
     """Train ``model`` in place for ``cfg.steps`` optimizer steps on batches of one ``labels`` cluster each.
 
     Resumes from the newest state in ``ckpt_dir`` (weights, optimizer, RNG, data position = step) and
-    saves there every ``save_every`` steps and at the end. Returns the per-step history (step, lr, loss,
-    contrastive, aux, grad_norm), including the steps before a resume.
+    saves there every ``runtime.save_every`` steps and at the end. Returns the per-step history (step, lr,
+    loss, contrastive, aux, grad_norm), including the steps before a resume. ``stop_after_step`` raises
+    :class:`TrainingInterrupted` after that step (tests use it to interrupt a stage).
     """
     state = DistState(accelerator.num_processes, accelerator.process_index)
     params = _prepare_model(model, cfg)
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg.stage)
     start_step, history = 0, []
     latest = latest_training_state(ckpt_dir)
     if latest is not None:
         start_step, history = load_training_state(latest, model, optimizer, accelerator.num_processes)
         logger.info("%s: resuming from %s (step %d)", desc, latest, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    index_batches = _ResumableBatches(labels, cfg, state, start_step * cfg.grad_accum)
+    index_batches = _ResumableBatches(labels, cfg, state, start_step * cfg.stage.grad_accum)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=index_batches, collate_fn=collate_fn, num_workers=cfg.num_workers
     )
@@ -236,14 +232,15 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals = _accumulate_gradients(wrapped, batches, cfg, accelerator, state)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        max_norm = cfg.stage.grad_clip if cfg.stage.grad_clip is not None else math.inf  # inf: measure only
+        grad_norm = accelerator.clip_grad_norm_(list(params.values()), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # DeepSpeed clips itself
         _log_step({"step": step + 1, "lr": lr, "grad_norm": grad_norm, **totals}, writer, history, cfg, bar)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.runtime.save_every == 0 or step + 1 == cfg.steps:
             _save(ckpt_dir, step + 1, accelerator, wrapped, optimizer, history)
-        if _stop_requested(step + 1, stop_after_step) and step + 1 < cfg.steps:
+        if stop_after_step is not None and stop_after_step <= step + 1 < cfg.steps:
             raise TrainingInterrupted(f"{desc}: stopped after step {step + 1} on request")
     model.eval()
     return history

@@ -1,6 +1,6 @@
 """Auxiliary losses of the MoE layers."""
 
-from typing import Iterable, Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,14 +32,19 @@ def load_balancing_loss(
     return num_experts * torch.sum(slot_fraction * mean_prob)
 
 
-def total_load_balancing_loss(
-    router_logits: Iterable[torch.Tensor],
+def mean_load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
     top_k: int,
     token_mask: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """Sum of :func:`load_balancing_loss` over the MoE layers (a 0 tensor when there are none)."""
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for logits in router_logits:
-        total = total + load_balancing_loss(logits, top_k, token_mask)
-    return total
+    """Mean of :func:`load_balancing_loss` over the MoE layers (a 0 tensor when there are none).
+
+    The paper's Eq. 6 weighs the Switch loss by ``1 / (A + B)`` over the A + B MoE layers of both towers, so
+    a tower's ``aux_loss`` is this layer mean: exactly 1.0 under uniform routing whatever the depth, and
+    ``alpha * aux_loss`` (alpha = 0.01) keeps the same weight for any number of MoE layers.
+    """
+    if not router_logits:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    total = sum(load_balancing_loss(logits, top_k, token_mask) for logits in router_logits)
+    return total / len(router_logits)

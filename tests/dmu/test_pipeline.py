@@ -10,10 +10,10 @@ from safetensors.numpy import load_file
 
 from mllm_encoder.cli import main
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.config import DataSection, config_from_dict
+from mllm_encoder.dmu.config import DataSection, config_from_dict, load_config
 from mllm_encoder.dmu.pipeline import run_pipeline
 from mllm_encoder.dmu.stages import run_cluster, run_extract
-from mllm_encoder.dmu.trainer import STOP_ENV, TrainingInterrupted
+from mllm_encoder.dmu.trainer import TrainingInterrupted
 
 
 def _config(run_dir, base, data, **dmu):
@@ -44,7 +44,7 @@ def _weights(run_dir, stage):
     return load_file(str(run_dir / stage / "model" / "model.safetensors"))
 
 
-def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_data, monkeypatch):
+def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_data):
     accelerator = build_accelerator("no")
     straight = tmp_path / "straight"
     stages = run_pipeline(_config(straight, tiny_base_dir, shapes_data, num_experts=2), "dmu", accelerator)
@@ -67,13 +67,11 @@ def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_
     resumed = tmp_path / "resumed"
     config_file = tmp_path / "resumed.yaml"
     config_file.write_text(yaml.safe_dump(_values(resumed, tiny_base_dir, shapes_data, num_experts=2)))
-    monkeypatch.setenv(STOP_ENV, "3")  # a kill in dmu/mcl_1 after step 3; the last save was at step 2
-    with pytest.raises(TrainingInterrupted):
-        main(["dmu", "run", str(config_file)])
+    with pytest.raises(TrainingInterrupted):  # a kill in dmu/mcl_1 after step 3; the last save was at step 2
+        run_pipeline(load_config(config_file), "dmu", accelerator, stop_after_step=3)
     manifest = json.loads((resumed / "manifest.json").read_text())["stages"]
     assert "dmu/cluster_0" in manifest and "dmu/mcl_1" not in manifest
     assert (resumed / "dmu" / "mcl_1" / "train_state" / "step_00000002").is_dir()
-    monkeypatch.delenv(STOP_ENV)
     main(["dmu", "run", str(config_file)])
     for stage in ("dmu/mcl_1", "dmu/assemble", "dmu/route"):
         a, b = _weights(straight, stage), _weights(resumed, stage)
@@ -91,7 +89,7 @@ def test_rerun_skips_finished_stages_and_rejects_a_changed_config(tmp_path, tiny
     before = (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(config, "finetune", accelerator)
     assert (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(differs in dmu\.num_experts\)"):
         run_pipeline(_config(tmp_path, tiny_base_dir, shapes_data, num_experts=3), "finetune", accelerator)
 
 
@@ -115,3 +113,37 @@ def test_bad_images_get_no_pseudo_label_and_too_many_stop_the_stage(tmp_path, ti
     train, _ = _copy_with_corrupt_images(shapes_data, tmp_path / "many", corrupt=10)
     with pytest.raises(ValueError, match="were bad"):
         run_extract(tiny_base_dir, DataSection(train=train, max_bad_fraction=0.05), tmp_path / "f2", accelerator)
+
+
+def test_inputs_are_checked_before_anything_is_written(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="missing-base"):
+        run_pipeline(_config(run_dir, tmp_path / "missing-base", shapes_data), "dmu", accelerator)
+    missing_data = {**shapes_data, "train": str(tmp_path / "missing.json")}
+    with pytest.raises(ValueError, match="missing.json"):
+        run_pipeline(_config(run_dir, tiny_base_dir, missing_data), "dmu", accelerator)
+    assert not run_dir.exists()
+
+
+def test_a_run_without_a_finished_stage_accepts_a_corrected_config(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    first = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=3)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))  # a run that died in its first stage
+    corrected = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=2)
+    stages = run_pipeline(corrected, "finetune", accelerator)
+    assert "finetune/train" in stages
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["dmu"]["num_experts"] == 2
+
+
+def test_text_context_stretches_the_base_for_every_method(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    config = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=2, text_context=48)
+    stages = run_pipeline(config, "finetune", accelerator)
+    assert list(stages)[:2] == ["base/stretch", "base/eval"]
+    stretched = tmp_path / "base" / "stretch" / "model"
+    assert json.loads((stretched / "config.json").read_text())["text_config"]["max_position_embeddings"] == 48
+    trained = json.loads((tmp_path / "finetune" / "train" / "model" / "config.json").read_text())
+    assert trained["text_config"]["max_position_embeddings"] == 48
+    summary = json.loads((tmp_path / "finetune" / "train" / "summary.json").read_text())
+    assert (summary["steps"], summary["samples_seen"], summary["clusters_used"]) == (4 + 3, 7 * 4, 1)

@@ -8,31 +8,48 @@ def _labels(seed=0, n=203, clusters=5):
     return np.random.default_rng(seed).integers(0, clusters, size=n)
 
 
-def test_every_batch_from_one_cluster_without_repeats():
-    labels = _labels()
+def test_default_drops_partial_batches_and_never_mixes_clusters():
+    labels = _labels()  # 5 clusters of about 40 samples
     sampler = ClusterBatchSampler(labels, batch_size=8, seed=3)
-    seen = []
-    for batch in sampler:
-        assert len({labels[i] for i in batch}) == 1
-        assert 2 <= len(batch) <= 8
-        seen.extend(batch)
-    assert len(seen) == len(set(seen))
-    # Without drop_last only clusters' singleton leftovers are lost.
-    expected = sum(n if n % 8 != 1 else n - 1 for n in np.bincount(labels))
-    assert len(seen) == expected
-
-
-def test_drop_last_coverage_and_batch_count():
-    labels = _labels()
-    sampler = ClusterBatchSampler(labels, batch_size=8, seed=3, drop_last=True)
     batches = list(sampler)
-    assert all(len(b) == 8 for b in batches)
-    assert len(batches) == len(sampler) == sum(n // 8 for n in np.bincount(labels))
+    assert all(len(batch) == 8 for batch in batches)  # the official MCL sampler: full batches only
+    assert all(len({labels[i] for i in batch}) == 1 for batch in batches)
+    seen = [i for batch in batches for i in batch]
+    assert len(seen) == len(set(seen))
+    sizes = np.bincount(labels)
+    assert len(batches) == len(sampler) == sum(n // 8 for n in sizes)
+    plan = sampler.epoch_plan()
+    assert (plan.batches, plan.samples, plan.clusters_used, plan.clusters_skipped) == (len(batches), len(seen), 5, 0)
+    assert plan.samples_dropped == sum(n % 8 for n in sizes) == len(labels) - len(seen)
+
+
+def test_clusters_smaller_than_a_global_batch_are_skipped():
+    labels = np.array([0] * 20 + [1] * 7 + [2] * 3 + [-1] * 4)  # -1: no features, never drawn
+    sampler = ClusterBatchSampler(labels, batch_size=4, world_size=2, rank=0, seed=0)
+    plan = sampler.epoch_plan()
+    assert (plan.batches, plan.samples, plan.clusters_used, plan.clusters_skipped) == (2, 16, 1, 2)
+    assert plan.samples_dropped == 4 + 7 + 3
+    assert all(labels[i] == 0 for batch in sampler for i in batch)
+    with pytest.raises(ValueError, match="largest cluster: 20"):
+        ClusterBatchSampler(labels, batch_size=16, world_size=2)
+
+
+def test_keeping_partial_batches_is_an_option():
+    labels = _labels()
+    batches = list(ClusterBatchSampler(labels, batch_size=8, seed=3, drop_last=False))
+    assert all(2 <= len(batch) <= 8 for batch in batches)
+    assert all(len({labels[i] for i in batch}) == 1 for batch in batches)
+    seen = [i for batch in batches for i in batch]
+    assert len(seen) == len(set(seen))
+    assert len(seen) == sum(n if n % 8 != 1 else n - 1 for n in np.bincount(labels))  # singletons dropped
 
 
 def test_two_ranks_share_the_cluster_at_every_step():
     labels = _labels(1)
-    ranks = [list(ClusterBatchSampler(labels, batch_size=4, world_size=2, rank=r, seed=7, epoch=2)) for r in range(2)]
+    ranks = [
+        list(ClusterBatchSampler(labels, batch_size=4, world_size=2, rank=r, seed=7, epoch=2, drop_last=False))
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) > 10
     union = []
     for batch0, batch1 in zip(*ranks):
@@ -55,8 +72,9 @@ def test_deterministic_by_seed_and_epoch_and_resumable():
 
 def test_single_cluster_is_a_random_batch_sampler():
     batches = list(ClusterBatchSampler(np.zeros(50, dtype=int), batch_size=16, seed=0))
-    assert sorted(len(b) for b in batches) == [2, 16, 16, 16]
-    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert [len(b) for b in batches] == [16, 16, 16]
+    seen = sorted(i for b in batches for i in b)
+    assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(50))
     assert batches[0] != sorted(batches[0])  # shuffled
 
 

@@ -6,8 +6,16 @@ from dmu_helpers import collate
 from transformers import CLIPConfig, CLIPModel
 
 from mllm_encoder.dmu.accelerator import build_accelerator
+from mllm_encoder.dmu.config import RuntimeSection, StageSection
 from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
-from mllm_encoder.dmu.trainer import TrainConfig, TrainingInterrupted, learning_rate, select_trainable, train
+from mllm_encoder.dmu.trainer import (
+    TrainConfig,
+    TrainingInterrupted,
+    build_optimizer,
+    learning_rate,
+    select_trainable,
+    train,
+)
 
 
 def _tiny_clip(seed=0):
@@ -21,18 +29,9 @@ def _tiny_clip(seed=0):
     return CLIPModel(config)
 
 
-def _cfg(**overrides):
-    base = dict(
-        steps=6,
-        batch_size=4,
-        grad_accum=2,
-        lr=1e-3,
-        weight_decay=0.2,
-        warmup_steps=2,
-        save_every=2,
-        log_every=1,
-    )
-    return TrainConfig(**{**base, **overrides})
+def _cfg(steps=6, **overrides):
+    stage = dict(batch_size=4, grad_accum=2, lr=1e-3, weight_decay=0.2, warmup_steps=2)
+    return TrainConfig(StageSection(**{**stage, **overrides}), steps, runtime=RuntimeSection(save_every=2, log_every=1))
 
 
 def test_select_trainable_ffn_only():
@@ -40,6 +39,30 @@ def test_select_trainable_ffn_only():
     params = select_trainable(model, "ffn")
     assert params and all(".mlp." in name for name in params)
     assert not any(p.requires_grad for name, p in model.named_parameters() if ".mlp." not in name)
+
+
+def test_select_trainable_ffn_excludes_routers():
+    from tiny_models import tiny_clip_moe_config
+
+    from mllm_encoder import CLIPMoEModel
+
+    model = CLIPMoEModel(tiny_clip_moe_config())
+    ffn = select_trainable(model, "ffn")
+    assert ffn and not any(".router." in name for name in ffn)
+    routers = select_trainable(model, "router")
+    assert routers and all(".router." in name for name in routers)
+    assert set(select_trainable(model, "ffn+router")) == set(ffn) | set(routers)
+
+
+def test_optimizer_defaults_are_the_official_recipe():
+    params = select_trainable(_tiny_clip(), "ffn")
+    optimizer = build_optimizer(params, StageSection())
+    (group,) = optimizer.param_groups  # weight decay on every trainable tensor, biases included
+    assert (group["betas"], group["eps"], group["weight_decay"], group["lr"]) == ((0.9, 0.999), 1e-8, 0.2, 1e-5)
+    assert len(group["params"]) == len(params)
+    split = build_optimizer(params, StageSection(decay_norms_and_biases=False)).param_groups
+    assert [g["weight_decay"] for g in split] == [0.2, 0.0]
+    assert all(p.ndim >= 2 for p in split[0]["params"]) and all(p.ndim == 1 for p in split[1]["params"])
 
 
 def test_schedule_warmup_then_cosine():
