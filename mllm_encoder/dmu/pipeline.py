@@ -260,6 +260,7 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
     with hold(directory_lock(run_dir), enabled=accelerator.is_main_process):  # a second run is refused
         manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
         _check_config_copy(config, run_dir, manifest, accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # every rank has read the same manifest before any stage starts
         ctx = RunContext(config, accelerator, num_samples, stop_after_step)
         for position, (name, run) in enumerate(plan(ctx, method)):
             if manifest.is_done(name):

@@ -98,7 +98,16 @@ def train_config(
 
 
 def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
-    """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``."""
+    """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``.
+
+    Shards of an earlier, interrupted extraction (possibly with another number of processes) are removed
+    first by the main process, so the directory ends with exactly one shard per rank of this run.
+    """
+    out_dir = Path(out_dir)
+    if accelerator.is_main_process and out_dir.is_dir():
+        for stale in out_dir.glob("features_rank*.safetensors"):
+            stale.unlink()
+    accelerator.wait_for_everyone()
     model = load_model(model_dir).to(accelerator.device)
     dataset, collator = load_training_data(data, model_dir)
     state = DistState(accelerator.num_processes, accelerator.process_index)
@@ -106,7 +115,7 @@ def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accel
         extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
     collator.check(final=True)
     accelerator.wait_for_everyone()
-    return Path(out_dir)
+    return out_dir
 
 
 def run_cluster(
