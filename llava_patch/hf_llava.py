@@ -2,7 +2,8 @@
 
 The projector starts random (train it like LLaVA's stage 1). The vision tower is a ``CLIPMoEVisionModel``
 (``import mllm_encoder`` registers it with ``AutoConfig``/``AutoModel``), so the result saves and reloads with
-``LlavaForConditionalGeneration.from_pretrained``.
+``LlavaForConditionalGeneration.from_pretrained``. The CLIP-MoE checkpoint is loaded strictly; the language model
+runs no code from its folder unless ``trust_remote_code=True``.
 """
 
 import os
@@ -32,20 +33,23 @@ def build_hf_llava(
     vision_feature_layer: int = -2,
     image_token: str = "<image>",
     projector_hidden_act: str = "gelu",
+    trust_remote_code: bool = False,
 ) -> Tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, CLIPImageProcessor]:
     """A Llava model with the CLIP-MoE vision weights of ``clip_moe_dir`` and the LM weights of ``llm_dir``.
 
     ``image_token`` is added to the tokenizer when missing (the embeddings grow with it). Returns the model,
-    the tokenizer and the CLIP-MoE image processor.
+    the tokenizer and the CLIP-MoE image processor. ``trust_remote_code`` lets the language model's folder
+    run its own Python code (off by default).
     """
     from mllm_encoder import CLIPMoEVisionModel
+    from mllm_encoder.loading import load_clip_moe
 
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    vision = load_clip_moe(clip_moe_dir, CLIPMoEVisionModel)
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
-    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir))
+    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     language_model.resize_token_embeddings(len(tokenizer))
-    vision = CLIPMoEVisionModel.from_pretrained(str(clip_moe_dir))
     config = LlavaConfig(
         vision_config=vision.config,
         text_config=language_model.config,

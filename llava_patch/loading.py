@@ -1,4 +1,5 @@
-"""``load_pretrained_model`` that keeps trained CLIP-MoE tower weights and always returns the image processor.
+"""``load_pretrained_model`` that keeps trained CLIP-MoE tower weights, returns the image processor and runs no
+code from a checkpoint folder unless the user allows it.
 
 The tower's parameters exist from construction, so ``from_pretrained`` restores the tower weights stored
 in a LLaVA checkpoint. Checkpoints without them (a projector-only stage with ``model_base``, LoRA weights
@@ -6,19 +7,94 @@ on a base LLM without a trained tower) get the encoder weights from the CLIP-MoE
 Stock LLaVA returns no image processor unless the model name contains ``llava``; this returns the tower's.
 transformers 5 recreates loaded parameters with ``requires_grad=True``; ``from_pretrained`` of LLaVA models
 freezes the CLIP-MoE tower again unless it was built with ``unfreeze_mm_vision_tower``.
+
+LLaVA passes ``trust_remote_code=True`` for models whose name contains ``mpt`` (``llava/model/builder.py`` and
+``llava/train/train.py``), which runs the ``*.py`` files of the checkpoint folder. The ``AutoConfig``,
+``AutoModelForCausalLM`` and ``AutoTokenizer`` those modules call are replaced by guards that pass the user's
+choice instead: ``False`` unless :func:`trust_remote_code` allows it (``--trust-remote-code`` of the entry
+points) or ``load_pretrained_model(..., trust_remote_code=True)`` is called.
 """
 
+import contextlib
+import contextvars
 import functools
 import json
+import re
 import sys
+import types
 from pathlib import Path
-from typing import Any, Callable, Set
+from typing import Any, Callable, Iterator, List, Set, Tuple
 
 import torch
 
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 _TOWER_KEY = "vision_tower."
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+_GUARDED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer")
+
+_trust_remote_code = contextvars.ContextVar("llava_patch_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trust_remote_code(trusted: bool) -> Iterator[None]:
+    """Within the block, LLaVA's loaders may run checkpoint-folder code only if ``trusted``."""
+    token = _trust_remote_code.set(bool(trusted))
+    try:
+        yield
+    finally:
+        _trust_remote_code.reset(token)
+
+
+def pop_trust_remote_code_flag(argv: List[str]) -> Tuple[List[str], bool]:
+    """``argv`` without ``--trust-remote-code``, and whether it was there (for entry points running LLaVA's scripts)."""
+    return [arg for arg in argv if arg != TRUST_REMOTE_CODE_FLAG], TRUST_REMOTE_CODE_FLAG in argv
+
+
+class RemoteCodeGuard:
+    """An ``Auto*`` class whose ``from_pretrained`` gets ``trust_remote_code`` from the user, not the caller."""
+
+    def __init__(self, auto_class: Any):
+        self.auto_class = auto_class
+
+    def from_pretrained(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        trusted = _trust_remote_code.get()
+        kwargs["trust_remote_code"] = trusted
+        try:
+            return self.auto_class.from_pretrained(path, *args, **kwargs)
+        except ValueError as error:
+            if trusted or "trust_remote_code" not in str(error):
+                raise
+            raise ValueError(
+                f"{path}: loading it would run Python code from the checkpoint folder; pass "
+                f"{TRUST_REMOTE_CODE_FLAG} only if you trust that code"
+            ) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.auto_class, name)
+
+
+def _guard_module(module: Any) -> None:
+    for name in _GUARDED_AUTO_CLASSES:
+        current = getattr(module, name, None)
+        if current is not None and not isinstance(current, RemoteCodeGuard):
+            setattr(module, name, RemoteCodeGuard(current))
+
+
+class _GuardedTransformers(types.ModuleType):
+    """``transformers`` as seen by ``llava.train.train``: every attribute, with guarded ``Auto*`` classes."""
+
+    def __init__(self, module: types.ModuleType):
+        super().__init__(module.__name__)
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_module":
+            raise AttributeError(name)
+        value = getattr(self._module, name)
+        if name in _GUARDED_AUTO_CLASSES:
+            return RemoteCodeGuard(value)
+        return value
 
 
 def _tensor_names(path: Path) -> Set[str]:
@@ -40,10 +116,30 @@ def checkpoint_has_tower_weights(model_path: str) -> bool:
     return any(_TOWER_KEY in name for path in files for name in _tensor_names(path))
 
 
+def _check_model_location(path: Any, what: str) -> None:
+    """Refuse a missing local directory (transformers would report a malformed Hub repo id instead).
+
+    ``org/name`` stays a Hub id unless ``org`` is a local directory.
+    """
+    if path is None or Path(str(path)).expanduser().is_dir():
+        return
+    text = str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not Path(text.split("/")[0]).is_dir():
+        return
+    raise ValueError(f"{path}: no such model directory ({what}); give an existing LLaVA checkpoint directory")
+
+
 def _wrap(original: Callable) -> Callable:
     @functools.wraps(original)
     def load_pretrained_model(model_path: str, model_base: Any, model_name: str, *args: Any, **kwargs: Any):
-        tokenizer, model, image_processor, context_len = original(model_path, model_base, model_name, *args, **kwargs)
+        trusted = kwargs.pop("trust_remote_code", None)
+        _check_model_location(model_path, "--model-path")
+        _check_model_location(model_base, "--model-base")
+        scope = trust_remote_code(trusted) if trusted is not None else contextlib.nullcontext()
+        with scope:
+            tokenizer, model, image_processor, context_len = original(
+                model_path, model_base, model_name, *args, **kwargs
+            )
         tower = model.get_vision_tower() if hasattr(model, "get_vision_tower") else None
         if isinstance(tower, CLIPMoEVisionTower):
             if not checkpoint_has_tower_weights(model_path):
@@ -70,8 +166,14 @@ def _wrap_from_pretrained(original: Any) -> Any:
 
 def apply() -> None:
     """Replace ``load_pretrained_model`` (in ``llava.model.builder`` and modules that imported it) and
-    ``from_pretrained`` of LLaVA's Llama and Mistral models."""
+    ``from_pretrained`` of LLaVA's Llama and Mistral models; guard the ``Auto*`` classes LLaVA's builder and
+    training script call."""
     import llava.model.builder as builder
+    import llava.train.train as train_module
+
+    _guard_module(builder)
+    if not isinstance(train_module.transformers, _GuardedTransformers):
+        train_module.transformers = _GuardedTransformers(train_module.transformers)
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 

@@ -1,51 +1,144 @@
-"""Atomic writes: a file or directory appears whole under its final name, or not at all."""
+"""Atomic writes: a file or directory appears whole under its final name, or not at all.
+
+Staging names carry the writer's host and pid (``.NAME.tmp-HOST-PID-RANDOM``, ``.NAME.old-HOST-PID``), so the
+next write of ``NAME`` removes what a killed writer on this host left behind. Outputs get the permissions of
+the process's umask, like any file the user creates.
+"""
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Any, Iterator, Union
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 
-@contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` when the block succeeds.
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
 
-    An existing ``path`` is moved aside first and removed only once the new one is in place, so a crash
-    at any moment leaves either the old or the new directory under a recognisable name.
+
+def _staging_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(path: PathLike) -> None:
+    """Remove the staging leftovers of ``path`` whose writer (a process on this host) no longer runs."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(
+        rf"^\.{re.escape(path.name)}\.(?:tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}|old-(?:(?P<old_host>.+)-)?(?P<old_pid>\d+))$"
+    )
+    for entry in path.parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        host = match["host"] if match["pid"] else match["old_host"]
+        pid = int(match["pid"] or match["old_pid"])
+        if (host is not None and host != _host()) or pid == os.getpid() or _pid_alive(pid):
+            continue
+        logger.info("removing %s, left by a writer (pid %d) that no longer runs", entry, pid)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_replaceable(path: PathLike, overwrite: bool) -> None:
+    """Raise ``ValueError`` unless a directory may be written at ``path``.
+
+    Allowed: nothing there, an empty directory, or (with ``overwrite``) a non-empty directory. A file or a
+    symbolic link at ``path`` is never replaced by a directory.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{path}: is a symbolic link; refusing to replace it (give the directory it points to)")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory; refusing to replace it (choose another output)")
+    if path.exists() and not overwrite and not _is_empty_directory(path):
+        raise ValueError(f"{path}: already exists and is not empty; refusing to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` when the block succeeds.
+
+    ``path`` may be absent or an empty directory; a non-empty directory is replaced only with ``overwrite``
+    (see :func:`check_replaceable`, checked before and after the block). An existing ``path`` is moved
+    aside first and removed only once the new one is in place, so a crash at any moment leaves either the
+    old or the new directory under a recognisable name.
+    """
+    path = Path(path)
+    check_replaceable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_staging(path)
+    staging = _staging_name(path)
+    staging.mkdir()
     try:
         yield staging
+        check_replaceable(path, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    previous = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, previous)
-    os.replace(staging, path)
+    previous = path.with_name(f".{path.name}.old-{_host()}-{os.getpid()}")
+    for _ in range(100):  # another writer of ``path`` may swap its directory in between: move that aside too
+        shutil.rmtree(previous, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, previous)
+        try:
+            os.replace(staging, path)
+            break
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    else:
+        raise RuntimeError(f"{path}: could not move the new directory into place")
     shutil.rmtree(previous, ignore_errors=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a uniquely named temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_staging(path)
+    staging = _staging_name(path)
+    handle = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(staging, path)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
         raise
 
 

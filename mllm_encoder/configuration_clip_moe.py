@@ -1,18 +1,46 @@
-"""Configurations of CLIP-MoE: HF CLIP's fields plus the Mixture-of-Experts settings of each tower."""
+"""Configurations of CLIP-MoE: HF CLIP's fields plus the Mixture-of-Experts settings of each tower.
 
+Every field is type- and range-checked when a config is built (from keyword arguments, a dict or a
+``config.json``); a bad value raises ``ValueError`` naming the field.
+"""
+
+import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 HF_CLIP_MODEL_TYPES = {"clip", "clip_moe"}
+
+
+def check_int(field: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]``; ``ValueError`` naming ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{field} must be {bound}, got {value}")
+    return value
+
+
+def check_number(field: str, value: Any, minimum: float, maximum: float = math.inf, open_minimum=False) -> float:
+    """``value`` as a finite number in ``[minimum, maximum]`` (``(minimum, ...`` with ``open_minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r} ({type(value).__name__})")
+    if value < minimum or (open_minimum and value == minimum) or value > maximum:
+        low = "(" if open_minimum else "["
+        raise ValueError(f"{field} must be in {low}{minimum}, {maximum}], got {value}")
+    return value
 
 
 def _validated_moe_layers(moe_layers: Optional[Sequence[int]], num_hidden_layers: int) -> Optional[List[int]]:
     if moe_layers is None:
         return None
-    layers = [int(i) for i in moe_layers]
+    if isinstance(moe_layers, (str, bytes)) or not isinstance(moe_layers, Sequence):
+        raise ValueError(f"moe_layers must be a list of layer indices or null, got {moe_layers!r}")
+    layers = [check_int("moe_layers", index, 0) for index in moe_layers]
     for index in layers:
-        if not 0 <= index < num_hidden_layers:
+        if index >= num_hidden_layers:
             raise ValueError(
                 f"moe_layers: layer index {index} is out of range for num_hidden_layers={num_hidden_layers}"
             )
@@ -80,18 +108,25 @@ class _CLIPMoETowerConfig(PretrainedConfig):
         self.validate_moe()
 
     def validate_moe(self) -> None:
-        """Raise ``ValueError`` naming the field when the shape or MoE settings are inconsistent."""
+        """Raise ``ValueError`` naming the field when a field has the wrong type or range, or fields disagree."""
+        for field in ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads"):
+            check_int(field, getattr(self, field), 1)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of transformers' activations, got {self.hidden_act!r}")
+        check_number("layer_norm_eps", self.layer_norm_eps, 0.0, open_minimum=True)
+        check_number("attention_dropout", self.attention_dropout, 0.0, 1.0)
+        check_number("initializer_range", self.initializer_range, 0.0)
+        check_number("initializer_factor", self.initializer_factor, 0.0)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        check_int("num_experts", self.num_experts, 1)
+        check_int(f"top_k (num_experts={self.num_experts})", self.top_k, 1, self.num_experts)
+        check_number("router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
         self.moe_layers = _validated_moe_layers(self.moe_layers, self.num_hidden_layers)
 
     def _get_generation_parameters(self) -> Dict[str, Any]:
@@ -150,9 +185,9 @@ class CLIPMoEVisionConfig(_CLIPMoETowerConfig):
         patch_size: int = 32,
         **kwargs: Any,
     ):
-        self.num_channels = num_channels
-        self.image_size = image_size
-        self.patch_size = patch_size
+        self.num_channels = check_int("num_channels", num_channels, 1)
+        self.image_size = check_int("image_size", image_size, 1)
+        self.patch_size = check_int("patch_size", patch_size, 1)
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         super().__init__(
@@ -184,8 +219,15 @@ class CLIPMoETextConfig(_CLIPMoETowerConfig):
         eos_token_id: int = 49407,
         **kwargs: Any,
     ):
-        self.vocab_size = vocab_size
-        self.max_position_embeddings = max_position_embeddings
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, 1)
+        for field, value in (
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ):
+            if value is not None:
+                check_int(field, value, 0)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
 
@@ -217,19 +259,25 @@ class CLIPMoEConfig(PretrainedConfig):
         for key in ("text_config_dict", "vision_config_dict"):
             kwargs.pop(key, None)
         super().__init__(**kwargs)
-        self.text_config = self._tower(CLIPMoETextConfig, text_config)
-        self.vision_config = self._tower(CLIPMoEVisionConfig, vision_config)
-        self.projection_dim = projection_dim
-        self.logit_scale_init_value = logit_scale_init_value
+        self.text_config = self._tower(CLIPMoETextConfig, text_config, "text_config")
+        self.vision_config = self._tower(CLIPMoEVisionConfig, vision_config, "vision_config")
+        self.projection_dim = check_int("projection_dim", projection_dim, 1)
+        self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
         self.initializer_factor = 1.0
 
     @staticmethod
-    def _tower(config_class, value: TowerConfig):
+    def _tower(config_class, value: TowerConfig, field: str):
+        """A tower config from ``value``; a bad field is reported as ``field.name``."""
         if value is None:
             return config_class()
         if isinstance(value, PretrainedConfig):
-            return config_class.from_dict(value.to_dict())
-        return config_class.from_dict(dict(value))
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise ValueError(f"{field} must be a mapping of tower settings, got {type(value).__name__}")
+        try:
+            return config_class.from_dict(dict(value))
+        except ValueError as error:
+            raise ValueError(f"{field}.{error}") from error
 
     @classmethod
     def from_text_vision_configs(

@@ -3,16 +3,23 @@
 Accepted: CLIP-MoE checkpoint directories, HF CLIP checkpoint directories (``CLIPModel``,
 ``CLIPVisionModel``, ``CLIPTextModel``; transformers 4.x and 5.x layouts), and in-memory models of
 either family.
+
+Loading from a directory is strict: the config is checked field by field, every weight file must be readable,
+and the weights must match the model exactly. The only tensors dropped on purpose are HF CLIP's
+``position_ids`` buffers and, for a tower model read from a two-tower directory, the other tower and the
+projections (``docs/checkpoints.md``).
 """
 
 import json
 import os
 from pathlib import Path
-from typing import Dict, Type, Union
+from typing import Any, Dict, Iterable, Optional, Type, Union
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
+from mllm_encoder.checkpoint import check_weight_files
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from mllm_encoder.modeling_clip_moe import (
     CLIPMoEModel,
@@ -51,13 +58,54 @@ def model_class_for(model_type: str, where: str) -> Type[CLIPMoEPreTrainedModel]
 
 def read_model_type(directory: Union[str, os.PathLike]) -> str:
     """The ``model_type`` in ``directory/config.json``."""
+    if not Path(directory).is_dir():
+        raise ValueError(f"{directory}: no such directory (expected a CLIP or CLIP-MoE checkpoint directory)")
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{directory}: no config.json (expected a CLIP or CLIP-MoE checkpoint directory)")
     try:
-        return json.loads(config_path.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{config_path}: cannot read model_type ({error})") from error
+        model_type = json.loads(config_path.read_text())["model_type"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path}: cannot read model_type ({type(error).__name__}: {error})") from error
+    if not isinstance(model_type, str):
+        raise ValueError(f"{config_path}: model_type must be a string, got {model_type!r}")
+    return model_type
+
+
+def read_config(directory: Union[str, os.PathLike], model_class: Type[CLIPMoEPreTrainedModel]) -> PretrainedConfig:
+    """The checked config of ``model_class`` in ``directory``; a bad field raises ``ValueError`` naming the file."""
+    try:
+        return CONFIG_CLASS_BY_MODEL[model_class].from_pretrained(directory)
+    except ValueError as error:
+        raise ValueError(f"{Path(directory) / 'config.json'}: {error}") from error
+
+
+def _is_documented_drop(key: str) -> bool:
+    """HF CLIP's ``position_ids`` buffers (transformers 4.x checkpoints) are recomputed, never loaded."""
+    return key.endswith("position_ids")
+
+
+def check_loading_info(info: Dict[str, Iterable[Any]], where: Union[str, os.PathLike]) -> None:
+    """Raise ``ValueError`` when ``from_pretrained(..., output_loading_info=True)`` reports a mismatch."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(key for key in info.get("unexpected_keys") or () if not _is_documented_drop(key))
+    mismatched = sorted(str(item[0] if isinstance(item, tuple) else item) for item in info.get("mismatched_keys") or ())
+    errors = list(info.get("error_msgs") or ())
+    problems = [
+        f"{len(names)} {what} (e.g. {names[:4]})"
+        for what, names in (
+            ("missing tensor(s)", missing),
+            ("unexpected tensor(s)", unexpected),
+            ("tensor(s) of the wrong shape", mismatched),
+            ("load error(s)", errors),
+        )
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"{where}: the weights do not match the config: {'; '.join(problems)} "
+            "(an incomplete checkpoint, or weights and config.json of different models)"
+        )
 
 
 def tower_state_dict(state_dict: Dict[str, torch.Tensor], model_class: type) -> Dict[str, torch.Tensor]:
@@ -78,11 +126,33 @@ def from_hf_clip(model: PreTrainedModel) -> CLIPMoEPreTrainedModel:
     return converted.to(next(model.parameters()).dtype)
 
 
-def load_clip_moe(source: ModelSource, **from_pretrained_kwargs) -> CLIPMoEPreTrainedModel:
-    """Load ``source`` (a directory or an in-memory model) as a CLIP-MoE model of the matching kind."""
+def load_clip_moe(
+    source: ModelSource, model_class: Optional[Type[CLIPMoEPreTrainedModel]] = None, **from_pretrained_kwargs
+) -> CLIPMoEPreTrainedModel:
+    """Load ``source`` (a directory or an in-memory model) as a CLIP-MoE model, strictly.
+
+    ``model_class`` defaults to the class matching the directory's ``model_type``; a tower class reads that
+    tower out of a two-tower directory. Raises ``ValueError`` naming the file for a bad config field, an
+    unreadable weight file, or weights that do not match the config.
+    """
     if isinstance(source, CLIPMoEPreTrainedModel):
         return source
     if isinstance(source, PreTrainedModel):
         return from_hf_clip(source)
-    model_class = model_class_for(read_model_type(source), str(source))
-    return model_class.from_pretrained(source, **from_pretrained_kwargs)
+    stored_class = model_class_for(read_model_type(source), str(source))
+    model_class = model_class or stored_class
+    if model_class is not stored_class and stored_class is not CLIPMoEModel:
+        raise ValueError(f"{source}: holds a {stored_class.__name__}, which has no {model_class.__name__} in it")
+    config = read_config(source, model_class)
+    check_weight_files(source)
+    # Mismatches are collected (not raised half-way, nor logged as tables) and reported by check_loading_info.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(
+            source, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **from_pretrained_kwargs
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    check_loading_info(info, source)
+    return model

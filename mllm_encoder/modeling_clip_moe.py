@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings
+from mllm_encoder.losses import clip_contrastive_loss
 from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
 
@@ -213,14 +214,6 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-def clip_contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy of matching pairs on the diagonal (HF CLIP's ``clip_loss``)."""
-    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    text_loss = nn.functional.cross_entropy(logits_per_text, targets)
-    image_loss = nn.functional.cross_entropy(logits_per_text.t(), targets)
-    return (text_loss + image_loss) / 2.0
-
-
 class CLIPMoEModel(CLIPMoEPreTrainedModel):
     """Both towers, their projections and the learnable temperature, like HF ``CLIPModel``."""
 
@@ -283,10 +276,14 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         aux_loss = (num_text * text_aux + num_vision * vision_aux) / layers
         loss = None
         if return_loss:
-            loss = clip_contrastive_loss(per_text) + (
-                self.config.text_config.router_aux_loss_coef * num_text * text_aux
-                + self.config.vision_config.router_aux_loss_coef * num_vision * vision_aux
-            ) / layers
+            loss = (
+                clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
+                + (
+                    self.config.text_config.router_aux_loss_coef * num_text * text_aux
+                    + self.config.vision_config.router_aux_loss_coef * num_vision * vision_aux
+                )
+                / layers
+            )
         output = CLIPMoEOutput(
             loss=loss,
             logits_per_image=per_image,

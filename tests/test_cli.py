@@ -40,9 +40,7 @@ def test_upcycle_then_inspect(tiny_hf_clip_dir, tmp_path, capsys):
     vision = report["towers"]["vision"]
     assert vision["experts_per_layer"] == [1, 4, 4]
     expert = 2 * 32 * 64 + 64 + 32  # fc1 + fc2 weights and biases of one expert
-    assert (
-        vision["parameters"] - vision["active_parameters"] == 2 * 2 * expert
-    )  # 2 layers x (4-2) idle experts
+    assert vision["parameters"] - vision["active_parameters"] == 2 * 2 * expert  # 2 layers x (4-2) idle experts
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
 
     main(["inspect", str(out)])
@@ -64,8 +62,13 @@ def test_bad_layer_list_is_a_clear_error(tiny_hf_clip_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "a,b"])
     assert "comma-separated layer indices" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="moe_layers: layer index 7"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "7"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.endswith(
+        "clip-moe upcycle: error: text_config.moe_layers: layer index 7 is out of range for num_hidden_layers=2\n"
+    )
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("command", ["upcycle", "assemble", "convert", "inspect"])

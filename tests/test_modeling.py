@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import tiny_clip_moe_config, tiny_text_config, tiny_vision_config
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -132,9 +133,10 @@ def test_moe_model_outputs_aux_loss_and_router_logits():
     torch.testing.assert_close(text_aux, sum(text_layers) / 2)  # a tower's aux loss: its layer mean
     torch.testing.assert_close(vision_aux, sum(vision_layers) / 3)
     torch.testing.assert_close(out.aux_loss, sum(text_layers + vision_layers) / 5)  # mean over both towers
-    from mllm_encoder.modeling_clip_moe import clip_contrastive_loss
-
-    expected = clip_contrastive_loss(out.logits_per_text) + 0.01 * out.aux_loss
+    per_text = out.logits_per_text
+    targets = torch.arange(3)
+    contrastive = (F.cross_entropy(per_text, targets) + F.cross_entropy(per_text.t(), targets)) / 2
+    expected = contrastive + 0.01 * out.aux_loss
     torch.testing.assert_close(out.loss, expected)
 
 

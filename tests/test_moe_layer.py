@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mllm_encoder.moe import SparseMoE, grouped_mm_available, load_balancing_loss, plan_dispatch
+from mllm_encoder.moe import SparseMoE, gather_tokens, grouped_mm_available, load_balancing_loss, plan_dispatch
+from mllm_encoder.moe.experts import resolve_backend
 
 E, D, H = 4, 16, 24
 
@@ -38,12 +39,15 @@ def make_layer(seed: int = 0, top_k: int = 2, starve_last_expert: bool = True):
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-@pytest.mark.parametrize("backend", ["loop", "grouped"])
-def test_sparse_moe_matches_naive_loop_forward_and_backward(top_k, backend):
-    if backend == "grouped" and not grouped_mm_available():
+@pytest.mark.parametrize("backend", ["loop", "grouped", "grouped-compiled-form"])
+def test_sparse_moe_matches_naive_loop_forward_and_backward(top_k, backend, monkeypatch):
+    """Every kernel path, fp32 on CPU, incl. the form traced under torch.compile (bias as an indexed load)."""
+    if backend != "loop" and not grouped_mm_available():
         pytest.skip("torch has no _grouped_mm")
+    if backend == "grouped-compiled-form":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     layer, x = make_layer(top_k=top_k)
-    layer.experts.backend = backend
+    layer.experts.backend = backend.split("-")[0]
     x_ours = x.clone().requires_grad_(True)
     x_ref = x.clone().requires_grad_(True)
     out, router_logits = layer(x_ours)
@@ -74,9 +78,54 @@ def test_plan_dispatch_groups_slots_by_expert_stably():
     assert plan.expert_ids.tolist() == [0, 0, 1, 1, 2, 2]
     assert plan.token_index.tolist() == [0, 1, 1, 2, 0, 2]
     assert plan.counts.tolist() == [2, 2, 2, 0]
-    assert plan.group_ends.tolist() == [2, 4, 6, 6]
+    assert plan.offsets.tolist() == [2, 4, 6, 6]
     flat = expert_ids.reshape(-1)
     assert torch.equal(plan.expert_ids[plan.inverse], flat)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "relu"])
+def test_activations_other_than_quick_gelu_match_the_naive_loop(hidden_act):
+    """QuickGELU is folded into the GEMMs as silu(1.702 x) / 1.702; the other activations run as they are."""
+    layer, x = make_layer()
+    layer.experts = type(layer.experts)(E, D, H, hidden_act)
+    for param in (layer.experts.fc1.bias, layer.experts.fc2.bias):
+        torch.nn.init.normal_(param)
+    for backend in ("loop", "grouped"):
+        layer.experts.backend = backend
+        torch.testing.assert_close(layer(x)[0], naive_moe(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_under_cpu_autocast_runs_the_gemms_in_bf16():
+    """Autocast does not cover torch._grouped_mm: the experts cast to autocast's dtype themselves."""
+    layer, x = make_layer(starve_last_expert=False)
+    reference = naive_moe(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_backend("auto", x, H, D) == "grouped"
+        out, _ = layer(x)
+    assert resolve_backend("auto", x, H, D) == "loop"
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_auto_backend_table_on_cpu():
+    x = torch.zeros(2, D)
+    assert resolve_backend("auto", x, H, D) == "loop"
+    expected = "grouped" if grouped_mm_available() else "loop"
+    assert resolve_backend("auto", x.bfloat16(), H, D) == expected
+    assert resolve_backend("auto", x.half(), H, D) == "loop"
+    assert resolve_backend("loop", x.bfloat16(), H, D) == "loop"
+    with pytest.raises(ValueError, match="dispatch backend"):
+        resolve_backend("triton", x, H, D)
+
+
+def test_gathered_tokens_backward_sums_the_k_slots():
+    """gather_tokens' custom backward (a gather by the inverse permutation + a sum) equals index_select's."""
+    torch.manual_seed(0)
+    tokens = torch.randn(5, 3, requires_grad=True)
+    plan = plan_dispatch(torch.tensor([[2, 0, 1], [1, 0, 3], [3, 2, 0], [0, 1, 2], [2, 3, 1]]), num_experts=4)
+    grad = torch.randn(15, 3)
+    (ours,) = torch.autograd.grad(gather_tokens(tokens, plan), tokens, grad)
+    (reference,) = torch.autograd.grad(tokens.index_select(0, plan.token_index), tokens, grad)
+    torch.testing.assert_close(ours, reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -86,3 +86,13 @@ def test_stretch_text_command_writes_a_complete_checkpoint(tmp_path):
         expected = stretch_text_context(model, 248).state_dict()
         for name, value in reloaded.state_dict().items():
             torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_stretch_text_never_writes_over_its_input(tmp_path, capsys):
+    tokenizer = write_clip_tokenizer(tmp_path / "tok", context_length=77)
+    src = save_checkpoint(_model_77(), tmp_path / "src", default_image_processor(32), tokenizer)
+    before = (src / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stretch-text", str(src), str(src)])
+    assert exit_info.value.code == 1 and "is the input" in capsys.readouterr().err
+    assert (src / "model.safetensors").read_bytes() == before

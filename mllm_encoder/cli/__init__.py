@@ -1,16 +1,27 @@
-"""The ``clip-moe`` command line: one module per group of subcommands."""
+"""The ``clip-moe`` command line: one module per group of subcommands.
+
+A failing command prints one line, ``clip-moe COMMAND: error: MESSAGE``, to stderr and exits with status 1
+(130 when interrupted); ``--debug`` or ``MLLM_ENCODER_DEBUG=1`` shows the Python traceback instead.
+"""
 
 import argparse
 import logging
+import os
+import sys
 from typing import List, Optional
 
 from mllm_encoder.cli import dmu, eval_mllm, eval_zero_shot, model
+
+DEBUG_ENV = "MLLM_ENCODER_DEBUG"
+# Errors that describe bad input or a broken environment: their message is the whole story.
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Assemble the ``clip-moe`` parser from the subcommand modules."""
     parser = argparse.ArgumentParser(prog="clip-moe", description="CLIP-MoE: build, train, convert and evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model.register(commands)
     dmu.register(commands)
@@ -21,10 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(error: BaseException) -> str:
+    """One line describing ``error``: the message of a user error, the type too for anything else."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if type(error) is ValueError:
+        return message
+    if isinstance(error, USER_ERRORS):
+        return f"{type(error).__name__}: {message}"
+    return f"internal error ({type(error).__name__}: {message}); rerun with --debug and report the traceback"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``clip-moe`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    args.func(args)
+    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        args.func(args)
+        return
+    words = ["clip-moe", args.command, getattr(args, "eval_command", None), getattr(args, "dmu_command", None)]
+    command = " ".join(filter(None, words))
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        print(f"{command}: error: {error_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -17,6 +17,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="training data: ShareGPT4V JSON, folder, CSV/TSV or tar shards")
     parser.add_argument("--format", default="auto", help="data format (default: from the path)")
     parser.add_argument("--image-root", help="folder the image paths are relative to")
+    parser.add_argument(
+        "--allow-absolute-image-paths", action="store_true", help="accept absolute image paths in the data file"
+    )
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers per process")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop above this bad-sample fraction")
 
@@ -44,6 +47,7 @@ def _sections(args: argparse.Namespace, **stage_overrides):
         train=args.data,
         format=args.format,
         image_root=args.image_root,
+        allow_absolute_paths=args.allow_absolute_image_paths,
         max_bad_fraction=args.max_bad_fraction,
         num_workers=args.num_workers,
     )
@@ -99,6 +103,7 @@ def run_extract(args: argparse.Namespace) -> None:
         train=args.data,
         format=args.format,
         image_root=args.image_root,
+        allow_absolute_paths=args.allow_absolute_image_paths,
         max_bad_fraction=args.max_bad_fraction,
         num_workers=args.num_workers,
     )
@@ -178,11 +183,12 @@ def _log_to_file(path: Path, is_main: bool) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.demo import run_demo as demo
-    from mllm_encoder.dmu.report import format_table
+    from mllm_encoder.dmu.report import format_demo_table
 
     _log_to_file(Path(args.out) / "demo.log", True)
     results = demo(args.out, quick=args.quick)
-    print(format_table(results))
+    print(format_demo_table(results))
+    print("\n".join(results["verdict"]))
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
 
 

@@ -1,4 +1,5 @@
-"""``clip-moe eval pope|mme|answer|merge``: MLLM benchmark answering and scoring with LLaVA's protocols."""
+"""``clip-moe eval pope|mme|answer|merge``: MLLM benchmark answering, and scoring with LLaVA's, lmms-eval's or
+VLMEvalKit's protocol (or all three side by side)."""
 
 import argparse
 import logging
@@ -12,8 +13,9 @@ from mllm_encoder.eval.mllm.answering import (
     load_question_file,
     merge_answer_files,
 )
-from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, evaluate_mme
-from mllm_encoder.eval.mllm.pope import evaluate_pope
+from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, MMEComparison, compare_mme_protocols, evaluate_mme
+from mllm_encoder.eval.mllm.pope import PopeComparison, compare_pope_protocols, evaluate_pope
+from mllm_encoder.eval.mllm.protocols import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +33,26 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result-file", required=True, help="answer file in LLaVA's format (JSON lines)")
     parser.add_argument("--output", help="write every number to this JSON file")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any data problem is found")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS + ("all",),
+        default="llava",
+        help="whose answer parsing and metrics to use (default: llava, the published LLaVA-1.5 numbers); "
+        "all: the three side by side, with the answers they read differently",
+    )
 
 
 def _register_pope(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("pope", help="score POPE answers (LLaVA's eval_pope.py protocol)")
+    parser = commands.add_parser("pope", help="score POPE answers (LLaVA's, lmms-eval's or VLMEvalKit's protocol)")
     parser.add_argument("--annotation-dir", required=True, help="folder of coco_pope_<split>.json (commit e3e39262)")
     _add_scoring_arguments(parser)
     parser.set_defaults(func=run_pope)
 
 
 def _register_mme(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("mme", help="score MME answers (MME's official calculation.py protocol)")
+    parser = commands.add_parser(
+        "mme", help="score MME answers (official calculation.py, lmms-eval or VLMEvalKit parsing)"
+    )
     parser.add_argument("--mme-root", required=True, help="the MME_Benchmark_release_version folder")
     _add_scoring_arguments(parser)
     parser.set_defaults(func=run_mme)
@@ -55,6 +66,9 @@ def _register_answer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA checkpoints")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", required=True)
+    parser.add_argument(
+        "--allow-absolute-image-paths", action="store_true", help="accept absolute image paths in the question file"
+    )
     parser.add_argument("--answers-file", required=True, help="appended to; an existing file is resumed")
     parser.add_argument("--conv-mode", default="vicuna_v1")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -64,6 +78,9 @@ def _register_answer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-chunks", type=int, default=1, help="number of shards (one per GPU)")
     parser.add_argument("--chunk-idx", type=int, default=0, help="the shard this process answers")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="let the checkpoint folders run their own Python code"
+    )
     parser.set_defaults(func=run_answer)
 
 
@@ -98,37 +115,74 @@ def _finish(args: argparse.Namespace, report: Dict[str, Any]) -> None:
             sys.exit(1)
 
 
+PROTOCOL_NAMES = {"llava": "LLaVA", "lmms-eval": "lmms-eval", "vlmevalkit": "VLMEvalKit"}
+
+
+def _fraction(value: Any) -> Any:
+    """A fraction as a percentage for tables; '-' where the protocol reports no such number."""
+    return "-" if value is None else 100 * value
+
+
+def _print_disagreements(comparison: Any, what: str) -> None:
+    """The count of answers the protocols read differently, with the first examples."""
+    print(f"\n{len(comparison.disagreements)} of {comparison.num_scored} {what} are read differently by the protocols")
+    for d in comparison.disagreements[:10]:
+        parses = ", ".join(f"{PROTOCOL_NAMES[name]}: {label}" for name, label in d.parses.items())
+        print(f"  {d.location}: {d.text!r} (truth {d.truth}) -> {parses}")
+
+
 def run_pope(args: argparse.Namespace) -> None:
-    """Score POPE and print the per-split table and the mean F1."""
-    result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file)
-    header = [
-        "split",
-        "N",
-        "answered",
-        "missing",
-        "acc",
-        "precision",
-        "recall",
-        "F1",
-        "yes-ratio",
-        "TP",
-        "FP",
-        "TN",
-        "FN",
-    ]
+    """Score POPE and print the per-split table and the protocol's headline F1 (or all three protocols)."""
+    if args.protocol == "all":
+        comparison = compare_pope_protocols(args.annotation_dir, args.question_file, args.result_file)
+        _print_pope_comparison(comparison)
+        _finish(args, comparison.to_dict())
+        return
+    result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file, protocol=args.protocol)
+    header = ["split", "N", "answered", "missing", "other", "acc", "precision", "recall", "F1", "yes-ratio"]
+    header += ["TP", "FP", "TN", "FN"]
     rows = [
-        [s.split, s.num_questions, s.num_answered, s.num_missing, 100 * s.accuracy, 100 * s.precision]
-        + [100 * s.recall, 100 * s.f1, 100 * s.yes_ratio, s.tp, s.fp, s.tn, s.fn]
-        for s in result.splits.values()
+        [s.split, s.num_questions, s.num_answered, s.num_missing, s.num_other, 100 * s.accuracy, 100 * s.precision]
+        + [100 * s.recall, 100 * s.f1, _fraction(s.yes_ratio), s.tp, s.fp, s.tn, s.fn]
+        for s in list(result.splits.values()) + [result.overall]
     ]
     print(format_table(header, rows))
-    print(f"\nPOPE (LLaVA protocol, mean F1 over {len(result.splits)} splits): {100 * result.mean_f1:.2f}")
+    if result.protocol == "llava":
+        headline = f"LLaVA protocol, mean F1 over {len(result.splits)} splits"
+    else:
+        headline = f"{PROTOCOL_NAMES[result.protocol]} protocol, F1 over all {result.overall.num_answered} answers"
+    print(f"\nPOPE ({headline}): {100 * result.headline_f1:.2f}")
     _finish(args, result.to_dict())
 
 
+def _print_pope_comparison(comparison: PopeComparison) -> None:
+    splits = list(next(iter(comparison.results.values())).splits)
+    header = ["protocol", "reported F1"] + [f"F1 {name}" for name in splits]
+    header += ["F1 pooled", "acc pooled", "precision", "recall", "yes-ratio", "other"]
+    rows = []
+    for name, result in comparison.results.items():
+        overall = result.overall
+        rows.append(
+            [PROTOCOL_NAMES[name], 100 * result.headline_f1]
+            + [100 * s.f1 for s in result.splits.values()]
+            + [100 * overall.f1, 100 * overall.accuracy, 100 * overall.precision, 100 * overall.recall]
+            + [_fraction(overall.yes_ratio), overall.num_other]
+        )
+    print(format_table(header, rows))
+    print("\nreported F1: LLaVA's mean of the per-split F1; lmms-eval's and VLMEvalKit's F1 over all answers pooled.")
+    print("yes-ratio: LLaVA's share of 'yes' answers, lmms-eval's share of 'yes' ground truth (VLMEvalKit: none).")
+    print("other: answers the protocol cannot read as yes/no (wrong; VLMEvalKit counts them as 'no' in its F1).")
+    _print_disagreements(comparison, "answers")
+
+
 def run_mme(args: argparse.Namespace) -> None:
-    """Score MME and print the per-subtask table and the perception/cognition totals."""
-    result = evaluate_mme(args.mme_root, args.question_file, args.result_file)
+    """Score MME and print the per-subtask table and the perception/cognition totals (or all three parsers)."""
+    if args.protocol == "all":
+        comparison = compare_mme_protocols(args.mme_root, args.question_file, args.result_file)
+        _print_mme_comparison(comparison)
+        _finish(args, comparison.to_dict())
+        return
+    result = evaluate_mme(args.mme_root, args.question_file, args.result_file, protocol=args.protocol)
     header = ["subtask", "questions", "images", "missing", "other", "acc", "acc+", "score"]
     rows = [
         [
@@ -146,17 +200,35 @@ def run_mme(args: argparse.Namespace) -> None:
     print(format_table(header, rows))
     perception = sum(name in result.subtasks for name in PERCEPTION)
     cognition = sum(name in result.subtasks for name in COGNITION)
-    print(f"\nMME perception ({perception}/{len(PERCEPTION)} subtasks): {result.perception:.2f}")
-    print(f"MME cognition ({cognition}/{len(COGNITION)} subtasks): {result.cognition:.2f}")
+    parsing = "" if result.protocol == "llava" else f", {PROTOCOL_NAMES[result.protocol]} answer parsing"
+    print(f"\nMME perception ({perception}/{len(PERCEPTION)} subtasks{parsing}): {result.perception:.2f}")
+    print(f"MME cognition ({cognition}/{len(COGNITION)} subtasks{parsing}): {result.cognition:.2f}")
     _finish(args, result.to_dict())
+
+
+def _print_mme_comparison(comparison: MMEComparison) -> None:
+    header = ["protocol", "perception", "cognition", "total", "other"]
+    rows = [
+        [
+            PROTOCOL_NAMES[name],
+            result.perception,
+            result.cognition,
+            result.perception + result.cognition,
+            sum(s.num_other for s in result.subtasks.values()),
+        ]
+        for name, result in comparison.results.items()
+    ]
+    print(format_table(header, rows))
+    print("\nall three sum acc + acc+ per subtask (x100); they differ only in how an answer is read as yes/no")
+    _print_disagreements(comparison, "answers")
 
 
 def run_answer(args: argparse.Namespace) -> None:
     """Answer this shard's questions with a LLaVA checkpoint, resuming an existing answer file."""
     from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
 
-    questions = [record.data for record in load_question_file(args.question_file)]
-    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    records = load_question_file(args.question_file, args.image_folder, args.allow_absolute_image_paths)
+    questions = get_chunk([record.data for record in records], args.num_chunks, args.chunk_idx)
     answerer = LlavaAnswerer(
         args.model_path,
         args.image_folder,
@@ -167,10 +239,13 @@ def run_answer(args: argparse.Namespace) -> None:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        allow_absolute_image_paths=args.allow_absolute_image_paths,
     )
     stats = answer_questions(questions, args.answers_file, answerer, answerer.model_name)
     print(
-        f"{args.answers_file}: {stats.num_answered_now} answered now, {stats.num_already_answered} before "
+        f"{args.answers_file}: {stats.num_answered_now} answered now, {stats.num_already_answered} before, "
+        f"{stats.num_skipped} skipped (unreadable image) "
         f"({stats.num_questions} questions in chunk {args.chunk_idx} of {args.num_chunks})"
     )
 

@@ -11,16 +11,15 @@ logger = logging.getLogger(__name__)
 
 
 def load_model_and_processors(model_dir: str, device: str) -> Tuple[Any, Any, Any]:
-    """``(model, image_processor, tokenizer)`` of a HF CLIP or CLIP-MoE directory, model in eval mode."""
-    from transformers import AutoModel
-
-    import mllm_encoder  # noqa: F401  (registers CLIP-MoE with the Auto classes)
+    """``(model, image_processor, tokenizer)`` of a HF CLIP or CLIP-MoE directory, model in eval mode
+    (loaded strictly: a checkpoint with missing or unexpected tensors is refused)."""
     from mllm_encoder.checkpoint import load_processors
+    from mllm_encoder.loading import load_clip_moe
 
     image_processor, tokenizer = load_processors(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer files; zero-shot evaluation needs the text tower's tokenizer")
-    model = AutoModel.from_pretrained(model_dir).to(device).eval()
+    model = load_clip_moe(model_dir).to(device).eval()
     return model, image_processor, tokenizer
 
 

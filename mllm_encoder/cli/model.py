@@ -4,7 +4,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -29,6 +29,13 @@ def _add_moe_arguments(parser: argparse.ArgumentParser, with_num_experts: bool) 
     parser.add_argument("--text-moe-layers", type=_layer_list, help="MoE layers of the text tower ('' = dense)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random router initialisation")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the source's)")
+    _add_overwrite_argument(parser)
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing CLIP-MoE checkpoint at the output (nothing else)"
+    )
 
 
 def _moe_layers(args: argparse.Namespace):
@@ -38,32 +45,38 @@ def _moe_layers(args: argparse.Namespace):
     return {tower: layers if layers is not None else args.moe_layers for tower, layers in per_tower.items()}
 
 
-def _save_with_processors(model, out: Path, processor_source: Optional[Path], dtype: Optional[str]) -> None:
+def _save_with_processors(model, args: argparse.Namespace, inputs: List[Path]) -> None:
+    """Save ``model`` to ``args.out`` with the image processor and tokenizer of ``inputs[0]``."""
     from mllm_encoder.checkpoint import load_processors, save_checkpoint
 
     image_processor = tokenizer = None
-    if processor_source is not None and (processor_source / "preprocessor_config.json").exists():
-        image_processor, tokenizer = load_processors(processor_source)
-    if dtype:
-        model = model.to(DTYPES[dtype])
-    save_checkpoint(model, out, image_processor=image_processor, tokenizer=tokenizer)
-    logger.info("saved %s", out)
+    if (inputs[0] / "preprocessor_config.json").exists():
+        image_processor, tokenizer = load_processors(inputs[0])
+    model = model.to(DTYPES[args.dtype]) if args.dtype else model
+    save_checkpoint(
+        model, args.out, image_processor=image_processor, tokenizer=tokenizer, overwrite=args.overwrite, inputs=inputs
+    )
+    logger.info("saved %s", args.out)
 
 
 def run_upcycle(args: argparse.Namespace) -> None:
+    from mllm_encoder.checkpoint import check_output_dir
     from mllm_encoder.upcycle import sparse_upcycle
 
+    check_output_dir(args.out, [args.source], args.overwrite)
     torch.manual_seed(args.seed)
     model = sparse_upcycle(args.source, args.num_experts, args.top_k, _moe_layers(args))
-    _save_with_processors(model, args.out, args.source, args.dtype)
+    _save_with_processors(model, args, [args.source])
 
 
 def run_assemble(args: argparse.Namespace) -> None:
+    from mllm_encoder.checkpoint import check_output_dir
     from mllm_encoder.upcycle import assemble_experts
 
+    check_output_dir(args.out, args.models, args.overwrite)
     torch.manual_seed(args.seed)
     model = assemble_experts(args.models, args.top_k, _moe_layers(args), atol=args.atol)
-    _save_with_processors(model, args.out, args.models[0], args.dtype)
+    _save_with_processors(model, args, list(args.models))
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -79,7 +92,23 @@ def run_convert(args: argparse.Namespace) -> None:
         num_heads=args.num_heads,
         tokenizer_dir=args.tokenizer,
         dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
     )
+
+
+def run_stretch_text(args: argparse.Namespace) -> None:
+    from mllm_encoder.checkpoint import check_output_dir, load_processors, save_checkpoint
+    from mllm_encoder.loading import load_clip_moe
+    from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
+
+    check_output_dir(args.out, [args.source], args.overwrite)
+    image_processor, tokenizer = load_processors(args.source)
+    if tokenizer is None:
+        raise ValueError(f"{args.source}: no tokenizer files; a stretched checkpoint needs one (model_max_length)")
+    model = stretch_text_context(load_clip_moe(args.source), args.positions, args.keep)
+    tokenizer = stretch_tokenizer(tokenizer, args.positions)
+    save_checkpoint(model, args.out, image_processor, tokenizer, overwrite=args.overwrite, inputs=[args.source])
+    logger.info("saved %s (text context %d)", args.out, args.positions)
 
 
 def _format_layers(layers: List[int], total: int) -> str:
@@ -141,7 +170,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("--tokenizer", type=Path, help="copy the tokenizer from this directory")
     convert.add_argument("--seed", type=int, default=0, help="seed of the router initialisation when upcycling")
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype")
+    _add_overwrite_argument(convert)
     convert.set_defaults(func=run_convert)
+
+    stretch = commands.add_parser("stretch-text", help="stretch the text context (Long-CLIP), e.g. 77 -> 248 tokens")
+    stretch.add_argument("source", type=Path, help="HF CLIP or CLIP-MoE checkpoint directory with a tokenizer")
+    stretch.add_argument("out", type=Path, help="output directory (a complete checkpoint)")
+    stretch.add_argument("--positions", type=int, default=248, help="new text context length (default 248)")
+    stretch.add_argument("--keep", type=int, default=20, help="leading positions kept unchanged (default 20)")
+    _add_overwrite_argument(stretch)
+    stretch.set_defaults(func=run_stretch_text)
 
     inspect = commands.add_parser("inspect", help="config, parameters (total/active), MoE layers")
     inspect.add_argument("model", type=Path, help="checkpoint directory")

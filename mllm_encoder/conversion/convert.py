@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mllm_encoder.checkpoint import default_image_processor, save_checkpoint
+from mllm_encoder.checkpoint import check_output_dir, default_image_processor, save_checkpoint
 from mllm_encoder.conversion.openai import convert_openai_clip
 from mllm_encoder.conversion.timm import convert_timm_clip_vit
 from mllm_encoder.conversion.tokenizer import OPENAI_VOCAB_SIZE, build_clip_tokenizer
@@ -49,7 +50,10 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """
     weights = _weights_file(Path(path))
     if weights.suffix == ".safetensors":
-        loaded = load_file(str(weights))
+        try:
+            loaded = load_file(str(weights))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights}: corrupt or unreadable safetensors file ({error})") from error
     else:
         try:
             loaded = torch.load(weights, map_location="cpu", weights_only=True)
@@ -105,15 +109,19 @@ def convert_checkpoint(
     num_heads: Optional[int] = None,
     tokenizer_dir: Optional[PathLike] = None,
     dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert ``source`` (format ``source_format``) into a complete CLIP-MoE directory ``out_dir``.
 
     ``num_experts`` sparse-upcycles a dense result; ``top_k`` is the routing of MoE checkpoints (not
-    stored in the source) or of the upcycled model.
+    stored in the source) or of the upcycled model. ``out_dir`` is checked first (see
+    :func:`mllm_encoder.checkpoint.check_output_dir`; ``overwrite`` replaces an earlier CLIP-MoE checkpoint).
     """
     if source_format not in SOURCE_FORMATS:
         raise ValueError(f"--from must be one of {SOURCE_FORMATS}, got {source_format!r}")
     out_dir = Path(out_dir)
+    inputs = [source] + ([tokenizer_dir] if tokenizer_dir is not None else [])
+    check_output_dir(out_dir, inputs, overwrite)
     model = _converted_model(read_state_dict(source), source_format, top_k, num_heads)
     if num_experts is not None and num_experts > 1:
         model = sparse_upcycle(model, num_experts, top_k)
@@ -121,6 +129,13 @@ def convert_checkpoint(
         model = model.to(dtype)
     tokenizer = _tokenizer_for(model, tokenizer_dir, out_dir)
     image_size = getattr(model.config, "vision_config", model.config).image_size
-    save_checkpoint(model, out_dir, image_processor=default_image_processor(image_size), tokenizer=tokenizer)
+    save_checkpoint(
+        model,
+        out_dir,
+        image_processor=default_image_processor(image_size),
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        inputs=inputs,
+    )
     logger.info("converted %s (%s) to %s", source, source_format, out_dir)
     return out_dir

@@ -12,7 +12,7 @@ from mllm_encoder.data.dataset import (
 from mllm_encoder.data.preprocess import ClipImageTransform, ClipTextTokenizer, resolve_context_length
 from mllm_encoder.data.records import FORMATS, ImageTextRecord, detect_format, read_image_text_records
 from mllm_encoder.data.retrieval_sets import read_karpathy_records
-from mllm_encoder.data.webdataset import WebDatasetImageText, expand_shards
+from mllm_encoder.data.webdataset import TarShardDataset, WebDatasetImageText, expand_shards
 
 
 def load_image_text_dataset(
@@ -25,31 +25,38 @@ def load_image_text_dataset(
     caption_column: Optional[str] = None,
     context_length: Optional[int] = None,
     split: Optional[str] = "test",
+    random_access: bool = False,
+    allow_absolute_paths: bool = False,
     **webdataset_kwargs: Any,
-) -> Union[ImageTextDataset, WebDatasetImageText]:
+) -> Union[ImageTextDataset, WebDatasetImageText, TarShardDataset]:
     """Load an image-caption dataset preprocessed for a CLIP checkpoint.
 
     ``format``: ``auto`` (from the path), ``sharegpt4v`` (LLaVA conversation JSON/JSONL), ``folder``
     (img2dataset files), ``csv``/``tsv`` (``image_column``/``caption_column``, guessed when omitted),
     ``karpathy`` (COCO/Flickr30k Karpathy-split JSON, one sample per sentence of ``split``) or
-    ``webdataset`` (tar shards, streaming; extra keyword arguments go to ``WebDatasetImageText``).
+    ``webdataset`` (tar shards: streaming, extra keyword arguments go to ``WebDatasetImageText``; with
+    ``random_access`` the map-style ``TarShardDataset`` over local shards, what DMU trains on).
     ``image_processor`` is a ``CLIPImageProcessor`` (or ``ClipImageTransform``), ``tokenizer`` the
     checkpoint's tokenizer; captions are padded/truncated to ``context_length`` (default: the
     tokenizer's ``model_max_length``). Image paths are relative to ``image_root`` (default: the file's
-    folder).
+    folder) and may not leave it; ``allow_absolute_paths`` accepts absolute paths in the data file.
     """
     format = detect_format(path) if format == "auto" else format
     if format not in FORMATS:
         raise ValueError(f"unknown dataset format {format!r}; expected 'auto' or one of {FORMATS}")
     transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
     if format == "webdataset":
+        if random_access:
+            return TarShardDataset(path, transform, text_tokenizer, **webdataset_kwargs)
         return WebDatasetImageText(path, transform, text_tokenizer, **webdataset_kwargs)
     if webdataset_kwargs:
         raise ValueError(f"unexpected arguments for format {format!r}: {sorted(webdataset_kwargs)}")
     if format == "karpathy":
         records = read_karpathy_records(path, split, image_root)
     else:
-        records = read_image_text_records(path, format, image_root, image_column, caption_column)
+        records = read_image_text_records(
+            path, format, image_root, image_column, caption_column, allow_absolute_paths=allow_absolute_paths
+        )
     return ImageTextDataset(records, transform, text_tokenizer)
 
 
@@ -60,6 +67,7 @@ __all__ = [
     "ImageTextCollator",
     "ImageTextDataset",
     "ImageTextRecord",
+    "TarShardDataset",
     "WebDatasetImageText",
     "build_transforms",
     "detect_format",

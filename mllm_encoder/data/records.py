@@ -46,11 +46,26 @@ def detect_format(path: Union[PathLike, Sequence[PathLike]]) -> str:
     return formats[suffix]
 
 
-def resolve_image_path(image: str, image_root: Optional[PathLike]) -> str:
-    """``image`` joined to ``image_root`` unless it is absolute."""
-    if os.path.isabs(image) or image_root is None:
+ABSOLUTE_PATHS_HINT = "pass allow_absolute_paths=True (--allow-absolute-image-paths) to accept absolute paths"
+
+
+def resolve_image_path(
+    image: str, image_root: Optional[PathLike], where: str = "image path", allow_absolute: bool = False
+) -> str:
+    """``image`` joined to ``image_root`` (default: the working directory); ``where`` names the record in errors.
+
+    Raises:
+        ValueError: when the path leaves ``image_root`` (``../``), or is absolute and ``allow_absolute`` is
+            False: a data file must not make us read arbitrary files.
+    """
+    if os.path.isabs(image):
+        if not allow_absolute:
+            raise ValueError(f"{where}: absolute image path {image!r} refused; {ABSOLUTE_PATHS_HINT}")
         return image
-    return os.path.join(os.fspath(image_root), image)
+    relative = os.path.normpath(image)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise ValueError(f"{where}: image path {image!r} leaves the image root {os.fspath(image_root or '.')!r}")
+    return relative if image_root is None else os.path.join(os.fspath(image_root), relative)
 
 
 def load_json_records(path: PathLike) -> List[Any]:
@@ -86,11 +101,14 @@ def _sharegpt4v_caption(record: Any, where: str) -> str:
     return answer["value"].strip()
 
 
-def read_sharegpt4v(path: PathLike, image_root: Optional[PathLike] = None) -> List[ImageTextRecord]:
+def read_sharegpt4v(
+    path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
+) -> List[ImageTextRecord]:
     """Records of a ShareGPT4V/LLaVA conversation JSON: ``image`` and ``conversations[1].value``.
 
     Text-only conversations (no ``image`` key) are skipped with a warning; a malformed record raises a
-    ``ValueError`` naming the file and the record index. ``image_root`` defaults to the JSON's folder.
+    ``ValueError`` naming the file and the record index. ``image_root`` defaults to the JSON's folder; see
+    :func:`resolve_image_path` for the paths accepted.
     """
     image_root = Path(path).parent if image_root is None else image_root
     records, text_only = [], 0
@@ -104,7 +122,8 @@ def read_sharegpt4v(path: PathLike, image_root: Optional[PathLike] = None) -> Li
         if not isinstance(record["image"], str):
             raise ValueError(f"{where}: 'image' must be a string path, got {type(record['image']).__name__}")
         caption = _sharegpt4v_caption(record, where)
-        records.append(ImageTextRecord(resolve_image_path(record["image"], image_root), caption, where))
+        image = resolve_image_path(record["image"], image_root, where, allow_absolute_paths)
+        records.append(ImageTextRecord(image, caption, where))
     if text_only:
         logger.warning("%s: skipped %d text-only records without an 'image'", path, text_only)
     return records
@@ -148,6 +167,7 @@ def read_table(
     image_column: Optional[str] = None,
     caption_column: Optional[str] = None,
     image_root: Optional[PathLike] = None,
+    allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
     """Records of a CSV/TSV file with a header row; ``image_root`` defaults to the file's folder."""
     path = Path(path)
@@ -167,7 +187,8 @@ def read_table(
                 raise ValueError(f"{where}: row has fewer fields than the header")
             if not image.strip():
                 raise ValueError(f"{where}: empty image path")
-            records.append(ImageTextRecord(resolve_image_path(image.strip(), image_root), caption.strip(), where))
+            image = resolve_image_path(image.strip(), image_root, where, allow_absolute_paths)
+            records.append(ImageTextRecord(image, caption.strip(), where))
     return records
 
 
@@ -177,14 +198,19 @@ def read_image_text_records(
     image_root: Optional[PathLike] = None,
     image_column: Optional[str] = None,
     caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
-    """Records of a map-style dataset in any supported on-disk format (not webdataset)."""
+    """Records of a map-style dataset in any supported on-disk format (not webdataset); never empty."""
     format = detect_format(path) if format == "auto" else format
     if format == "sharegpt4v":
-        return read_sharegpt4v(path, image_root)
-    if format == "folder":
-        return read_image_folder(path)
-    if format in ("csv", "tsv"):
+        records = read_sharegpt4v(path, image_root, allow_absolute_paths)
+    elif format == "folder":
+        records = read_image_folder(path)
+    elif format in ("csv", "tsv"):
         delimiter = "\t" if format == "tsv" else ","
-        return read_table(path, delimiter, image_column, caption_column, image_root)
-    raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
+        records = read_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
+    else:
+        raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
+    if not records:
+        raise ValueError(f"{path}: no image-caption records (an empty training list)")
+    return records

@@ -103,7 +103,9 @@ def _generic_captions(record: Any, where: str) -> List[str]:
     raise ValueError(f"{where}: needs 'caption', 'captions' or ShareGPT4V 'conversations'")
 
 
-def read_json_pairs(path: PathLike, image_root: Optional[PathLike] = None) -> RetrievalSet:
+def read_json_pairs(
+    path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
+) -> RetrievalSet:
     """A JSON(L) list of ``{"image", "caption" | "captions" | "conversations"}``; records merge per image."""
     root = Path(path).parent if image_root is None else image_root
     grouped: Dict[str, List[str]] = {}
@@ -114,7 +116,7 @@ def read_json_pairs(path: PathLike, image_root: Optional[PathLike] = None) -> Re
         captions = _generic_captions(record, where)
         if not captions or not all(captions):
             raise ValueError(f"{where}: empty caption")
-        grouped.setdefault(resolve_image_path(record["image"], root), []).extend(captions)
+        grouped.setdefault(resolve_image_path(record["image"], root, where, allow_absolute_paths), []).extend(captions)
     result = RetrievalSet()
     for image, captions in grouped.items():
         result.add(image, captions)
@@ -143,16 +145,20 @@ def read_retrieval_set(
     image_root: Optional[PathLike] = None,
     image_column: Optional[str] = None,
     caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
 ) -> RetrievalSet:
-    """Read a retrieval set in any supported format (``split`` only applies to Karpathy files)."""
+    """Read a retrieval set in any supported format (``split`` only applies to Karpathy files).
+
+    Image paths may not leave ``image_root``; absolute ones need ``allow_absolute_paths``.
+    """
     format = _detect_retrieval_format(path) if format == "auto" else format
     if format == "karpathy":
         return read_karpathy(path, split, image_root)
     if format in ("json", "sharegpt4v"):
-        return read_json_pairs(path, image_root)
+        return read_json_pairs(path, image_root, allow_absolute_paths)
     if format in ("csv", "tsv"):
         delimiter = "\t" if format == "tsv" else ","
-        records = read_table(path, delimiter, image_column, caption_column, image_root)
+        records = read_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
     elif format == "folder":
         records = read_image_folder(path)
     else:

@@ -5,12 +5,12 @@ Contrastive Learning on one-cluster batches (``sampler``, ``loss``, ``trainer``)
 router tuning (``stages``), driven and resumed from one config by ``pipeline``; ``demo`` is the CPU demo.
 """
 
+from mllm_encoder.distributed import DistState, all_gather_with_grad
 from mllm_encoder.dmu.clustering import accumulate_labels, kmeans, stage_labels
 from mllm_encoder.dmu.config import RunConfig, config_from_dict, load_config
-from mllm_encoder.dmu.distributed import DistState, all_gather_with_grad
-from mllm_encoder.dmu.loss import clip_contrastive_loss
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, TrainingInterrupted, train
+from mllm_encoder.losses import clip_contrastive_loss
 
 __all__ = [
     "ClusterBatchSampler",

@@ -1,60 +1,87 @@
-"""``clip-moe demo``: DMU against direct fine-tuning and sparse upcycling on synthetic fine-grained shapes.
+"""``clip-moe demo``: does DMU do what the paper claims, at CPU scale? (design: ``docs/dmu.md``).
 
-1. write the synthetic shapes set (ShareGPT4V JSON, train + held-out eval);
-2. train a tiny CLIP from scratch for a short while as the dense base (the real CLIP tokenizer, a small ViT);
-3. run DMU (4 experts, top-2) and both baselines at equal training steps through ``clip-moe dmu run``;
-4. evaluate everything on the held-out split; write ``results.json``, ``report.md`` with plots and the
-   final CLIP-MoE checkpoint (``clip-moe/``, loadable with ``AutoModel.from_pretrained``).
+1. write the synthetic world (:mod:`mllm_encoder.data.synthetic_world`): a pretraining distribution for the
+   base and a fine-tuning distribution whose captions name three hidden attributes the base never heard of;
+2. train a tiny CLIP from scratch on the pretraining distribution: the dense base, shared by every seed;
+3. for every seed, on the fine-tuning distribution: DMU (3 MCL stages + router tuning), direct fine-tuning
+   and sparse upcycling at equal optimizer steps (``clip-moe dmu run``), and the stage-level control (MCL
+   stage 1's recipe on random batches);
+4. evaluate every model and every expert alone (:mod:`mllm_encoder.dmu.benchmark`); write ``results.json``
+   (mean, std, per seed), ``report.md`` (verdict computed from the numbers, plots), ``timings.json`` and the
+   final CLIP-MoE checkpoint (``clip-moe/``, seed 0's DMU model, loadable with ``AutoModel.from_pretrained``).
 
 Every step is recorded in the demo's manifest, so an interrupted demo resumes where it stopped.
 """
 
+import contextlib
+import functools
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import atomic_directory, atomic_write_json
+from mllm_encoder.data.synthetic_world import write_world_dataset
 from mllm_encoder.dmu.accelerator import build_accelerator
+from mllm_encoder.dmu.benchmark import WorldEvaluator
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
-from mllm_encoder.dmu.pipeline import collect_results, run_pipeline
+from mllm_encoder.dmu.pipeline import run_pipeline
+from mllm_encoder.dmu.report import aggregate_results, write_report
 from mllm_encoder.dmu.run_state import Manifest
-from mllm_encoder.dmu.stages import run_training, train_config
+from mllm_encoder.dmu.stages import load_model, run_training, train_config
 
 logger = logging.getLogger(__name__)
-METHOD_ORDER = ("base", "finetune", "upcycle", "dmu")
+METHODS = ("finetune", "upcycle", "dmu")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes and schedule of the demo (``QUICK`` for tests, ``DEFAULT`` for ``make demo``)."""
 
-    num_train: int = 2000
-    num_eval: int = 400
-    image_size: int = 48
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    num_pretrain: int = 6000
+    num_finetune: int = 6000
+    num_eval: int = 500
+    probe_train: int = 1000
+    image_size: int = 32
     patch_size: int = 8
     width: int = 64
     layers: int = 2
     context_length: int = 32
-    base_steps: int = 400
+    data_seed: int = 0
+    base_steps: int = 600
+    base_batch_size: int = 64
     base_lr: float = 2e-3
-    base_temperature: float = 0.07
-    batch_size: int = 64
-    mcl_steps: int = 40
-    mcl_lr: float = 5e-4
-    route_steps: int = 20
+    temperature: float = 0.07
+    batch_size: int = 32
+    mcl_steps: int = 100
+    mcl_lr: float = 1e-3
+    route_steps: int = 30
     route_lr: float = 1e-3
     num_experts: int = 4
     top_k: int = 2
-    seed: int = 0
 
 
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(
-    num_train=160, num_eval=48, image_size=32, width=32, base_steps=6, batch_size=16, mcl_steps=2, route_steps=2
+    seeds=(0,),
+    num_pretrain=256,
+    num_finetune=256,
+    num_eval=64,
+    probe_train=64,
+    width=32,
+    base_steps=8,
+    base_batch_size=32,
+    batch_size=16,
+    mcl_steps=3,
+    route_steps=2,
+    num_experts=3,
 )
 
 
@@ -82,60 +109,65 @@ def _write_untrained_base(out_dir: Path, settings: DemoSettings) -> Path:
     from mllm_encoder.conversion.tokenizer import write_clip_tokenizer
 
     tokenizer = write_clip_tokenizer(out_dir / "tokenizer", context_length=settings.context_length)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.data_seed)
     model = CLIPMoEModel(_model_config(settings))
-    return save_checkpoint(model, out_dir / "init", default_image_processor(settings.image_size), tokenizer)
+    return save_checkpoint(
+        model, out_dir / "init", default_image_processor(settings.image_size), tokenizer, overwrite=True
+    )
 
 
 def _train_base(out_dir: Path, data: Dict[str, str], settings: DemoSettings, accelerator) -> Path:
-    """A tiny CLIP trained from scratch, briefly: the dense base every method starts from."""
+    """A tiny CLIP trained from scratch on the pretraining distribution: the dense base of every method."""
     from mllm_encoder import CLIPMoEModel
 
     init = _write_untrained_base(out_dir, settings)
     section = StageSection(
-        batch_size=settings.batch_size,
+        batch_size=settings.base_batch_size,
         lr=settings.base_lr,
         weight_decay=0.1,
         warmup_steps=settings.base_steps // 10,
         trainable="all",
-        temperature=settings.base_temperature,
+        temperature=settings.temperature,
     )
-    cfg = train_config(section, RuntimeSection(save_every=50, log_every=25), settings.base_steps, settings.seed)
+    cfg = train_config(section, RuntimeSection(save_every=100, log_every=50), settings.base_steps, settings.data_seed)
     model = CLIPMoEModel.from_pretrained(str(init))
     model_dir, _ = run_training(
         model,
-        DataSection(train=data["train"]),
+        DataSection(train=data["pretrain_train"]),
         init,
         None,
         cfg,
         out_dir / "train",
         accelerator,
-        desc="base (from scratch)",
+        desc="base (pretraining distribution)",
     )
     return model_dir
 
 
-def run_config(out_dir: Path, base_dir: Path, data: Dict[str, str], settings: DemoSettings) -> Dict[str, Any]:
-    """The ``clip-moe dmu run`` config of the demo (also written to ``run_config.yaml``)."""
+def run_config(run_dir: Path, base_dir: Path, data: Dict[str, str], settings: DemoSettings, seed: int) -> Dict:
+    """The ``clip-moe dmu run`` config of one seed (also written to ``run_dir/../run_config.json``).
+
+    The pipeline's own evaluation is off (no ``eval.data``): the demo evaluates every model itself.
+    """
     stage = dict(
         steps=settings.mcl_steps,
         batch_size=settings.batch_size,
         lr=settings.mcl_lr,
         warmup_steps=max(1, settings.mcl_steps // 10),
-        temperature=settings.base_temperature,  # the base's own (fixed) temperature, as 0.01 is OpenAI CLIP's
+        temperature=settings.temperature,  # the base's own fixed temperature (0.01 is OpenAI CLIP's)
     )
     return {
         "base_model": str(base_dir),
-        "run_dir": str(out_dir / "run"),
-        "seed": settings.seed,
-        "data": {"train": data["train"]},
-        "eval": {"data": data["eval"], "attributes": data["eval_attributes"], "batch_size": 250},
+        "run_dir": str(run_dir),
+        "seed": seed,
+        "data": {"train": data["finetune_train"]},
         "dmu": {"num_experts": settings.num_experts, "top_k": settings.top_k, "kmeans_backend": "sklearn"},
         "mcl": stage,
         "route": {
             **stage,
             "steps": settings.route_steps,
             "lr": settings.route_lr,
+            "warmup_steps": max(1, settings.route_steps // 10),
             "weight_decay": 0.01,
             "trainable": "router",
             "aux_loss_coef": 0.01,
@@ -145,42 +177,138 @@ def run_config(out_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
     }
 
 
-def run_demo(
-    out_dir: Union[str, Path], quick: bool = False, settings: Optional[DemoSettings] = None
-) -> Dict[str, Dict[str, float]]:
-    """Run (or resume) the whole demo into ``out_dir``; returns ``results.json``'s content."""
-    from mllm_encoder.data.synthetic import write_shapes_dataset
-    from mllm_encoder.dmu.report import write_report
+def _run_method(config, method: str, accelerator) -> Dict[str, Any]:
+    """One method through the resumable pipeline; returns the run manifest's stages so far."""
+    return {"stages": run_pipeline(config, method, accelerator)}
 
-    settings = settings or (QUICK if quick else DEFAULT)
-    out_dir = Path(out_dir)
-    manifest = Manifest(out_dir / "demo_manifest.json")
+
+def _control_random(config, seed_dir: Path, accelerator) -> Dict[str, Any]:
+    """The stage-level control: MCL stage 1's recipe, seed and step count, on random batches."""
+    steps = config.mcl.steps
+    set_seed(config.seed + 1)
+    cfg = train_config(config.mcl, config.runtime, steps, config.seed + 1, config.data.num_workers)
+    model_dir, _ = run_training(
+        load_model(config.base_model),
+        config.data,
+        config.base_model,
+        None,
+        cfg,
+        seed_dir / "control_random",
+        accelerator,
+        desc=f"seed {config.seed}: control (random batches)",
+    )
+    return {"model": str(model_dir), "steps": steps}
+
+
+class _Steps:
+    """Runs the demo's steps once each, recording their results and wall time in the manifest."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    def __call__(self, name: str, run: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+        if not self.manifest.is_done(name):
+            logger.info("demo: %s", name)
+            start = time.perf_counter()
+            result = run()
+            self.manifest.mark_done(name, **result, seconds=round(time.perf_counter() - start, 2))
+        return self.manifest.result(name)
+
+
+def _models_of_seed(stages: Dict[str, Any], control: Dict[str, Any], num_experts: int) -> Dict[str, str]:
+    """``{name: model directory}`` of one seed: the methods, each MCL expert alone and the control."""
+    models = {"finetune": stages["finetune/train"]["model"], "upcycle": stages["upcycle/train"]["model"]}
+    models["dmu"] = stages["dmu/route"]["model"]
+    models.update({f"expert_{s}": stages[f"dmu/mcl_{s}"]["model"] for s in range(1, num_experts)})
+    models["control_random"] = control["model"]
+    return models
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Torch on one thread for the block: a width-64 model gains nothing from intra-op threads, and on a shared
+    2-core machine two-thread processes spin-wait (the base trained 10x slower under load, measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_demo(out_dir: Union[str, Path], quick: bool = False, settings: Optional[DemoSettings] = None) -> Dict:
+    """Run (or resume) the whole demo into ``out_dir``; returns ``results.json``'s content."""
+    with _single_threaded():
+        return _run_demo(Path(out_dir), settings or (QUICK if quick else DEFAULT))
+
+
+def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
+    step = _Steps(Manifest(out_dir / "demo_manifest.json"))
     accelerator = build_accelerator("no")
-    if not manifest.is_done("data"):
-        manifest.mark_done(
-            "data",
-            **write_shapes_dataset(
-                out_dir / "data", settings.num_train, settings.num_eval, settings.image_size, settings.seed
-            ),
-        )
-    data = manifest.result("data")
-    if not manifest.is_done("base"):
-        manifest.mark_done("base", model=str(_train_base(out_dir / "base", data, settings, accelerator)))
-    values = run_config(out_dir, Path(manifest.result("base")["model"]), data, settings)
-    atomic_write_json(out_dir / "run_config.json", values)
-    config = config_from_dict(values, "demo config")
-    for method in ("dmu", "finetune", "upcycle"):
-        stages = run_pipeline(config, method, accelerator)
-    results = collect_results(Manifest(Path(config.run_dir) / "manifest.json"))
-    results = {method: results[method] for method in METHOD_ORDER if method in results}
+    data = step(
+        "data",
+        lambda: write_world_dataset(
+            out_dir / "data",
+            settings.num_pretrain,
+            settings.num_finetune,
+            settings.num_eval,
+            settings.image_size,
+            settings.data_seed,
+        ),
+    )
+    base = Path(
+        step("base", lambda: {"model": str(_train_base(out_dir / "base", data, settings, accelerator))})["model"]
+    )
+    models: Dict[int, Dict[str, str]] = {}
+    for seed in settings.seeds:
+        seed_dir = out_dir / f"seed_{seed}"
+        values = run_config(seed_dir / "run", base, data, settings, seed)
+        atomic_write_json(seed_dir / "run_config.json", values)
+        config = config_from_dict(values, f"demo config (seed {seed})")
+        for method in METHODS:
+            stages = step(f"seed_{seed}/{method}", functools.partial(_run_method, config, method, accelerator))
+        control = step(f"seed_{seed}/control_random", functools.partial(_control_random, config, seed_dir, accelerator))
+        models[seed] = _models_of_seed(stages["stages"], control, settings.num_experts)
+    metrics, loads = _evaluate_all(step, data, base, models, settings)
+    results = aggregate_results(list(settings.seeds), metrics, settings.num_experts)
+    results["router_load"] = loads
+    results["settings"] = asdict(settings)
     atomic_write_json(out_dir / "results.json", results)
-    _publish_checkpoint(Path(stages["dmu/route"]["model"]), out_dir / "clip-moe")
-    write_report(out_dir, results, asdict(settings))
+    timings = {name: info["seconds"] for name, info in step.manifest.stages.items() if "seconds" in info}
+    atomic_write_json(out_dir / "timings.json", timings)
+    _publish_checkpoint(Path(models[settings.seeds[0]]["dmu"]), out_dir / "clip-moe")
+    write_report(out_dir, results, timings)
     return results
 
 
-def _publish_checkpoint(source: Path, target: Path) -> None:
-    from mllm_encoder.atomic import atomic_directory
+def _evaluate_all(step: _Steps, data, base: Path, models: Dict[int, Dict[str, str]], settings: DemoSettings):
+    """Metrics of the base (once) and of every model of every seed: ``({seed: {name: metrics}}, loads)``."""
+    evaluator: List[WorldEvaluator] = []  # built only when something is left to evaluate
 
-    with atomic_directory(target) as staging:
+    def evaluate(model_dir: str, with_load: bool = False) -> Callable[[], Dict[str, Any]]:
+        def run() -> Dict[str, Any]:
+            if not evaluator:
+                evaluator.append(WorldEvaluator(data, base, settings.probe_train))
+            model = load_model(model_dir)
+            result = {"metrics": evaluator[0].evaluate(model)}
+            if with_load:
+                result["router_load"] = evaluator[0].expert_load(model)
+            return result
+
+        return run
+
+    names = [(seed, name) for seed, seed_models in models.items() for name in seed_models]
+    base_metrics = step("eval/base", evaluate(str(base)))["metrics"]
+    metrics: Dict[int, Dict[str, Dict[str, float]]] = {seed: {"base": base_metrics} for seed in models}
+    loads = {}
+    for seed, name in tqdm(names, desc="evaluating", leave=False):
+        result = step(f"eval/seed_{seed}/{name}", evaluate(models[seed][name], with_load=name == "dmu"))
+        metrics[seed][name] = result["metrics"]
+        if "router_load" in result:
+            loads[f"seed_{seed}"] = result["router_load"]
+    return metrics, loads
+
+
+def _publish_checkpoint(source: Path, target: Path) -> None:
+    with atomic_directory(target, overwrite=True) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)

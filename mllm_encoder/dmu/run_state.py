@@ -1,7 +1,6 @@
 """The run directory's bookkeeping: atomic JSON, the manifest of finished stages, resumable training state."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -9,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import atomic_directory, atomic_write_json
 
 STATE_PREFIX = "step_"
 
@@ -56,22 +55,19 @@ def save_training_state(
 ) -> Path:
     """Save trainable weights, optimizer state, RNG and history after ``step`` steps, atomically.
 
-    The state goes to ``step_{step:08d}.tmp`` first and is renamed when complete; older states beyond
-    ``keep`` are removed afterwards, so a kill at any moment leaves a complete state on disk.
+    The state is written to a uniquely named staging directory (:func:`~mllm_encoder.atomic.atomic_directory`)
+    that becomes ``step_{step:08d}`` when complete; older states beyond ``keep`` are removed afterwards, so a
+    kill at any moment leaves a complete state on disk.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{STATE_PREFIX}{step:08d}"
-    tmp = ckpt_dir / f"{STATE_PREFIX}{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", {"step": step, "world_size": world_size, "history": history})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_directory(final, overwrite=True) as staging:
+        save_file(_trainable_state(model), str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, staging / "optimizer.pt")
+        atomic_write_json(staging / "state.json", {"step": step, "world_size": world_size, "history": history})
     for old in sorted(ckpt_dir.glob(f"{STATE_PREFIX}*[0-9]"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -19,9 +19,9 @@ import torch
 from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.checkpoint import load_processors, save_checkpoint
 from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
+from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
-from mllm_encoder.dmu.distributed import DistState
 from mllm_encoder.dmu.features import extract_features, load_features
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, train
@@ -228,7 +228,8 @@ def run_stretch(model_dir: PathLike, positions: int, out_dir: PathLike) -> Path:
     if tokenizer is None:
         raise ValueError(f"{model_dir}: the checkpoint has no tokenizer files, needed to stretch the text context")
     model = stretch_text_context(load_model(model_dir), positions)
-    return save_checkpoint(model, out_dir, image_processor, stretch_tokenizer(tokenizer, positions))
+    tokenizer = stretch_tokenizer(tokenizer, positions)
+    return save_checkpoint(model, out_dir, image_processor, tokenizer, overwrite=True)  # a rerun of the stage
 
 
 def run_assemble(

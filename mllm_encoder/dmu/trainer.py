@@ -17,12 +17,12 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu import config
 from mllm_encoder.dmu.config import RuntimeSection, StageSection, check_section
-from mllm_encoder.dmu.distributed import DistState
-from mllm_encoder.dmu.loss import clip_contrastive_loss
 from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
+from mllm_encoder.losses import clip_contrastive_loss
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], cfg
         pixel_values=batch["pixel_values"],
         attention_mask=batch["attention_mask"],
     )
+    scale = 1.0 / cfg.stage.temperature  # DMU trains at a fixed temperature, not the model's logit_scale
     contrastive = clip_contrastive_loss(
-        outputs.image_embeds, outputs.text_embeds, state, cfg.stage.temperature, cfg.stage.label_smoothing
+        outputs.image_embeds, outputs.text_embeds, scale, state, cfg.stage.label_smoothing
     )
     aux = getattr(outputs, "aux_loss", None)
     aux = aux.float() if aux is not None else torch.zeros((), device=contrastive.device)

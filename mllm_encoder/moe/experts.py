@@ -4,6 +4,22 @@ Stacking (rather than a ModuleList of Linears) means every rank touches the same
 routing, so DeepSpeed ZeRO-3 never waits on an expert that one rank did not use, and it allows grouped
 GEMMs. Parameter names follow the checkpoint format: ``fc1.weight [E, I, D]``, ``fc1.bias [E, I]``,
 ``fc2.weight [E, D, I]``, ``fc2.bias [E, D]``.
+
+Backends (``StackedExperts.backend``):
+
+* ``"grouped"``: one ``torch._grouped_mm`` per projection over all expert slices: no host synchronisation
+  and shapes fixed by the number of tokens, so it traces with ``torch.compile(fullgraph=True)`` and is
+  captured by CUDA graphs (on CUDA with bf16 on sm90/sm100, where torch has a fused grouped kernel). Eager,
+  each expert's bias is added by one ``addmm`` of the ``[N, E]`` one-hot slot-to-expert matrix with the
+  ``[E, out]`` bias: no ``[N, out]`` gathered bias is materialised, and the bias gradient is a GEMM, not an
+  atomic scatter. Compiled, the bias is an indexed load that inductor fuses with the activation.
+* ``"loop"``: one ``.tolist()`` of the slice ends, then fc1 -> activation -> fc2 per expert slice with
+  ``addmm`` (bias in the GEMM epilogue). ``torch.compile`` traces the slice sizes as data-dependent sizes
+  (one graph, but a host sync per layer: no CUDA graphs).
+* ``"auto"``: the table in :func:`resolve_backend`.
+
+QuickGELU ``x * sigmoid(1.702 x)`` is evaluated as ``silu(1.702 x) / 1.702`` with both factors folded into
+the GEMMs' ``alpha`` / ``beta``: one element-wise kernel over the ``[N, I]`` intermediate instead of three.
 """
 
 import math
@@ -16,6 +32,7 @@ from transformers.activations import ACT2FN
 from mllm_encoder.moe.dispatch import DispatchPlan
 
 BACKENDS = ("auto", "grouped", "loop")
+QUICK_GELU_SCALE = 1.702
 
 
 def grouped_mm_available() -> bool:
@@ -23,15 +40,46 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
+def _cuda_has_grouped_kernel(device: torch.device) -> bool:
+    """torch's fused grouped GEMM (CUTLASS, bf16) exists on sm90 (Hopper) and sm100 (Blackwell) only."""
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def compute_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on for the device, else the input's."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
+
+
 def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> str:
-    """Pick the matmul strategy: grouped GEMM on CUDA in bf16 when available, else a loop over slices."""
+    """The matmul strategy for ``hidden_states`` (``dims``: the expert widths, for alignment).
+
+    ``"auto"`` resolves by this table, on :func:`compute_dtype` (measurements in docs/benchmarks.md):
+
+    =======  ==========================================================  =======
+    device   condition                                                   backend
+    =======  ==========================================================  =======
+    any      not bf16: torch's grouped GEMM is a bf16 kernel (its        loop
+             fallback copies the offsets to the host and loops over
+             the groups, and ``torch.compile`` traces it in bf16 only)
+    CUDA     bf16, widths % 8 == 0, sm90/sm100 or under torch.compile    grouped
+    CUDA     other bf16 cases (no fused grouped kernel)                  loop
+    CPU      bf16                                                        grouped
+    =======  ==========================================================  =======
+    """
     if backend not in BACKENDS:
         raise ValueError(f"dispatch backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    aligned = all(d % 8 == 0 for d in dims)
-    use_grouped = hidden_states.is_cuda and hidden_states.dtype == torch.bfloat16 and aligned and grouped_mm_available()
-    return "grouped" if use_grouped else "loop"
+    if compute_dtype(hidden_states) != torch.bfloat16 or not grouped_mm_available():
+        return "loop"
+    if hidden_states.is_cuda:
+        aligned = all(d % 8 == 0 for d in dims)
+        fast = torch.compiler.is_compiling() or _cuda_has_grouped_kernel(hidden_states.device)
+        return "grouped" if aligned and fast else "loop"
+    return "grouped"
 
 
 class GroupedLinear(nn.Module):
@@ -47,16 +95,29 @@ class GroupedLinear(nn.Module):
         bound = 1 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, rows: Union[torch.Tensor, List[torch.Tensor]], plan: DispatchPlan):
-        """Map expert-sorted rows ``[N, in]`` to ``[N, out]`` with one grouped GEMM, or a list of per-expert
-        slices (slice e for expert e, possibly empty) to the list of their outputs.
+    def forward(
+        self,
+        rows: Union[torch.Tensor, List[torch.Tensor]],
+        plan: DispatchPlan,
+        scale: float = 1.0,
+        bias_scale: float = 1.0,
+    ):
+        """``scale * rows @ W_e^T + bias_scale * b_e`` for the expert e of each row.
 
-        Called once per layer either way, so DeepSpeed ZeRO-3's hooks gather the stacked weight once.
+        ``rows``: expert-sorted ``[N, in]`` (one grouped GEMM), or a list of per-expert slices (slice e for
+        expert e, possibly empty) mapped to the list of their outputs. Called once per layer either way, so
+        DeepSpeed ZeRO-3's hooks gather the stacked weight once.
         """
         if isinstance(rows, list):
-            return [torch.addmm(self.bias[e], piece, self.weight[e].transpose(0, 1)) for e, piece in enumerate(rows)]
-        out = torch._grouped_mm(rows, self.weight.transpose(-2, -1), offs=plan.group_ends.to(torch.int32))
-        return out + self.bias.index_select(0, plan.expert_ids)
+            return [
+                torch.addmm(self.bias[e], piece, self.weight[e].t(), beta=bias_scale, alpha=scale)
+                for e, piece in enumerate(rows)
+            ]
+        dtype = compute_dtype(rows)  # autocast does not cover the grouped GEMM
+        out = torch._grouped_mm(rows.to(dtype), self.weight.to(dtype).transpose(-2, -1), offs=plan.offsets)
+        if torch.compiler.is_compiling():
+            return scale * out + bias_scale * self.bias.to(dtype)[plan.expert_ids]
+        return torch.addmm(out, plan.one_hot.to(out.dtype), self.bias, beta=scale, alpha=bias_scale)
 
     def extra_repr(self) -> str:
         # From attributes: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder.
@@ -72,14 +133,20 @@ class StackedExperts(nn.Module):
         self.fc1 = GroupedLinear(num_experts, hidden_size, intermediate_size)
         self.fc2 = GroupedLinear(num_experts, intermediate_size, hidden_size)
         self.activation_fn = ACT2FN[hidden_act]
+        # QuickGELU(x) = silu(s x) / s: s goes into fc1's alpha and beta, 1 / s into fc2's alpha.
+        self._act_scale = QUICK_GELU_SCALE if hidden_act == "quick_gelu" else 1.0
+        self._act = nn.functional.silu if hidden_act == "quick_gelu" else self.activation_fn
         self.backend = "auto"
 
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Apply expert ``plan.expert_ids[n]`` to row n of ``rows [N, D]``."""
         backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features)
+        s = self._act_scale
         if backend == "grouped":
-            return self.fc2(self.activation_fn(self.fc1(rows, plan)), plan)
+            hidden = self._act(self.fc1(rows, plan, s, s))
+            return self.fc2(hidden, plan, 1 / s)
         # One slice per expert: fc1 -> activation -> fc2 stay per slice, only the outputs are concatenated.
-        pieces = list(rows.split(plan.counts.tolist()))
-        hidden = [self.activation_fn(piece) for piece in self.fc1(pieces, plan)]
-        return torch.cat(self.fc2(hidden, plan))
+        ends = plan.offsets.tolist()
+        pieces = list(rows.split([end - start for start, end in zip([0] + ends[:-1], ends)]))
+        hidden = [self._act(piece) for piece in self.fc1(pieces, plan, s, s)]
+        return torch.cat(self.fc2(hidden, plan, 1 / s))

@@ -149,4 +149,36 @@ def test_webdataset_bad_members_and_truncated_shard(image_files, image_processor
         "empty or missing caption",
         "no image member",
     ]
-    assert "unreadable shard" in reasons[-1] and dataset.bad_samples[-1][1].endswith("cut.tar")
+    # 1.jpg of cut.tar is cut short: sample 1 and the unknown rest of that shard are lost, and said so
+    assert "unreadable shard" in reasons[-1] and "unknown number" in reasons[-1]
+    assert dataset.bad_samples[-1][1] == f"{root / 'cut.tar'}: sample 1" and len(samples) == 5 + 2
+    assert [name for name, _ in dataset.lost_shards] == [str(root / "cut.tar")]
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "sub/../../outside.jpg", "/etc/passwd"])
+@pytest.mark.parametrize("suffix", ["json", "csv"])
+def test_image_paths_leaving_the_image_root_are_refused(image_files, image_processor, clip_tokenizer, image, suffix):
+    root, _ = image_files
+    if suffix == "json":
+        records = [{"image": "img0.jpg", "conversations": _turns("ok")}, {"image": image, "conversations": _turns("x")}]
+        (root / "data.json").write_text(json.dumps(records))
+        where = "data.json: record 1"
+    else:
+        (root / "data.csv").write_text(f"image,caption\nimg0.jpg,ok\n{image},x\n")
+        where = "data.csv: line 3"
+    kwargs = dict(image_processor=image_processor, tokenizer=clip_tokenizer)
+    with pytest.raises(ValueError, match=rf"{where}: (absolute image path '/etc/passwd' refused|.* leaves the image)"):
+        load_image_text_dataset(root / f"data.{suffix}", **kwargs)
+    if image.startswith("/"):
+        dataset = load_image_text_dataset(root / f"data.{suffix}", allow_absolute_paths=True, **kwargs)
+        assert dataset.records[1].image == "/etc/passwd"
+    else:
+        with pytest.raises(ValueError, match="leaves the image root"):
+            load_image_text_dataset(root / f"data.{suffix}", allow_absolute_paths=True, **kwargs)
+
+
+def test_an_empty_training_list_is_refused(image_files, image_processor, clip_tokenizer):
+    root, _ = image_files
+    (root / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty.json: no image-caption records"):
+        load_image_text_dataset(root / "empty.json", image_processor=image_processor, tokenizer=clip_tokenizer)

@@ -132,19 +132,20 @@ def _write_shards(root, captions, out_dir):
 
 
 def test_expand_shards_patterns(tmp_path):
-    from mllm_encoder.data.webdataset import expand_braces
-
-    assert expand_braces("s-{08..10}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar"]
-    assert expand_braces("{a,b}/x-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "b/x-1.tar", "b/x-2.tar"]
-    for name in ("b.tar", "a.tar"):
+    for name in ("s-08.tar", "s-09.tar", "s-10.tar", "b.tar", "a.tar", "x-1.tar"):
         (tmp_path / name).write_bytes(b"")
-    assert expand_shards(f"{tmp_path}/*.tar::extra.tar") == [
+    assert expand_shards(f"{tmp_path}/s-{{08..10}}.tar") == [str(tmp_path / f"s-{n}.tar") for n in ("08", "09", "10")]
+    assert expand_shards(f"{tmp_path}/{{a,b}}.tar") == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert expand_shards(f"{tmp_path}/[ab].tar::{tmp_path}/x-{{1..1}}.tar::pipe:cat y.tar") == [
         str(tmp_path / "a.tar"),
         str(tmp_path / "b.tar"),
-        "extra.tar",
+        str(tmp_path / "x-1.tar"),
+        "pipe:cat y.tar",
     ]
     with pytest.raises(ValueError, match="no webdataset shards"):
         expand_shards(f"{tmp_path}/*.none")
+    with pytest.raises(ValueError, match="shards not found: .*s-11.tar"):
+        expand_shards(f"{tmp_path}/s-{{10..11}}.tar")
 
 
 def test_webdataset_streaming(image_files, image_processor, clip_tokenizer, tmp_path_factory):

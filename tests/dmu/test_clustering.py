@@ -7,8 +7,8 @@ import pytest
 import torch
 from dmu_helpers import TensorPairs, collate
 
+from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import accumulate_labels, cluster_sizes, kmeans, save_cluster_report, stage_labels
-from mllm_encoder.dmu.distributed import DistState
 from mllm_encoder.dmu.features import extract_features, load_features
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mllm_encoder.dmu.distributed import DistState, all_gather_with_grad
-from mllm_encoder.dmu.loss import clip_contrastive_loss
+from mllm_encoder.distributed import DistState, all_gather_with_grad
+from mllm_encoder.losses import clip_contrastive_loss
 
 BATCH, DIM = 6, 8
 
@@ -30,7 +30,7 @@ def _worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     image_tower, text_tower, images, texts = _towers_and_data()
     part = slice(rank * BATCH, (rank + 1) * BATCH)
-    loss = clip_contrastive_loss(image_tower(images[part]), text_tower(texts[part]), DistState.from_torch())
+    loss = clip_contrastive_loss(image_tower(images[part]), text_tower(texts[part]), 100.0, DistState.from_torch(), 0.1)
     loss.backward()
     grads = _grads(image_tower, text_tower)
     dist.all_reduce(grads)  # what DDP does: average the gradients over ranks
@@ -60,7 +60,7 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_gloo_ranks_match_single_process():
     image_tower, text_tower, images, texts = _towers_and_data()
-    reference = clip_contrastive_loss(image_tower(images), text_tower(texts))
+    reference = clip_contrastive_loss(image_tower(images), text_tower(texts), 100.0, label_smoothing=0.1)
     reference.backward()
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -93,8 +93,10 @@ def test_fake_gather_carries_gradient_to_the_owner():
 
 def test_loss_checks_shapes_and_is_finite():
     with pytest.raises(ValueError):
-        clip_contrastive_loss(torch.randn(3, 4), torch.randn(2, 4))
+        clip_contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), 100.0)
     perfect = torch.eye(4)
-    low = clip_contrastive_loss(perfect, perfect, label_smoothing=0.0)
+    low = clip_contrastive_loss(perfect, perfect, 100.0)
     assert low.item() < 1e-6
-    assert clip_contrastive_loss(perfect, perfect).item() > low.item()  # smoothing keeps a floor
+    assert (
+        clip_contrastive_loss(perfect, perfect, 100.0, label_smoothing=0.1).item() > low.item()
+    )  # smoothing keeps a floor

@@ -1,7 +1,14 @@
 """``clip-moe dmu run``: stages, manifest, resume after an injected stop, equal-step baselines."""
 
+import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +18,11 @@ from safetensors.numpy import load_file
 from mllm_encoder.cli import main
 from mllm_encoder.dmu.accelerator import build_accelerator
 from mllm_encoder.dmu.config import DataSection, config_from_dict, load_config
+from mllm_encoder.dmu.features import load_features
 from mllm_encoder.dmu.pipeline import run_pipeline
 from mllm_encoder.dmu.stages import run_cluster, run_extract
 from mllm_encoder.dmu.trainer import TrainingInterrupted
+from mllm_encoder.locking import LockError, directory_lock
 
 
 def _config(run_dir, base, data, **dmu):
@@ -147,3 +156,62 @@ def test_text_context_stretches_the_base_for_every_method(tmp_path, tiny_base_di
     assert trained["text_config"]["max_position_embeddings"] == 48
     summary = json.loads((tmp_path / "finetune" / "train" / "summary.json").read_text())
     assert (summary["steps"], summary["samples_seen"], summary["clusters_used"]) == (4 + 3, 7 * 4, 1)
+
+
+def _tar_shards(shapes_data, out_dir, num_shards=2):
+    """The shapes training set as webdataset shards (keys 000000.., png + txt) with a sizes.json."""
+    root = Path(shapes_data["train"]).parent
+    records = json.loads(Path(shapes_data["train"]).read_text())
+    per_shard = -(-len(records) // num_shards)
+    out_dir.mkdir(parents=True)
+    for shard in range(num_shards):
+        with tarfile.open(out_dir / f"train-{shard}.tar", "w") as archive:
+            for i in range(shard * per_shard, min((shard + 1) * per_shard, len(records))):
+                caption = records[i]["conversations"][1]["value"].encode()
+                for name, data in (
+                    (f"{i:06d}.png", (root / records[i]["image"]).read_bytes()),
+                    (f"{i:06d}.txt", caption),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    sizes = {f"train-{shard}.tar": min(per_shard, len(records) - shard * per_shard) for shard in range(num_shards)}
+    (out_dir / "sizes.json").write_text(json.dumps(sizes))
+    return str(out_dir / f"train-{{0..{num_shards - 1}}}.tar")
+
+
+def test_dmu_extract_from_tar_shards_equals_extract_from_json(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    pattern = _tar_shards(shapes_data, tmp_path / "shards")
+    main(["dmu", "extract", "--model", str(tiny_base_dir), "--data", pattern, "--out", str(tmp_path / "f_tar")])
+    run_extract(tiny_base_dir, DataSection(train=shapes_data["train"]), tmp_path / "f_json", accelerator, 16)
+    from_tar, from_json = load_features(tmp_path / "f_tar"), load_features(tmp_path / "f_json")
+    assert from_tar["index"].tolist() == list(range(40))
+    for key in ("image", "text"):
+        np.testing.assert_allclose(from_tar[key], from_json[key], rtol=0, atol=1e-5)
+
+
+def test_dmu_run_trains_from_tar_shards(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    pattern = _tar_shards(shapes_data, tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    stages = run_pipeline(_config(run_dir, tiny_base_dir, {"train": pattern}, num_experts=2), "dmu", accelerator)
+    assert "dmu/eval" in stages
+    labels = np.load(run_dir / "dmu" / "cluster_0" / "labels.npy")
+    assert labels.shape == (40,) and (labels >= 0).all()
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(tmp_path, tiny_base_dir, shapes_data):
+    accelerator = build_accelerator("no")
+    config = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=2)
+    with directory_lock(tmp_path):  # another run holds the directory
+        with pytest.raises(LockError, match=rf"run directory {tmp_path} is in use by pid {os.getpid()}"):
+            run_pipeline(config, "finetune", accelerator)
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "manifest.json").exists()
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    record = {"pid": killed.pid, "host": socket.gethostname(), "started": None, "command": "clip-moe", "token": "x"}
+    (tmp_path / ".lock").write_text(json.dumps(record))  # left by a run killed with -9
+    assert "finetune/train" in run_pipeline(config, "finetune", accelerator)
+    assert not (tmp_path / ".lock").exists()

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -78,9 +79,7 @@ def test_resume_after_interruption_and_partial_line_loses_and_repeats_nothing(tm
     assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     assert len({a["answer_id"] for a in answers}) == 7
     third = FakeAnswerer()
-    assert (
-        answer_questions(questions, answers_file, third, "tiny-llava", progress=False).num_answered_now == 0
-    )
+    assert answer_questions(questions, answers_file, third, "tiny-llava", progress=False).num_answered_now == 0
     assert not third.calls
 
 
@@ -167,3 +166,68 @@ def test_cli_answer_resumes_a_shard_and_merge(tmp_path, monkeypatch, capsys):
     )
     answers = answers_in(merged)
     assert [a["question_id"] for a in answers] == [0, 1, 2, 3, 4] and answers[0]["model_id"] == "llava-tiny"
+
+
+def test_a_second_writer_of_an_answer_file_is_refused(tmp_path):
+    from mllm_encoder.locking import LockError, file_lock
+
+    answers_file = tmp_path / "answers.jsonl"
+    with file_lock(answers_file, "answer file"):  # another `eval answer` on the same file
+        with pytest.raises(LockError, match=rf"answer file {answers_file} is in use by pid {os.getpid()}"):
+            answer_questions(make_questions(2), answers_file, FakeAnswerer(), "m", progress=False)
+    assert not answers_file.exists()
+    answer_questions(make_questions(2), answers_file, FakeAnswerer(), "m", progress=False)
+    assert len(answers_in(answers_file)) == 2 and not Path(f"{answers_file}.lock").exists()
+
+
+def test_unreadable_images_are_skipped_recorded_and_retried(tmp_path, caplog):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "0.jpg")
+    good = (tmp_path / "0.jpg").read_bytes()
+    (tmp_path / "1.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    questions = make_questions(6)  # images 0.jpg (Q0, Q1), 1.jpg (Q2, Q3), 2.jpg missing (Q4, Q5)
+
+    def answer(question):
+        image = answering.load_question_image(tmp_path, question["image"])
+        return f"{image.size}"
+
+    stats = answer_questions(questions, tmp_path / "a.jsonl", answer, "m", progress=False)
+    assert (stats.num_answered_now, stats.num_skipped) == (2, 4)
+    assert "1.jpg" in stats.skipped[0] and "2.jpg" in stats.skipped[2] and stats.skipped[0].startswith("2: ")
+    assert [a["prompt"] for a in answers_in(tmp_path / "a.jsonl")] == ["Q0?", "Q1?"]
+    assert "skipping question 2: cannot read image" in caplog.text
+    (tmp_path / "1.jpg").write_bytes(good)
+    again = answer_questions(questions, tmp_path / "a.jsonl", answer, "m", progress=False)
+    assert (again.num_already_answered, again.num_answered_now, again.num_skipped) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "a/../../x.jpg", 7])
+def test_question_images_must_stay_in_the_image_folder(tmp_path, image):
+    questions = [{"question_id": 0, "image": "ok/0.jpg", "text": "Q?"}, {"question_id": 1, "image": image, "text": "Q"}]
+    question_file = write_questions(tmp_path / "q.jsonl", questions)
+    with pytest.raises(ValueError, match=rf"{question_file}:2: .*image"):
+        answering.load_question_file(question_file, tmp_path / "images")
+    if image == "/etc/passwd":
+        records = answering.load_question_file(question_file, tmp_path / "images", allow_absolute_paths=True)
+        assert len(records) == 2
+    with pytest.raises(ValueError, match="leaves the image root|absolute image path|non-empty string"):
+        answering.load_question_image(tmp_path / "images", image)
+
+
+def test_binary_answer_file_is_named(tmp_path):
+    answers_file = tmp_path / "answers.jsonl"
+    answers_file.write_bytes(b'{"question_id": 0, "prompt": "Q0?", "text": "yes"}\n\x89PNG\r\n\x1a\n\x00\xff\xfe')
+    with pytest.raises(ValueError, match=rf"{answers_file}:2: not UTF-8 text \(a binary file\?\)"):
+        read_jsonl(answers_file)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\x89PNG\r\n\x1a\n\x00\xff", b"\xff\xd8\xff\xe0 no newline", b"plain text, no newline"]
+)
+def test_a_file_that_is_not_an_answer_file_is_never_cut(tmp_path, content):
+    answers_file = tmp_path / "picture.png"
+    answers_file.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{answers_file}: (not UTF-8 text|the last line is neither JSON)"):
+        answer_questions(make_questions(1), answers_file, FakeAnswerer(), "m", progress=False)
+    assert answers_file.read_bytes() == content

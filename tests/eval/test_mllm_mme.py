@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mllm_encoder.cli import main
-from mllm_encoder.eval.mllm.mme import evaluate_mme, load_mme_ground_truth, parse_mme_answer
+from mllm_encoder.eval.mllm.mme import compare_mme_protocols, evaluate_mme, load_mme_ground_truth, parse_mme_answer
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -114,12 +114,8 @@ def test_hand_computed_scores_on_both_layouts(tmp_path, caplog):
 def test_ground_truth_layouts_and_double_space_fallback(tmp_path):
     release, _, _ = build_mme(tmp_path)
     truth = load_mme_ground_truth(release)
-    assert (
-        truth[("artwork", "10002.txt")]["Is this artwork created by monet? Please answer yes or no."] == "yes"
-    )
-    assert (
-        truth[("existence", "000001.txt")]["Is there a car in this image? Please answer yes or no."] == "no"
-    )
+    assert truth[("artwork", "10002.txt")]["Is this artwork created by monet? Please answer yes or no."] == "yes"
+    assert truth[("existence", "000001.txt")]["Is there a car in this image? Please answer yes or no."] == "no"
     assert "Is the output of the code '7'?  Please answer yes or no." in truth[("code_reasoning", "0002.txt")]
 
 
@@ -149,6 +145,9 @@ def test_bad_ground_truth_and_unknown_questions_name_file_and_line(tmp_path):
     questions.write_text(json.dumps({"question_id": 1, "text": "Q?"}) + "\n")
     with pytest.raises(ValueError, match=rf"{questions}:1: MME question_id must be an image path"):
         evaluate_mme(release, questions, answers)
+    questions.write_text(json.dumps({"question_id": "existence/000000.jpg", "text": ["Q?"]}) + "\n")
+    with pytest.raises(ValueError, match=rf"{questions}:1: text must be a string"):
+        evaluate_mme(release, questions, answers)
 
 
 def test_duplicate_and_unknown_answers_warn(tmp_path, caplog):
@@ -173,4 +172,76 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert "MME cognition (1/4 subtasks): 125.00" in printed
     report = json.loads(output.read_text())
     assert report["perception"] == pytest.approx(275.0) and report["cognition"] == pytest.approx(125.0)
-    assert report["subtasks"]["artwork"]["num_other"] == 1 and report["protocol"] == "mme-calculation"
+    assert report["subtasks"]["artwork"]["num_other"] == 1 and report["protocol"] == "llava"
+
+
+# Answers the three parsers read differently; (LLaVA/official, lmms-eval, VLMEvalKit) correct? in the comments.
+PROTOCOL_ITEMS = [
+    ("existence", "000000.jpg", "Is there a dog in this image?", "Yes", "Yes"),  # all right
+    ("existence", "000000.jpg", "Is there a cat in this image?", "No", "No"),  # all right
+    ("existence", "000001.jpg", "Is there a car in this image?", "Yes", "y"),  # other / yes / other
+    ("existence", "000001.jpg", "Is there a bus in this image?", "No", "n"),  # other / no / other
+    ("existence", "000002.jpg", "Is there a cup in this image?", "Yes", "I think yes"),  # other / other / yes
+    ("existence", "000002.jpg", "Is there a tie in this image?", "No", "The answer is no."),  # other / other / no
+    ("existence", "000003.jpg", "Is there a bed in this image?", "No", "Not at all"),  # no / no / other
+    ("existence", "000003.jpg", "Is there a bat in this image?", "Yes", "Yes."),  # all right
+    ("code_reasoning", "0001.png", "Is the output of the code '3'?", "No", "None"),  # no / no / other
+    ("code_reasoning", "0001.png", "Is a python code shown in the picture?", "Yes", "yes"),  # all right
+]
+
+
+def test_three_parsers_on_hand_computed_scores(tmp_path):
+    comparison = compare_mme_protocols(*build_mme(tmp_path, PROTOCOL_ITEMS))
+    scores = {
+        name: (r.subtasks["existence"].score, r.subtasks["code_reasoning"].score, r.perception, r.cognition)
+        for name, r in comparison.results.items()
+    }
+    # existence: official 4/8 right, 2/4 images both right -> 50 + 50; lmms-eval 6/8, 3/4 -> 75 + 75;
+    # VLMEvalKit 5/8, 2/4 -> 62.5 + 50. code_reasoning: 200, 200, and 50 + 0 for VLMEvalKit ("None" unread).
+    assert scores == {
+        "llava": (100.0, 200.0, 100.0, 200.0),
+        "lmms-eval": (150.0, 200.0, 150.0, 200.0),
+        "vlmevalkit": (112.5, 50.0, 112.5, 50.0),
+    }
+    num_other = {name: r.subtasks["existence"].num_other for name, r in comparison.results.items()}
+    assert num_other == {"llava": 4, "lmms-eval": 2, "vlmevalkit": 3}
+    assert comparison.num_scored == 10 and len(comparison.disagreements) == 6
+    texts = [d.text for d in comparison.disagreements]
+    assert texts == ["y", "n", "I think yes", "The answer is no.", "Not at all", "None"]
+    assert comparison.disagreements[0].parses == {"llava": "other", "lmms-eval": "yes", "vlmevalkit": "other"}
+    assert evaluate_mme(*build_mme(tmp_path / "one", PROTOCOL_ITEMS), protocol="lmms-eval").perception == 150.0
+
+
+def test_cli_protocol_all_and_single(tmp_path, capsys):
+    release, questions, answers = build_mme(tmp_path, PROTOCOL_ITEMS)
+    argv = ["eval", "mme", "--mme-root", str(release), "--question-file", str(questions), "--result-file"]
+    output = tmp_path / "all.json"
+    main(argv + [str(answers), "--protocol", "all", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "VLMEvalKit" in printed and "6 of 10 answers are read differently" in printed
+    assert "answers.jsonl:3: 'y' (truth yes) -> LLaVA: other, lmms-eval: yes, VLMEvalKit: other" in printed
+    report = json.loads(output.read_text())
+    assert report["protocols"]["vlmevalkit"]["perception"] == 112.5 and report["num_disagreements"] == 6
+    main(argv + [str(answers), "--protocol", "lmms-eval"])
+    assert "MME perception (1/10 subtasks, lmms-eval answer parsing): 150.00" in capsys.readouterr().out
+
+
+def test_non_string_answers_are_reported_and_never_parsed(tmp_path, caplog):
+    """Issue 9: `"text": null` used to be parsed as "no" (right when the truth is no)."""
+    release, questions, answers = build_mme(tmp_path)
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    records[1]["text"] = None  # existence image 0, truth "No": was scored right
+    records[3]["text"] = ["yes"]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_mme(release, questions, answers)
+    existence = result.subtasks["existence"]
+    assert (existence.num_missing, existence.num_correct, existence.num_images_both_correct) == (2, 1, 0)
+    assert existence.score == 25.0 and result.num_malformed == 2
+    assert (
+        f"{answers}:2 (text is NoneType None)" in caplog.text and f"{answers}:4 (text is list ['yes'])" in caplog.text
+    )
+    argv = ["eval", "mme", "--mme-root", str(release), "--question-file", str(questions), "--result-file"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + [str(answers), "--strict"])
+    assert exit_info.value.code == 1

@@ -2,12 +2,14 @@
 
 import json
 import logging
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mllm_encoder.cli import main
-from mllm_encoder.eval.mllm.pope import binary_metrics, evaluate_pope, normalize_pope_answer
+from mllm_encoder.eval.mllm.pope import binary_metrics, compare_pope_protocols, evaluate_pope, normalize_pope_answer
 
 POPE_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pope"
 needs_pope_data = pytest.mark.skipif(
@@ -88,9 +90,7 @@ def test_annotations_from_wrong_pope_commit_warn_naming_file_and_line(tmp_path, 
     coco = tmp_path / "coco"
     coco.mkdir()
     for split in ("adversarial", "popular"):
-        (coco / f"coco_pope_{split}.json").write_bytes(
-            (POPE_DATA / "coco" / f"coco_pope_{split}.json").read_bytes()
-        )
+        (coco / f"coco_pope_{split}.json").write_bytes((POPE_DATA / "coco" / f"coco_pope_{split}.json").read_bytes())
     random_lines = (POPE_DATA / "coco" / "coco_pope_random.json").read_text().splitlines(keepends=True)
     extra = (POPE_DATA / "coco" / "coco_pope_popular.json").read_text().splitlines(keepends=True)[:90]
     (coco / "coco_pope_random.json").write_text("".join(random_lines[:100] + extra + random_lines[100:]))
@@ -223,12 +223,188 @@ def test_cli_prints_table_and_writes_every_number(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "adversarial" in printed and "random" in printed and "mean F1 over 2 splits" in printed
     report = json.loads(output.read_text())
-    assert report["splits"]["adversarial"]["f1"] == 0.5 and report["splits"]["random"]["f1"] == pytest.approx(
-        2 / 3
-    )
-    assert report["mean_f1"] == pytest.approx((0.5 + 2 / 3) / 2) and report["protocol"] == "llava-eval_pope"
+    assert report["splits"]["adversarial"]["f1"] == 0.5 and report["splits"]["random"]["f1"] == pytest.approx(2 / 3)
+    assert report["mean_f1"] == pytest.approx((0.5 + 2 / 3) / 2) and report["protocol"] == "llava"
     assert {"tp", "fp", "tn", "fn", "precision", "recall", "yes_ratio"} <= set(report["splits"]["random"])
     write_lines(answers, [json.loads(line) for line in answers.read_text().splitlines()][:-1])
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--result-file", str(answers), "--strict"])
     assert exit_info.value.code == 1
+
+
+# --- lmms-eval's and VLMEvalKit's protocols, restated independently of mllm_encoder.eval.mllm.protocols ---
+
+
+def lmms_eval_reference(texts, labels):
+    """lmms_eval/tasks/pope/utils.py: exact lower/strip match per answer, then its aggregation functions."""
+    results = []
+    for text, label in zip(texts, labels):
+        prediction = text.lower().strip()
+        results.append({"score": float(prediction == label), "prediction": prediction, "ground_truth": label})
+    tp = sum(r["ground_truth"] == "yes" and r["prediction"] == "yes" for r in results)
+    fp = sum(r["ground_truth"] == "no" and r["prediction"] == "yes" for r in results)
+    fn = sum(r["ground_truth"] == "yes" and r["prediction"] == "no" for r in results)
+    precision = tp / (tp + fp) if tp + fp else 0
+    recall = tp / (tp + fn) if tp + fn else 0
+    return {
+        "accuracy": sum(r["score"] for r in results) / len(results),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0,
+        "yes_ratio": sum(r["ground_truth"] == "yes" for r in results) / len(results),
+    }
+
+
+def vlmevalkit_extract(text):
+    """vlmeval YOrN_Extraction with vlmeval.smp.process_punctuation, ported as written (regex quirks included)."""
+    text = text.lower()
+    out = text
+    for p in list(';/[]"{}()=+\\_-><@`,?!'):
+        if (p + " " in text or " " + p in text) or (re.search(re.compile(r"(\d)(,)(\d)"), text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = re.compile(r"(?!<=\d)(\.)(?!\d)").sub("", out, re.UNICODE)
+    words = out.split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "yes" not in words and "no" in words:
+        return "No"
+    return "Unknown"
+
+
+def vlmevalkit_reference(texts, labels):
+    """vlmeval POPE_rating: F1 with y_pred = (extracted == 'Yes'), acc = mean(extracted == answer)."""
+    extracted = [vlmevalkit_extract(t) for t in texts]
+    answers = ["Yes" if label == "yes" else "No" for label in labels]
+    y_true = np.array([1 if a == "Yes" else 0 for a in answers])
+    y_pred = np.array([1 if e == "Yes" else 0 for e in extracted])
+    tp, fp = sum((y_true == 1) & (y_pred == 1)), sum((y_true == 0) & (y_pred == 1))
+    fn = sum((y_true == 1) & (y_pred == 0))
+    precision = tp / (tp + fp) if tp + fp else 0
+    recall = tp / (tp + fn) if tp + fn else 0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0
+    accuracy = np.mean([a == e for a, e in zip(answers, extracted)])
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+def shipped_answers_by_split():
+    questions = {q["question_id"]: q for q in map(json.loads, open(POPE_DATA / "llava_pope_test.jsonl"))}
+    answers = [json.loads(line) for line in open(POPE_DATA / "answers" / "llava-v1.5-13b.jsonl")]
+    by_split = {}
+    for name in ("adversarial", "popular", "random"):
+        labels = [json.loads(line)["label"] for line in open(POPE_DATA / "coco" / f"coco_pope_{name}.json")]
+        texts = [a["text"] for a in answers if questions[a["question_id"]]["category"] == name]
+        by_split[name] = (texts, labels)
+    return by_split
+
+
+@needs_pope_data
+def test_shipped_answers_reproduce_each_protocols_own_scorer():
+    """The numbers docs/evaluation.md states for LLaVA-1.5-13B's published answers under the three protocols."""
+    comparison = compare_pope_protocols(
+        POPE_DATA / "coco", POPE_DATA / "llava_pope_test.jsonl", POPE_DATA / "answers" / "llava-v1.5-13b.jsonl"
+    )
+    by_split = shipped_answers_by_split()
+    all_texts = [t for texts, _ in by_split.values() for t in texts]
+    all_labels = [lab for _, labels in by_split.values() for lab in labels]
+    for protocol, reference in (("lmms-eval", lmms_eval_reference), ("vlmevalkit", vlmevalkit_reference)):
+        result = comparison.results[protocol]
+        expected = reference(all_texts, all_labels)
+        assert {k: getattr(result.overall, k) for k in expected} == pytest.approx(expected), protocol
+        for name, (texts, labels) in by_split.items():
+            expected = reference(texts, labels)
+            assert {k: getattr(result.splits[name], k) for k in expected} == pytest.approx(expected), (protocol, name)
+    llava, lmms, vlmeval = (comparison.results[p] for p in ("llava", "lmms-eval", "vlmevalkit"))
+    assert round(100 * llava.headline_f1, 2) == 85.95  # mean of the per-split F1 (LLaVA's published 85.9)
+    assert round(100 * lmms.headline_f1, 2) == round(100 * vlmeval.headline_f1, 2) == 85.93  # pooled F1
+    assert round(100 * lmms.overall.accuracy, 2) == 86.97 and round(100 * lmms.overall.yes_ratio, 2) == 50.51
+    assert (round(100 * lmms.overall.precision, 2), round(100 * lmms.overall.recall, 2)) == (94.48, 78.80)
+    assert round(100 * llava.overall.yes_ratio, 2) == 42.12 and vlmeval.overall.yes_ratio is None
+    assert comparison.num_scored == 8910 and comparison.disagreements == []  # every answer is "Yes" or "No"
+
+
+DISAGREEING_ROWS = [  # (object, label, answer): LLaVA / lmms-eval / VLMEvalKit read the answer as
+    ("dog", "yes", "Yes"),  # yes / yes / yes
+    ("cat", "yes", "Yes, there is a cat."),  # yes / other / yes
+    ("car", "yes", "I think yes"),  # yes / other / yes
+    ("bus", "yes", "not sure"),  # no / other / other
+    ("cup", "no", "No."),  # no / other / no
+    ("bed", "no", "NO"),  # yes / no / no
+    ("tie", "no", ""),  # yes / other / other
+    ("bat", "no", "No, yes"),  # no / other / other
+]
+
+
+def test_protocols_on_answers_they_read_differently(tmp_path):
+    splits = {"popular": [("dog", "yes", "Yes"), ("cat", "no", "No")], "random": DISAGREEING_ROWS}
+    comparison = compare_pope_protocols(*make_pope(tmp_path, splits))
+    llava, lmms, vlmeval = (comparison.results[p] for p in ("llava", "lmms-eval", "vlmevalkit"))
+    random = llava.splits["random"]  # TP 3 (1-3), FN 1 (4), FP 2 (6, 7), TN 2 (5, 8)
+    assert (random.tp, random.fn, random.fp, random.tn, random.num_other) == (3, 1, 2, 2, 0)
+    assert (random.accuracy, random.precision, random.recall) == (0.625, 0.6, 0.75)
+    assert random.f1 == pytest.approx(2 / 3) and llava.headline_f1 == pytest.approx((2 / 3 + 1) / 2)
+    assert llava.overall.f1 == pytest.approx(8 / 11)  # pooled: TP 4, FP 2, FN 1
+    random = lmms.splits["random"]  # only "Yes" (TP) and "NO" (TN) are read; six answers are "other"
+    assert (random.tp, random.fp, random.tn, random.fn, random.num_other) == (1, 0, 1, 0, 6)
+    assert (random.accuracy, random.precision, random.recall, random.f1, random.yes_ratio) == (0.25, 1, 1, 1, 0.5)
+    assert (lmms.headline_f1, lmms.overall.accuracy, lmms.overall.yes_ratio) == (1.0, 0.4, 0.5)
+    random = vlmeval.splits["random"]  # TP 3, TN 2 (5, 6), "not sure" (truth yes) counts as a false negative
+    assert (random.tp, random.fp, random.tn, random.fn, random.num_other) == (3, 0, 2, 0, 3)
+    assert (random.accuracy, random.precision, random.recall) == (0.625, 1, 0.75)
+    assert random.f1 == pytest.approx(6 / 7) and vlmeval.headline_f1 == pytest.approx(8 / 9)
+    texts, labels = [r[2] for r in DISAGREEING_ROWS], [r[1] for r in DISAGREEING_ROWS]
+    for result, reference in ((lmms, lmms_eval_reference), (vlmeval, vlmevalkit_reference)):
+        expected = reference(texts, labels)
+        assert {k: getattr(result.splits["random"], k) for k in expected} == pytest.approx(expected)
+    assert comparison.num_scored == 10 and len(comparison.disagreements) == 7
+    first = comparison.disagreements[0]
+    assert first.text == "Yes, there is a cat." and first.location.endswith("answers.jsonl:4")
+    assert first.parses == {"llava": "yes", "lmms-eval": "other", "vlmevalkit": "yes"}
+
+
+def test_cli_protocol_all_prints_side_by_side_table_and_disagreements(tmp_path, capsys):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": DISAGREEING_ROWS})
+    output = tmp_path / "all.json"
+    main(["eval", "pope", "--annotation-dir", str(annotation_dir), "--question-file", str(questions)]
+         + ["--result-file", str(answers), "--protocol", "all", "--output", str(output)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "LLaVA" in printed and "lmms-eval" in printed and "VLMEvalKit" in printed
+    assert "7 of 8 answers are read differently" in printed and "'NO' (truth no)" in printed
+    report = json.loads(output.read_text())
+    assert set(report["protocols"]) == {"llava", "lmms-eval", "vlmevalkit"} and report["num_disagreements"] == 7
+    assert report["protocols"]["lmms-eval"]["headline_f1"] == 1.0
+    main(["eval", "pope", "--annotation-dir", str(annotation_dir), "--question-file", str(questions)]
+         + ["--result-file", str(answers), "--protocol", "vlmevalkit"])  # fmt: skip
+    assert "POPE (VLMEvalKit protocol, F1 over all 8 answers): 85.71" in capsys.readouterr().out
+
+
+def test_non_string_answers_are_reported_and_never_scored(tmp_path, caplog):
+    """Issue 9: `"text": 7` and `"text": null` used to be scored as "yes"."""
+    rows = [("dog", "yes", "Yes"), ("cat", "no", 7), ("car", "yes", "No"), ("cup", "no", None), ("bus", "no", "No")]
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [(o, lab, "x") for o, lab, _ in rows]})
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    write_lines(answers, [dict(r, text=row[2]) for r, row in zip(records, rows)])
+    for protocol in ("llava", "lmms-eval", "vlmevalkit"):
+        with caplog.at_level(logging.WARNING):
+            result = evaluate_pope(annotation_dir, questions, answers, protocol=protocol)
+        split = result.splits["random"]
+        assert (split.num_answered, split.num_malformed, split.num_missing) == (3, 2, 0)
+        assert (split.tp, split.fp, split.tn, split.fn) == (1, 0, 1, 1)  # lines 2 and 4 are left out
+        assert result.num_malformed == 2
+    assert f"{answers}:2 (text is int 7)" in caplog.text and f"{answers}:4 (text is NoneType None)" in caplog.text
+    argv = ["eval", "pope", "--annotation-dir", str(annotation_dir), "--question-file", str(questions)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--result-file", str(answers), "--strict"])
+    assert exit_info.value.code == 1
+
+
+def test_question_file_with_non_string_fields_names_file_and_line(tmp_path):
+    annotation_dir, questions, answers = make_pope(tmp_path, {"random": [("dog", "yes", "Yes"), ("cat", "no", "No")]})
+    records = [json.loads(line) for line in questions.read_text().splitlines()]
+    write_lines(questions, [records[0], dict(records[1], text=5)])
+    with pytest.raises(ValueError, match=rf"{questions}:2: text must be a string"):
+        evaluate_pope(annotation_dir, questions, answers)
+    write_lines(questions, [dict(records[0], question_id=[1]), records[1]])
+    with pytest.raises(ValueError, match=rf"{questions}:1: question_id must be an integer or a string"):
+        evaluate_pope(annotation_dir, questions, answers)

@@ -191,3 +191,48 @@ def test_lora_targets_only_the_language_model(tiny_llava_dir):
     targeted = [name for name in linear if re.fullmatch(pattern, name)]
     assert len(targeted) == 14 and all(name.startswith("model.layers.") for name in targeted)
     assert any("vision_tower" in name and name.endswith("q_proj") for name in linear)
+
+
+def _checkpoint_with_code(root: Path, name: str):
+    """A model folder whose ``configuration_mpt.py`` leaves a marker file when it runs."""
+    model_dir, marker = root / name, root / "code-ran"
+    model_dir.mkdir()
+    config = {"model_type": "evil_mpt", "auto_map": {"AutoConfig": "configuration_mpt.EvilConfig"}}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_mpt.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "raise RuntimeError('code of the checkpoint folder ran')\n"
+    )
+    return model_dir, marker
+
+
+def test_llava_loaders_run_no_checkpoint_code_unless_trusted(llava_workdir, tmp_path, monkeypatch):
+    import llava.train.train as llava_train
+    import transformers.dynamic_module_utils as dynamic_modules
+    from llava.model.builder import load_pretrained_model
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model_dir, marker = _checkpoint_with_code(tmp_path, "llava-mpt-projector")
+    base = str(llava_workdir / "llm")
+    # LLaVA's builder passes trust_remote_code=True for 'mpt' names (projector-only checkpoint + base LLM).
+    with pytest.raises(ValueError, match="run Python code from the checkpoint folder; pass --trust-remote-code"):
+        load_pretrained_model(str(model_dir), base, model_dir.name, device="cpu")
+    with pytest.raises(ValueError, match="--trust-remote-code"):  # LLaVA's training script, 'mpt' base model
+        llava_train.transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+    assert not marker.exists()
+    with pytest.raises(RuntimeError, match="code of the checkpoint folder ran"):  # allowed: it runs
+        load_pretrained_model(str(model_dir), base, model_dir.name, device="cpu", trust_remote_code=True)
+    assert marker.read_text() == "ran"
+
+
+def test_entry_points_take_the_trust_flag_and_name_a_missing_model_dir(tmp_path):
+    from llava.model.builder import load_pretrained_model
+
+    from llava_patch.loading import pop_trust_remote_code_flag
+
+    argv = ["--model-path", "m", "--trust-remote-code", "--temperature", "0"]
+    assert pop_trust_remote_code_flag(argv) == (["--model-path", "m", "--temperature", "0"], True)
+    assert pop_trust_remote_code_flag(["--model-path", "m"]) == (["--model-path", "m"], False)
+    missing = tmp_path / "checkpoints" / "llava-v1.5-7b"
+    with pytest.raises(ValueError, match=f"{missing}: no such model directory \\(--model-path\\)"):
+        load_pretrained_model(str(missing), None, "llava-v1.5-7b", device="cpu")

@@ -1,7 +1,9 @@
 """The resumable answering loop and shard merging, in LLaVA's answer-file format (model-agnostic).
 
-An answer file is appended one flushed line per question. On restart a partial last line (from a kill) is
-repaired, questions already answered are skipped, so nothing is lost and nothing is answered twice. Questions
+An answer file is appended one flushed line per question by one process at a time (a second writer is refused:
+``ANSWERS.lock``, see :mod:`mllm_encoder.locking`). On restart a partial last line (from a kill) is repaired,
+questions already answered are skipped, so nothing is lost and nothing is answered twice. A question whose image
+cannot be read is skipped, counted and named (like a bad training sample), and tried again on the next run. Questions
 are identified by (``question_id``, ``text``) because ``question_id`` is not unique in every benchmark (MME
 asks two questions per image under the image's path). Sharding follows LLaVA's ``--num-chunks/--chunk-idx``.
 """
@@ -11,12 +13,15 @@ import logging
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
+from PIL import Image
 from tqdm import tqdm
 
+from mllm_encoder.data.dataset import load_image
+from mllm_encoder.data.records import resolve_image_path
 from mllm_encoder.eval.mllm.jsonl import (
     JsonlRecord,
     PathLike,
@@ -26,6 +31,7 @@ from mllm_encoder.eval.mllm.jsonl import (
     require_fields,
     write_jsonl_atomic,
 )
+from mllm_encoder.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +40,47 @@ QuestionKey = Tuple[str, str]
 T = TypeVar("T")
 
 
+class BadImageError(ValueError):
+    """A question's image cannot be read; :func:`answer_questions` skips and records the question."""
+
+
+def question_image_path(image_folder: PathLike, image: Any, where: str, allow_absolute_paths: bool = False) -> str:
+    """The path of a question's image inside ``image_folder``; a ``ValueError`` naming ``where`` when the path
+    is not a string, leaves the folder, or is absolute without ``allow_absolute_paths``."""
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: 'image' must be a non-empty string path, got {image!r}")
+    return resolve_image_path(image, image_folder, where, allow_absolute_paths)
+
+
+def load_question_image(image_folder: PathLike, image: str, allow_absolute_paths: bool = False) -> Image.Image:
+    """A question's image, fully decoded, in RGB; ``BadImageError`` names the file when it cannot be read."""
+    path = question_image_path(image_folder, image, "question image", allow_absolute_paths)
+    try:
+        return load_image(path).convert("RGB")
+    except Exception as error:  # a missing, truncated or non-image file: skip this question, not the run
+        raise BadImageError(f"cannot read image {path}: {error}") from error
+
+
 def question_key(question_id: Any, text: str) -> QuestionKey:
     """The identity of a question (or of the answer to it: its ``question_id`` and ``prompt``)."""
     return json.dumps(question_id), text
 
 
-def load_question_file(question_file: PathLike) -> List[JsonlRecord]:
-    """Read a LLaVA question file (``question_id`` and ``text`` required; no question twice)."""
+def load_question_file(
+    question_file: PathLike, image_folder: Optional[PathLike] = None, allow_absolute_paths: bool = False
+) -> List[JsonlRecord]:
+    """Read a LLaVA question file (``question_id`` and ``text`` required; no question twice).
+
+    With ``image_folder``, every ``image`` is checked to lie inside it (see :func:`question_image_path`).
+    """
     questions = read_jsonl(question_file)
     seen: Dict[QuestionKey, int] = {}
     for record in questions:
         require_fields(question_file, record, ("question_id", "text"))
+        if image_folder is not None:
+            require_fields(question_file, record, ("image",))
+            where = f"{question_file}:{record.line}"
+            question_image_path(image_folder, record.data["image"], where, allow_absolute_paths)
         key = question_key(record.data["question_id"], record.data["text"])
         if key in seen:
             raise ValueError(f"{question_file}:{record.line}: duplicate question (first on line {seen[key]})")
@@ -94,6 +130,11 @@ class AnswerStats:
     num_questions: int
     num_already_answered: int
     num_answered_now: int
+    skipped: List[str] = field(default_factory=list)  # "question_id: reason" of questions with a bad image
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
 
 def answer_questions(
@@ -103,7 +144,18 @@ def answer_questions(
     model_id: str,
     progress: bool = True,
 ) -> AnswerStats:
-    """Answer every question not yet in ``answers_file``, appending one flushed and synced line per answer."""
+    """Answer every question not yet in ``answers_file``, appending one flushed and synced line per answer.
+
+    Holds the answer file's lock throughout (``LockError`` when another process writes it). A question whose
+    image cannot be read (``answer_fn`` raises :class:`BadImageError`) is skipped and listed in ``skipped``.
+    """
+    with file_lock(answers_file, "answer file"):
+        return _answer_unlocked(questions, answers_file, answer_fn, model_id, progress)
+
+
+def _answer_unlocked(
+    questions: Sequence[Dict[str, Any]], answers_file: PathLike, answer_fn: AnswerFn, model_id: str, progress: bool
+) -> AnswerStats:
     done = answered_keys(answers_file)
     keys = [question_key(q["question_id"], q["text"]) for q in questions]
     strangers = sorted(set(done) - set(keys), key=done.get)
@@ -120,17 +172,29 @@ def answer_questions(
     num_done = len(questions) - len(pending)
     if num_done:
         logger.info("%s: resuming, %d of %d questions already answered", answers_file, num_done, len(questions))
-    Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
+    skipped: List[str] = []
     with (
         open(answers_file, "a", encoding="utf-8") as handle,
         tqdm(total=len(questions), initial=num_done, unit="q", desc="answering", disable=not progress) as bar,
     ):
         for question in pending:
-            handle.write(dumps_line(make_answer(question, answer_fn(question), model_id)))
+            bar.update(1)
+            try:
+                text = answer_fn(question)
+            except BadImageError as error:
+                logger.warning("skipping question %s: %s", json.dumps(question["question_id"]), error)
+                skipped.append(f"{json.dumps(question['question_id'])}: {error}")
+                continue
+            handle.write(dumps_line(make_answer(question, text, model_id)))
             handle.flush()
             os.fsync(handle.fileno())
-            bar.update(1)
-    return AnswerStats(len(questions), num_done, len(pending))
+    if skipped:
+        logger.warning(
+            "%s: %d questions skipped because their image cannot be read (rerun to retry them)",
+            answers_file,
+            len(skipped),
+        )
+    return AnswerStats(len(questions), num_done, len(pending) - len(skipped), skipped)
 
 
 def merge_answer_files(

@@ -24,11 +24,17 @@ def read_jsonl(path: PathLike) -> List[JsonlRecord]:
     """Read a JSON-lines file of objects; blank lines are skipped.
 
     Raises:
-        ValueError: naming the file and line when a line is not valid JSON or not a JSON object.
+        ValueError: naming the file and line when a line is not UTF-8, not valid JSON or not a JSON object.
     """
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{path}:{line_number}: not UTF-8 text (a binary file?); expected JSON lines"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -52,10 +58,14 @@ def require_fields(path: PathLike, record: JsonlRecord, fields: Iterable[str]) -
 def repair_partial_tail(path: PathLike) -> int:
     """Make an append-only JSON-lines file end cleanly after an interrupted write.
 
-    A last line without its newline is kept (newline added) when it is complete JSON, and cut off otherwise.
+    A last line without its newline is kept (newline added) when it is complete JSON, and cut off when it is the
+    start of a JSON object (what a killed writer leaves). Anything else is not ours to cut.
 
     Returns:
         The number of bytes removed (0 when nothing was cut).
+
+    Raises:
+        ValueError: naming the file when it is not UTF-8 text or its last line is not a JSON object's start.
     """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
@@ -66,8 +76,16 @@ def repair_partial_tail(path: PathLike) -> int:
     start = data.rfind(b"\n") + 1
     tail = data[start:]
     try:
+        data[:start].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?); expected JSON lines") from None
+    try:
         json.loads(tail.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
+        if not tail.lstrip().startswith(b"{"):
+            raise ValueError(
+                f"{path}: the last line is neither JSON nor a cut-off JSON object; not an answer file?"
+            ) from None
         with open(path, "r+b") as handle:
             handle.truncate(start)
         logger.warning("%s: removed an incomplete last line (%d bytes) left by an interrupted run", path, len(tail))

@@ -3,7 +3,7 @@
 Mirrors LLaVA-1.5's ``llava/eval/model_vqa_loader.py``: ``<image>\\n`` + question in the ``vicuna_v1``
 template, images through ``process_images``, greedy decoding at temperature 0, batch size 1, the stripped
 decoded text as the answer. ``llava_patch.apply()`` runs first, so ``clip-moe`` towers load and trained tower
-weights survive.
+weights survive; no Python file of the checkpoint folders runs unless ``trust_remote_code`` is set.
 """
 
 import logging
@@ -11,6 +11,8 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
+
+from mllm_encoder.eval.mllm.answering import load_question_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +48,15 @@ class LlavaAnswerer:
         num_beams: int = 1,
         max_new_tokens: int = 128,
         device: Optional[str] = None,
+        trust_remote_code: bool = False,
+        allow_absolute_image_paths: bool = False,
     ):
         self.constants, conversation, self.mm_utils, load_pretrained_model = _import_llava()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_path = os.path.expanduser(model_path)
         self.model_name = self.mm_utils.get_model_name_from_path(model_path)
         self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
-            model_path, model_base, self.model_name, device=self.device
+            model_path, model_base, self.model_name, device=self.device, trust_remote_code=trust_remote_code
         )
         if self.image_processor is None:
             raise ValueError(
@@ -65,7 +69,7 @@ class LlavaAnswerer:
             conv_mode = conv_mode + "_mmtag"
             logger.info("plain (pretrain-only) model: using the %s prompt, as LLaVA does", conv_mode)
         self.template = conversation.conv_templates[conv_mode]
-        self.image_folder = image_folder
+        self.image_folder, self.allow_absolute_image_paths = image_folder, allow_absolute_image_paths
         self.generation = dict(
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
@@ -90,9 +94,7 @@ class LlavaAnswerer:
     @torch.inference_mode()
     def __call__(self, question: Dict[str, Any]) -> str:
         """Answer one question (a question-file record with ``image`` and ``text``)."""
-        from PIL import Image
-
-        image = Image.open(os.path.join(self.image_folder, question["image"])).convert("RGB")
+        image = load_question_image(self.image_folder, question["image"], self.allow_absolute_image_paths)
         images = self.mm_utils.process_images([image], self.image_processor, self.model.config)
         prompt = self.build_prompt(question["text"])
         input_ids = self.mm_utils.tokenizer_image_token(

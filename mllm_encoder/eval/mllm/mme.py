@@ -1,4 +1,5 @@
-"""MME scoring with the official protocol (MME's ``eval_tool/calculation.py``, after LLaVA's conversion).
+"""MME scoring with the official protocol (MME's ``eval_tool/calculation.py``, after LLaVA's conversion), or
+with lmms-eval's or VLMEvalKit's answer parsing (:mod:`mllm_encoder.eval.mllm.protocols`).
 
 LLaVA's ``llava_mme.jsonl`` asks two questions per image; ``question_id`` is the image path relative to the
 MME release folder (``<category>/<name>`` or ``<category>/images/<name>``), so it is not unique. The ground
@@ -8,22 +9,31 @@ in " Please answer yes or no." (LLaVA's conversion strips "Answer the question u
 from the prompt and appends that sentence, falling back to a double space before it, which some files use).
 
 Scoring: an answer is "yes"/"no" when its lower-cased text is exactly that, else when "yes" (checked first) or
-"no" occurs in its first 4 characters, else "other", which is wrong. Per subtask: acc = correct / questions,
+"no" occurs in its first 4 characters, else "other", which is wrong (the other protocols differ only in this
+parsing; all three compute the same scores from the parsed answers). Per subtask: acc = correct / questions,
 acc+ = images with both questions right / images, score = 100 * acc + 100 * acc+. Perception (10 subtasks,
 max 2000) and cognition (4 subtasks, max 800) are sums of subtask scores.
 
 The official tool pairs consecutive lines; here the questions are grouped by image (the same pairs for LLaVA's
 question file) and an image without exactly two questions is reported. A question without an answer is counted
-as wrong (like "other") and reported, so an incomplete run can only score lower, never higher.
+as wrong (like "other") and reported, so an incomplete run can only score lower, never higher; so is an answer
+whose text is not a string (a data problem: it is never parsed).
 """
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-from mllm_encoder.eval.mllm.pope import binary_metrics
+from mllm_encoder.eval.mllm.pope import binary_metrics, malformed_text
 from mllm_encoder.eval.mllm.problems import report_problems
+from mllm_encoder.eval.mllm.protocols import (
+    MME_PARSERS,
+    Disagreement,
+    check_protocol,
+    find_disagreements,
+    mme_calculation_parse,
+)
 
 PERCEPTION = (
     "existence",
@@ -46,15 +56,7 @@ GroundTruth = Dict[Tuple[str, str], Dict[str, str]]  # (category, "<stem>.txt") 
 
 def parse_mme_answer(text: str) -> str:
     """ "yes", "no" or "other", exactly as MME's ``calculation.py`` parses a prediction."""
-    text = text.lower()
-    if text in ("yes", "no"):
-        return text
-    prefix = text[:4]
-    if "yes" in prefix:
-        return "yes"
-    if "no" in prefix:
-        return "no"
-    return "other"
+    return mme_calculation_parse(text)
 
 
 def _read_ground_truth_file(path: Path) -> Dict[str, str]:
@@ -137,9 +139,11 @@ class MMEResult:
     """Per-subtask results, perception/cognition totals and every data problem found."""
 
     subtasks: Dict[str, MMESubtaskResult]
+    protocol: str = "llava"
     num_answers: int = 0
     num_unknown: int = 0
     num_duplicate: int = 0
+    num_malformed: int = 0
     warnings: List[str] = field(default_factory=list)
 
     def _total(self, names: Tuple[str, ...]) -> float:
@@ -157,14 +161,14 @@ class MMEResult:
 
     @property
     def num_missing(self) -> int:
-        """Questions without an answer (scored as wrong)."""
+        """Questions without an answer, or whose answer is not a string (scored as wrong)."""
         return sum(s.num_missing for s in self.subtasks.values())
 
     def to_dict(self) -> Dict[str, Any]:
         """Every number, JSON-serialisable."""
         out = asdict(self)
         out["subtasks"] = {name: asdict(result) for name, result in self.subtasks.items()}
-        out.update(protocol="mme-calculation", perception=self.perception, cognition=self.cognition)
+        out.update(perception=self.perception, cognition=self.cognition)
         out.update(total=self.perception + self.cognition, num_missing=self.num_missing)
         out["missing_subtasks"] = [name for name in PERCEPTION + COGNITION if name not in self.subtasks]
         return out
@@ -177,6 +181,8 @@ def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[J
         require_fields(question_file, record, ("question_id", "text"))
         if not isinstance(record.data["question_id"], str) or "/" not in record.data["question_id"]:
             raise ValueError(f"{question_file}:{record.line}: MME question_id must be an image path 'subtask/...'")
+        if not isinstance(record.data["text"], str):
+            raise ValueError(f"{question_file}:{record.line}: text must be a string")
         key = (record.data["question_id"], record.data["text"])
         if key in seen:
             raise ValueError(f"{question_file}:{record.line}: duplicate question (first on line {seen[key]})")
@@ -192,7 +198,7 @@ def _load_questions(question_file: PathLike, truth: GroundTruth) -> List[Tuple[J
     return questions
 
 
-def _index_answers(result_file: PathLike, known: set, result: MMEResult) -> Dict[Tuple[str, str], JsonlRecord]:
+def _index_answers(result_file: PathLike, known: set, result: "MMEAnswers") -> Dict[Tuple[str, str], JsonlRecord]:
     """Answers by (question_id, prompt), first kept; unknown and duplicate answers counted and warned."""
     answers: Dict[Tuple[str, str], JsonlRecord] = {}
     unknown, duplicate = [], []
@@ -200,7 +206,7 @@ def _index_answers(result_file: PathLike, known: set, result: MMEResult) -> Dict
     for record in records:
         require_fields(result_file, record, ("question_id", "prompt", "text"))
         key = (record.data["question_id"], record.data["prompt"])
-        if key not in known:
+        if not all(isinstance(part, str) for part in key) or key not in known:
             unknown.append(f"{result_file}:{record.line} ({key[0]!r})")
         elif key in answers:
             duplicate.append(f"{result_file}:{record.line} (kept line {answers[key].line})")
@@ -214,6 +220,33 @@ def _index_answers(result_file: PathLike, known: set, result: MMEResult) -> Dict
     )
     report_problems(result.warnings, f"{len(duplicate)} duplicate answers (the first is scored)", duplicate)
     return answers
+
+
+@dataclass
+class MMEAnswer:
+    """One question: its image, ground truth, and answer text (None: no answer or a non-string one)."""
+
+    image: str
+    truth: str
+    text: Optional[str]
+    location: Optional[str]
+
+
+@dataclass
+class MMEAnswers:
+    """An answer file joined to MME's questions and ground truth, checked, before any protocol parses it."""
+
+    subtasks: Dict[str, List[MMEAnswer]]
+    num_answers: int = 0
+    num_unknown: int = 0
+    num_duplicate: int = 0
+    num_malformed: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def items(self) -> List[Tuple[str, str, str]]:
+        """(location, text, ground truth) of every answered question."""
+        return [(a.location, a.text, a.truth) for items in self.subtasks.values() for a in items if a.text is not None]
 
 
 def _score_subtask(name: str, items: List[Tuple[str, str, str]]) -> MMESubtaskResult:
@@ -242,41 +275,115 @@ def _score_subtask(name: str, items: List[Tuple[str, str, str]]) -> MMESubtaskRe
     )
 
 
-def evaluate_mme(mme_root: PathLike, question_file: PathLike, result_file: PathLike) -> MMEResult:
-    """Score a LLaVA-format answer file on MME (see the module docstring for the protocol and checks)."""
+def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: PathLike) -> MMEAnswers:
+    """Join a LLaVA-format answer file to MME's questions and ground truth, reporting every data problem."""
     truth = load_mme_ground_truth(mme_root)
     questions = _load_questions(question_file, truth)
-    result = MMEResult(subtasks={})
+    result = MMEAnswers(subtasks={})
     known = {(q.data["question_id"], q.data["text"]) for q, _ in questions}
     answers = _index_answers(result_file, known, result)
-    items: Dict[str, List[Tuple[str, str, str]]] = {}
+    malformed = []
     for question, gt in questions:
         answer = answers.get((question.data["question_id"], question.data["text"]))
-        prediction = "missing" if answer is None else parse_mme_answer(str(answer.data["text"]))
+        problem = None if answer is None else malformed_text(result_file, answer)
+        if problem is not None:
+            malformed.append(problem)
+        usable = answer is not None and problem is None
         image = question.data["question_id"]
-        items.setdefault(ground_truth_key(image)[0], []).append((image, gt, prediction))
-    _check_structure(result, items, result_file)
-    order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
-        set(items) - set(PERCEPTION + COGNITION)
+        result.subtasks.setdefault(ground_truth_key(image)[0], []).append(
+            MMEAnswer(
+                image=image,
+                truth=gt,
+                text=answer.data["text"] if usable else None,
+                location=f"{result_file}:{answer.line}" if answer is not None else None,
+            )
+        )
+    result.num_malformed = len(malformed)
+    report_problems(
+        result.warnings,
+        f"{len(malformed)} answers whose text is not a string (a data problem; never parsed, scored as wrong)",
+        malformed,
     )
-    result.subtasks = {name: _score_subtask(name, items[name]) for name in order}
+    _check_structure(result, result_file)
     return result
 
 
-def _check_structure(result: MMEResult, items: Dict[str, List[Tuple[str, str, str]]], result_file: PathLike) -> None:
+def score_mme(answers: MMEAnswers, protocol: str = "llava") -> MMEResult:
+    """Score joined answers, parsing them as ``protocol`` does (``llava``, ``lmms-eval`` or ``vlmevalkit``)."""
+    parse = MME_PARSERS[check_protocol(protocol)]
+    items = {
+        name: [(a.image, a.truth, "missing" if a.text is None else parse(a.text)) for a in subtask]
+        for name, subtask in answers.subtasks.items()
+    }
+    order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
+        set(items) - set(PERCEPTION + COGNITION)
+    )
+    return MMEResult(
+        subtasks={name: _score_subtask(name, items[name]) for name in order},
+        protocol=protocol,
+        num_answers=answers.num_answers,
+        num_unknown=answers.num_unknown,
+        num_duplicate=answers.num_duplicate,
+        num_malformed=answers.num_malformed,
+        warnings=list(answers.warnings),
+    )
+
+
+def evaluate_mme(
+    mme_root: PathLike, question_file: PathLike, result_file: PathLike, protocol: str = "llava"
+) -> MMEResult:
+    """Score a LLaVA-format answer file on MME under ``protocol`` (see the module docstring)."""
+    check_protocol(protocol)
+    return score_mme(load_mme_answers(mme_root, question_file, result_file), protocol)
+
+
+@dataclass
+class MMEComparison:
+    """The three parsers on the same answers, and the answers they read differently."""
+
+    results: Dict[str, MMEResult]
+    num_scored: int
+    disagreements: List[Disagreement]
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self, max_examples: int = 100) -> Dict[str, Any]:
+        """Every number of every protocol, the disagreement count and the first ``max_examples`` of them."""
+        return {
+            "protocols": {name: result.to_dict() for name, result in self.results.items()},
+            "num_scored": self.num_scored,
+            "num_disagreements": len(self.disagreements),
+            "disagreements": [asdict(d) for d in self.disagreements[:max_examples]],
+            "warnings": self.warnings,
+        }
+
+
+def compare_mme_protocols(mme_root: PathLike, question_file: PathLike, result_file: PathLike) -> MMEComparison:
+    """Score one answer file with every protocol's parser (read and checked once) and list where they disagree."""
+    answers = load_mme_answers(mme_root, question_file, result_file)
+    items = answers.items
+    return MMEComparison(
+        results={protocol: score_mme(answers, protocol) for protocol in MME_PARSERS},
+        num_scored=len(items),
+        disagreements=find_disagreements(items, MME_PARSERS),
+        warnings=list(answers.warnings),
+    )
+
+
+def _check_structure(result: MMEAnswers, result_file: PathLike) -> None:
     """Warn about images without exactly two questions, unknown or absent subtasks and missing answers."""
     counts: Dict[str, int] = {}
-    for triples in items.values():
-        for image, _, _ in triples:
-            counts[image] = counts.get(image, 0) + 1
+    for answers in result.subtasks.values():
+        for answer in answers:
+            counts[answer.image] = counts.get(answer.image, 0) + 1
     odd = [f"{image} ({n} questions)" for image, n in counts.items() if n != 2]
     report_problems(result.warnings, "images without exactly two questions (MME pairs two per image)", odd)
-    extra = sorted(set(items) - set(PERCEPTION + COGNITION))
+    extra = sorted(set(result.subtasks) - set(PERCEPTION + COGNITION))
     report_problems(result.warnings, "categories that are not MME subtasks (scored, left out of the totals)", extra)
-    absent = [name for name in PERCEPTION + COGNITION if name not in items]
+    absent = [name for name in PERCEPTION + COGNITION if name not in result.subtasks]
     report_problems(
         result.warnings, "MME subtasks absent from the question file (totals are incomplete)", absent, limit=14
     )
-    missing = [f"{name}: {sum(p == 'missing' for _, _, p in t)}" for name, t in items.items()]
-    missing = [m for m in missing if not m.endswith(": 0")]
+    missing = [
+        f"{name}: {n}" for name, answers in result.subtasks.items() if (n := sum(a.location is None for a in answers))
+    ]
     report_problems(result.warnings, f"{result_file}: questions without an answer (scored as wrong)", missing, limit=14)

@@ -1,20 +1,20 @@
-"""POPE scoring with LLaVA-1.5's protocol (``llava/eval/eval_pope.py``), plus the checks that script lacks.
+"""POPE scoring under LLaVA-1.5's protocol (the default), lmms-eval's or VLMEvalKit's, with the checks they lack.
 
-The protocol: for each annotation file ``coco_pope_<split>.json`` (JSON lines: ``text``, ``image``,
-``label``), the questions of LLaVA's question file whose ``category`` is ``<split>`` are paired, in file
-order, with the annotation lines. An answer is normalised to "no" when its first sentence (text before the
-first '.'), with commas removed and split on single spaces, contains the word ``No``, ``not`` or ``no``; to
-"yes" otherwise.
-Per split: TP/FP/TN/FN with "yes" as the positive class, accuracy, precision, recall, F1 and the yes-ratio
-(predicted "yes" / answered). The headline number is the mean F1 over the splits.
+LLaVA's protocol (``llava/eval/eval_pope.py``): for each annotation file ``coco_pope_<split>.json`` (JSON
+lines: ``text``, ``image``, ``label``), the questions of LLaVA's question file whose ``category`` is ``<split>``
+are paired, in file order, with the annotation lines. An answer is "no" when its first sentence contains the
+word ``No``, ``not`` or ``no``, else "yes". Per split: TP/FP/TN/FN with "yes" as the positive class, accuracy,
+precision, recall, F1 and the yes-ratio; the headline number is the mean F1 over the splits.
+lmms-eval and VLMEvalKit parse answers differently and report the F1 pooled over all answers (plus a per-split
+breakdown); see :mod:`mllm_encoder.eval.mllm.protocols`. All three are computed from the same pairing here.
 
 LLaVA pairs the *answers* by position; here answers are joined to questions by ``question_id`` and the
 questions are paired by position, which is the same thing for a complete answer file in question order (what
 ``model_vqa_loader`` and ``clip-moe eval answer`` write) and stays right when it is not. Everything LLaVA's
 script would silently get wrong is counted and warned about, naming the file and line: question/annotation
 lines that do not line up (e.g. annotation files from another POPE commit), missing, duplicate or unknown
-answers, answers to a different prompt. Missing answers are never scored: they are left out of the confusion
-matrix and counted.
+answers, answers to a different prompt, answers whose text is not a string. Missing and malformed answers are
+never scored: they are left out of the confusion matrix and counted.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -23,15 +23,22 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
 from mllm_encoder.eval.mllm.problems import report_problems
+from mllm_encoder.eval.mllm.protocols import (
+    POPE_PARSERS,
+    BinaryCounts,
+    Disagreement,
+    check_protocol,
+    find_disagreements,
+    llava_pope_parse,
+    pope_metrics,
+)
 
 ANNOTATION_PREFIX = "coco_pope_"
 
 
 def normalize_pope_answer(text: str) -> str:
     """Map a free-form answer to "yes"/"no" exactly as LLaVA's ``eval_pope.py`` does."""
-    first_sentence = text.split(".")[0]
-    words = first_sentence.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    return llava_pope_parse(text)
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -41,28 +48,25 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def binary_metrics(predictions: List[str], labels: List[str]) -> Dict[str, Any]:
     """Confusion counts and metrics with "yes" as the positive class (LLaVA's definitions; 0/0 -> 0.0)."""
-    pairs = list(zip(predictions, labels))
-    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
-    fp = sum(p == "yes" and g == "no" for p, g in pairs)
-    tn = sum(p == "no" and g == "no" for p, g in pairs)
-    fn = sum(p == "no" and g == "yes" for p, g in pairs)
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-        "accuracy": _ratio(tp + tn, len(pairs)),
-        "precision": precision,
-        "recall": recall,
-        "f1": _ratio(2 * precision * recall, precision + recall),
-        "yes_ratio": _ratio(tp + fp, len(pairs)),
-    }
+    counts = BinaryCounts.count(predictions, labels)
+    return dict(tp=counts.tp, fp=counts.fp, tn=counts.tn, fn=counts.fn, **pope_metrics(counts, "llava"))
+
+
+def malformed_text(path: PathLike, record: JsonlRecord) -> Optional[str]:
+    """A ``file:line`` description when the answer's ``text`` is not a string (a data problem), else None."""
+    text = record.data["text"]
+    if isinstance(text, str):
+        return None
+    return f"{path}:{record.line} (text is {type(text).__name__} {text!r})"
 
 
 @dataclass
 class PopeSplitResult:
-    """Counts and metrics of one POPE split (fractions in [0, 1])."""
+    """Counts and metrics of one POPE split, or of all answers pooled (``split == "all"``); fractions in [0, 1].
+
+    ``num_other``: answers the protocol cannot read as yes/no (always 0 for LLaVA's). ``yes_ratio`` is None
+    where the protocol reports none (VLMEvalKit).
+    """
 
     split: str
     annotation_file: str
@@ -70,6 +74,8 @@ class PopeSplitResult:
     num_answered: int
     num_missing: int
     num_empty: int
+    num_malformed: int
+    num_other: int
     tp: int
     fp: int
     tn: int
@@ -78,14 +84,16 @@ class PopeSplitResult:
     precision: float
     recall: float
     f1: float
-    yes_ratio: float
+    yes_ratio: Optional[float]
 
 
 @dataclass
 class PopeResult:
-    """The whole POPE evaluation: per-split results, the headline mean F1 and every data problem found."""
+    """The whole POPE evaluation under one protocol: per-split and pooled results and every data problem found."""
 
     splits: Dict[str, PopeSplitResult]
+    protocol: str = "llava"
+    overall: Optional[PopeSplitResult] = None
     num_answers: int = 0
     num_unknown: int = 0
     num_duplicate: int = 0
@@ -104,17 +112,66 @@ class PopeResult:
         return _ratio(sum(s.accuracy for s in self.splits.values()), len(self.splits))
 
     @property
+    def headline_f1(self) -> float:
+        """The number the protocol reports: LLaVA's mean F1 over splits, else the F1 over all answers pooled."""
+        if self.protocol == "llava" or self.overall is None:
+            return self.mean_f1
+        return self.overall.f1
+
+    @property
     def num_missing(self) -> int:
         """Questions of the scored splits without an answer."""
         return sum(s.num_missing for s in self.splits.values())
+
+    @property
+    def num_malformed(self) -> int:
+        """Answers whose text is not a string (not scored)."""
+        return sum(s.num_malformed for s in self.splits.values())
 
     def to_dict(self) -> Dict[str, Any]:
         """Every number, JSON-serialisable."""
         out = asdict(self)
         out["splits"] = {name: asdict(split) for name, split in self.splits.items()}
-        out.update(protocol="llava-eval_pope", mean_f1=self.mean_f1, mean_accuracy=self.mean_accuracy)
-        out["num_missing"] = self.num_missing
+        out.update(mean_f1=self.mean_f1, mean_accuracy=self.mean_accuracy, headline_f1=self.headline_f1)
+        out.update(num_missing=self.num_missing, num_malformed=self.num_malformed)
         return out
+
+
+@dataclass
+class PopeAnswer:
+    """One scored answer: where it is, its text and the ground truth of its question."""
+
+    split: str
+    location: str
+    text: str
+    label: str
+
+
+@dataclass
+class _SplitAnswers:
+    annotation_file: str
+    num_questions: int
+    answers: List[PopeAnswer]
+    num_missing: int
+    num_malformed: int
+
+
+@dataclass
+class PopeAnswers:
+    """An answer file paired with the questions and annotations, checked, before any protocol parses it."""
+
+    splits: Dict[str, _SplitAnswers]
+    num_answers: int = 0
+    num_unknown: int = 0
+    num_duplicate: int = 0
+    num_prompt_mismatch: int = 0
+    num_misaligned: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def items(self) -> List[Tuple[str, str, str]]:
+        """(location, text, ground truth) of every scored answer, split by split."""
+        return [(a.location, a.text, a.label) for split in self.splits.values() for a in split.answers]
 
 
 def load_annotations(annotation_dir: PathLike) -> Dict[str, Tuple[Path, List[JsonlRecord]]]:
@@ -140,6 +197,11 @@ def load_questions(question_file: PathLike) -> List[JsonlRecord]:
     for record in questions:
         require_fields(question_file, record, ("question_id", "text", "category"))
         question_id = record.data["question_id"]
+        if not isinstance(question_id, (int, str)) or isinstance(question_id, bool):
+            raise ValueError(f"{question_file}:{record.line}: question_id must be an integer or a string")
+        for name in ("text", "category"):
+            if not isinstance(record.data[name], str):
+                raise ValueError(f"{question_file}:{record.line}: {name} must be a string")
         if question_id in seen:
             raise ValueError(
                 f"{question_file}:{record.line}: duplicate question_id {question_id!r} "
@@ -149,7 +211,7 @@ def load_questions(question_file: PathLike) -> List[JsonlRecord]:
     return questions
 
 
-def _index_answers(result_file: PathLike, questions: List[JsonlRecord], result: PopeResult) -> Dict[Any, JsonlRecord]:
+def _index_answers(result_file: PathLike, questions: List[JsonlRecord], result: PopeAnswers) -> Dict[Any, JsonlRecord]:
     """Answers by question id (first kept); unknown, duplicate and wrong-prompt answers counted, warned."""
     question_text = {q.data["question_id"]: q.data["text"] for q in questions}
     answers: Dict[Any, JsonlRecord] = {}
@@ -158,7 +220,7 @@ def _index_answers(result_file: PathLike, questions: List[JsonlRecord], result: 
     for record in records:
         require_fields(result_file, record, ("question_id", "text"))
         question_id = record.data["question_id"]
-        if question_id not in question_text:
+        if not isinstance(question_id, (int, str)) or question_id not in question_text:
             unknown.append(f"{result_file}:{record.line} (question_id {question_id!r})")
         elif question_id in answers:
             duplicate.append(
@@ -227,42 +289,43 @@ def _alignment_problems(
     return problems
 
 
-def _score_split(
+def _pair_split(
     split: str,
     questions: List[JsonlRecord],
     annotation_path: Path,
     annotations: List[JsonlRecord],
     answers: Dict[Any, JsonlRecord],
-) -> PopeSplitResult:
-    """Score one split: question i is paired with annotation line i; unanswered questions are only counted."""
-    predictions, labels = [], []
-    missing = empty = 0
+    result_file: PathLike,
+    malformed: List[str],
+) -> _SplitAnswers:
+    """Question i is paired with annotation line i; unanswered questions and non-string answers are counted."""
+    paired, missing, num_malformed = [], 0, 0
     for question, annotation in zip(questions, annotations):
         answer = answers.get(question.data["question_id"])
         if answer is None:
             missing += 1
             continue
-        text = str(answer.data["text"])
-        empty += not text.strip()
-        predictions.append(normalize_pope_answer(text))
-        labels.append(annotation.data["label"])
-    metrics = binary_metrics(predictions, labels)
-    return PopeSplitResult(
-        split=split,
+        problem = malformed_text(result_file, answer)
+        if problem is not None:
+            malformed.append(problem)
+            num_malformed += 1
+            continue
+        location = f"{result_file}:{answer.line}"
+        paired.append(PopeAnswer(split, location, answer.data["text"], annotation.data["label"]))
+    return _SplitAnswers(
         annotation_file=str(annotation_path),
         num_questions=min(len(questions), len(annotations)),
-        num_answered=len(predictions),
+        answers=paired,
         num_missing=missing,
-        num_empty=empty,
-        **metrics,
+        num_malformed=num_malformed,
     )
 
 
-def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file: PathLike) -> PopeResult:
-    """Score a LLaVA-format answer file on POPE (see the module docstring for the protocol and checks)."""
+def load_pope_answers(annotation_dir: PathLike, question_file: PathLike, result_file: PathLike) -> PopeAnswers:
+    """Pair a LLaVA-format answer file with POPE's questions and annotations, reporting every data problem."""
     annotations = load_annotations(annotation_dir)
     questions = load_questions(question_file)
-    result = PopeResult(splits={})
+    result = PopeAnswers(splits={})
     answers = _index_answers(result_file, questions, result)
     by_split: Dict[str, List[JsonlRecord]] = {}
     for question in questions:
@@ -273,6 +336,7 @@ def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file
         f"question categories without a {ANNOTATION_PREFIX}<category>.json annotation file (not scored)",
         orphans,
     )
+    malformed: List[str] = []
     for split, (path, split_annotations) in annotations.items():
         split_questions = by_split.get(split, [])
         num_q, num_a = len(split_questions), len(split_annotations)
@@ -293,16 +357,109 @@ def evaluate_pope(annotation_dir: PathLike, question_file: PathLike, result_file
         report_problems(
             result.warnings, f"split {split!r}: {len(misaligned)} question/annotation lines do not line up", misaligned
         )
-        result.splits[split] = _score_split(split, split_questions, path, split_annotations, answers)
+        result.splits[split] = _pair_split(
+            split, split_questions, path, split_annotations, answers, result_file, malformed
+        )
+    report_problems(
+        result.warnings, f"{len(malformed)} answers whose text is not a string (a data problem; not scored)", malformed
+    )
     _report_missing(result, result_file)
     return result
 
 
-def _report_missing(result: PopeResult, result_file: PathLike) -> None:
-    """Warn about unanswered and empty answers (missing: not scored; empty: "yes", as in LLaVA)."""
-    missing = [f"{s.split}: {s.num_missing} of {s.num_questions}" for s in result.splits.values() if s.num_missing]
+def _split_result(split: str, annotation_file: str, scored: _SplitAnswers, protocol: str) -> PopeSplitResult:
+    """Parse the answers with ``protocol`` and compute its metrics (``scored`` may pool several splits)."""
+    parse = POPE_PARSERS[protocol]
+    counts = BinaryCounts.count([parse(a.text) for a in scored.answers], [a.label for a in scored.answers])
+    return PopeSplitResult(
+        split=split,
+        annotation_file=annotation_file,
+        num_questions=scored.num_questions,
+        num_answered=len(scored.answers),
+        num_missing=scored.num_missing,
+        num_empty=sum(not a.text.strip() for a in scored.answers),
+        num_malformed=scored.num_malformed,
+        num_other=counts.num_other,
+        tp=counts.tp,
+        fp=counts.fp,
+        tn=counts.tn,
+        fn=counts.fn,
+        **pope_metrics(counts, protocol),
+    )
+
+
+def score_pope(answers: PopeAnswers, protocol: str = "llava") -> PopeResult:
+    """Score paired answers under ``protocol`` (``llava``, ``lmms-eval`` or ``vlmevalkit``)."""
+    check_protocol(protocol)
+    splits = {name: _split_result(name, s.annotation_file, s, protocol) for name, s in answers.splits.items()}
+    pooled = _SplitAnswers(
+        annotation_file="",
+        num_questions=sum(s.num_questions for s in answers.splits.values()),
+        answers=[a for s in answers.splits.values() for a in s.answers],
+        num_missing=sum(s.num_missing for s in answers.splits.values()),
+        num_malformed=sum(s.num_malformed for s in answers.splits.values()),
+    )
+    return PopeResult(
+        splits=splits,
+        protocol=protocol,
+        overall=_split_result("all", "", pooled, protocol),
+        num_answers=answers.num_answers,
+        num_unknown=answers.num_unknown,
+        num_duplicate=answers.num_duplicate,
+        num_prompt_mismatch=answers.num_prompt_mismatch,
+        num_misaligned=answers.num_misaligned,
+        warnings=list(answers.warnings),
+    )
+
+
+def evaluate_pope(
+    annotation_dir: PathLike, question_file: PathLike, result_file: PathLike, protocol: str = "llava"
+) -> PopeResult:
+    """Score a LLaVA-format answer file on POPE under ``protocol`` (see the module docstring)."""
+    check_protocol(protocol)
+    return score_pope(load_pope_answers(annotation_dir, question_file, result_file), protocol)
+
+
+@dataclass
+class PopeComparison:
+    """The three protocols on the same answers, and the answers they read differently."""
+
+    results: Dict[str, PopeResult]
+    num_scored: int
+    disagreements: List[Disagreement]
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self, max_examples: int = 100) -> Dict[str, Any]:
+        """Every number of every protocol, the disagreement count and the first ``max_examples`` of them."""
+        return {
+            "protocols": {name: result.to_dict() for name, result in self.results.items()},
+            "num_scored": self.num_scored,
+            "num_disagreements": len(self.disagreements),
+            "disagreements": [asdict(d) for d in self.disagreements[:max_examples]],
+            "warnings": self.warnings,
+        }
+
+
+def compare_pope_protocols(annotation_dir: PathLike, question_file: PathLike, result_file: PathLike) -> PopeComparison:
+    """Score one answer file under every protocol (read and checked once) and list where they disagree."""
+    answers = load_pope_answers(annotation_dir, question_file, result_file)
+    items = answers.items
+    return PopeComparison(
+        results={protocol: score_pope(answers, protocol) for protocol in POPE_PARSERS},
+        num_scored=len(items),
+        disagreements=find_disagreements(items, POPE_PARSERS),
+        warnings=list(answers.warnings),
+    )
+
+
+def _report_missing(result: PopeAnswers, result_file: PathLike) -> None:
+    """Warn about unanswered questions (not scored) and empty answers (which the protocols read differently)."""
+    missing = [f"{name}: {s.num_missing} of {s.num_questions}" for name, s in result.splits.items() if s.num_missing]
     report_problems(result.warnings, f"{result_file}: questions without an answer (left out of the metrics)", missing)
-    empty = [f"{s.split}: {s.num_empty}" for s in result.splits.values() if s.num_empty]
+    empty = [f"{name}: {n}" for name, s in result.splits.items() if (n := sum(not a.text.strip() for a in s.answers))]
     report_problems(
-        result.warnings, f"{result_file}: empty answers (scored as 'yes', as LLaVA's eval_pope.py does)", empty
+        result.warnings,
+        f"{result_file}: empty answers (LLaVA's protocol reads them as 'yes', lmms-eval's and VLMEvalKit's as "
+        "unreadable)",
+        empty,
     )

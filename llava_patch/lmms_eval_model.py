@@ -1,0 +1,233 @@
+"""The lmms-eval model ``clip_moe_llava``: CLIP-MoE LLaVA checkpoints under lmms-eval's tasks.
+
+It answers with either kind of checkpoint, chosen by its ``config.json``:
+
+* a LLaVA-1.5 checkpoint trained with this project (``mm_vision_tower`` in the config): loaded with LLaVA's
+  ``load_pretrained_model`` after :func:`llava_patch.apply`, prompted as LLaVA-1.5's ``model_vqa_loader``
+  (``vicuna_v1``, one image per request);
+* a transformers ``llava`` / ``llava_next`` / ``llava_onevision`` checkpoint with a CLIP-MoE tower
+  (:mod:`llava_patch.hf_llava`, :mod:`llava_patch.hf_llava_next`): loaded with its class and ``AutoProcessor``,
+  prompted with the processor's chat template, or LLaVA-1.5's ``vicuna_v1`` prompt when it has none.
+
+lmms-eval (0.7.x) finds the class through this package's ``lmms_eval.models`` entry point, whose payload is
+:func:`manifests`. lmms-eval is an optional extra (``pip install "mllm-encoder[lmms-eval]"``); nothing else in
+the project imports this module. Requests are answered one at a time (``batch_size=1``) in one process.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import transformers
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from PIL import Image
+from tqdm import tqdm
+
+import mllm_encoder  # noqa: F401  (registers the CLIP-MoE tower with transformers' Auto classes)
+from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
+
+logger = logging.getLogger(__name__)
+
+MODEL_ID = "clip_moe_llava"
+HF_MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+def manifests() -> List[ModelManifest]:
+    """The payload of the ``lmms_eval.models`` entry point: ``clip_moe_llava`` -> :class:`CLIPMoELlava`."""
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.CLIPMoELlava")]
+
+
+def generation_settings(gen_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """transformers ``generate`` arguments and the stop strings of one lmms-eval request (greedy by default)."""
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    settings: Dict[str, Any] = dict(
+        max_new_tokens=int(gen_kwargs.get("max_new_tokens", 128)),
+        num_beams=int(gen_kwargs.get("num_beams") or 1),
+        do_sample=bool(gen_kwargs.get("do_sample", False)) and temperature > 0,
+    )
+    if settings["do_sample"]:
+        settings["temperature"] = temperature
+        if gen_kwargs.get("top_p") is not None:
+            settings["top_p"] = float(gen_kwargs["top_p"])
+    return settings, until
+
+
+def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any non-empty stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def read_checkpoint_config(pretrained: str) -> Dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory (a ValueError naming the path when there is none)."""
+    path = Path(os.path.expanduser(pretrained)) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; clip_moe_llava needs a local checkpoint directory as pretrained=")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+class _HFBackend:
+    """A transformers Llava / LlavaNext / LlavaOnevision checkpoint with its ``AutoProcessor``."""
+
+    def __init__(self, pretrained: str, model_type: str, device: torch.device, dtype: torch.dtype, trust: bool):
+        class_name = HF_MODEL_CLASSES[model_type]
+        model_class = getattr(transformers, class_name, None)
+        if model_class is None:
+            raise ValueError(f"{pretrained}: transformers {transformers.__version__} has no {class_name}")
+        self.model = model_class.from_pretrained(pretrained).to(device=device, dtype=dtype).eval()
+        self.processor = transformers.AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = getattr(self.processor, "image_token", "<image>")
+
+    def prompt(self, context: str, num_images: int) -> str:
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = f"{self.image_token}\n" * num_images
+        return f"{VICUNA_V1_SYSTEM} USER: {images}{context} ASSISTANT:"
+
+    @torch.inference_mode()
+    def generate(self, context: str, images: List[Image.Image], settings: Dict[str, Any]) -> str:
+        prompt = self.prompt(context, len(images))
+        inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        output = self.model.generate(**inputs, pad_token_id=self.tokenizer.eos_token_id, **settings)
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+class _LlavaBackend:
+    """A LLaVA-1.5 checkpoint (``llava-torch`` code, patched by :mod:`llava_patch`), prompted as model_vqa_loader."""
+
+    def __init__(
+        self, pretrained: str, model_base: Optional[str], conv_template: str, device: torch.device, trust: bool
+    ):
+        self.answerer = LlavaAnswerer(
+            pretrained,
+            image_folder="",
+            model_base=model_base,
+            conv_mode=conv_template,
+            device=str(device),
+            trust_remote_code=trust,
+        )
+
+    @torch.inference_mode()
+    def generate(self, context: str, images: List[Image.Image], settings: Dict[str, Any]) -> str:
+        if len(images) != 1:
+            raise ValueError(f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(images)}")
+        answerer = self.answerer
+        model, constants = answerer.model, answerer.constants
+        pixels = answerer.mm_utils.process_images(images, answerer.image_processor, model.config)
+        input_ids = answerer.mm_utils.tokenizer_image_token(
+            answerer.build_prompt(context), answerer.tokenizer, constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
+        ).unsqueeze(0)
+        output = model.generate(
+            input_ids.to(model.device),
+            images=pixels.to(dtype=model.dtype, device=model.device),
+            image_sizes=[image.size for image in images],
+            use_cache=True,
+            **settings,
+        )
+        return answerer.tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
+
+
+class CLIPMoELlava(lmms):
+    """lmms-eval model for CLIP-MoE LLaVA checkpoints (``--model clip_moe_llava --model_args pretrained=DIR``).
+
+    Model arguments: ``pretrained`` (a local checkpoint directory), ``model_base`` (the base LLM of a LLaVA-1.5
+    LoRA checkpoint), ``conv_template`` (LLaVA-1.5 checkpoints, default ``vicuna_v1``), ``device`` (default: cuda
+    when available), ``dtype`` (``float16``, ``bfloat16`` or ``float32``; default float16 on GPU, float32 on
+    CPU), ``trust_remote_code`` (let the checkpoint folder run its own code; off by default). lmms-eval's
+    ``batch_size`` must be 1 and its ``max_batch_size`` is not used: requests are answered one at a time.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        model_base: Optional[str] = None,
+        conv_template: str = "vicuna_v1",
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+        batch_size: Any = 1,
+        max_batch_size: Optional[int] = None,
+        trust_remote_code: bool = False,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"{MODEL_ID}: unknown model_args {', '.join(sorted(unknown))}")
+        if int(batch_size) != 1:
+            raise ValueError(f"{MODEL_ID} answers one request at a time: batch_size must be 1, got {batch_size}")
+        self.pretrained = pretrained
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or ("float16" if self._device.type == "cuda" else "float32")
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"{MODEL_ID}: dtype must be float16, bfloat16 or float32, got {dtype!r}")
+        config = read_checkpoint_config(pretrained)
+        model_type = config.get("model_type")
+        if model_type in HF_MODEL_CLASSES:
+            self.backend: Any = _HFBackend(
+                pretrained, model_type, self._device, getattr(torch, dtype), trust_remote_code
+            )
+        elif "mm_vision_tower" in config:
+            self.backend = _LlavaBackend(pretrained, model_base, conv_template, self._device, trust_remote_code)
+        else:
+            raise ValueError(
+                f"{pretrained}/config.json: model_type {model_type!r} is neither a LLaVA-1.5 checkpoint "
+                f"(mm_vision_tower) nor one of {', '.join(HF_MODEL_CLASSES)}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self._device
+
+    def _visuals(self, request: Instance) -> Tuple[str, Dict[str, Any], List[Image.Image]]:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        images = [visual.convert("RGB") for visual in visuals if isinstance(visual, Image.Image)]
+        if len(images) != len(visuals):
+            raise ValueError(f"{MODEL_ID}: task {task!r} gives non-image visuals (video/audio are not supported)")
+        return context, gen_kwargs, images
+
+    def generate_until(self, requests: List[Instance]) -> List[str]:
+        """Answer each request (context, generation kwargs, its images) greedily unless it asks to sample."""
+        answers = []
+        for request in tqdm(requests, disable=self.rank != 0, desc=MODEL_ID):
+            context, gen_kwargs, images = self._visuals(request)
+            settings, until = generation_settings(gen_kwargs)
+            answer = cut_at_stop_strings(self.backend.generate(context, images, settings), until)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
+            answers.append(answer)
+        return answers
+
+    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+        """Not supported: MME and POPE (and most image tasks) are ``generate_until`` tasks."""
+        raise NotImplementedError(f"{MODEL_ID} does not implement loglikelihood")
+
+    def generate_until_multi_round(self, requests: List[Instance]) -> List[str]:
+        """Not supported."""
+        raise NotImplementedError(f"{MODEL_ID} does not implement generate_until_multi_round")

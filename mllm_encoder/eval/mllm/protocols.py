@@ -1,0 +1,205 @@
+"""How LLaVA, lmms-eval and VLMEvalKit turn a free-form answer into yes / no, and how each aggregates POPE.
+
+Three evaluation stacks score the same yes/no benchmarks differently. This module restates, independently,
+each stack's answer parsing and its POPE metric definitions (sources and examples: ``docs/evaluation.md``):
+
+* ``llava``: LLaVA-1.5's ``llava/eval/eval_pope.py`` for POPE, MME's official ``eval_tool/calculation.py``
+  (reached through LLaVA's ``convert_answer_to_mme.py``) for MME;
+* ``lmms-eval``: ``lmms_eval/tasks/pope/utils.py`` and ``lmms_eval/tasks/mme/utils.py``;
+* ``vlmevalkit``: ``vlmeval/dataset/utils/yorn.py`` (``YOrN_Extraction``, ``POPE_rating``, ``MME_rating``) with
+  its default exact matching (no LLM judge for the answers it cannot parse).
+
+A parser returns ``"yes"``, ``"no"`` or ``"other"`` (an answer the protocol cannot read; always wrong).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+PROTOCOLS = ("llava", "lmms-eval", "vlmevalkit")
+YES, NO, OTHER = "yes", "no", "other"
+
+Parser = Callable[[str], str]
+
+
+def llava_pope_parse(text: str) -> str:
+    """LLaVA's ``eval_pope.py``: "no" when the first sentence has the word ``No``, ``no`` or ``not``, else "yes".
+
+    The first sentence is the text before the first '.', commas are removed and words are split on single
+    spaces; an answer is never "other" (an empty answer is "yes").
+    """
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return NO if ("No" in words or "not" in words or "no" in words) else YES
+
+
+def mme_calculation_parse(text: str) -> str:
+    """MME's ``calculation.py``: lower-cased text that is "yes"/"no", else "yes" or "no" in its first 4 characters."""
+    text = text.lower()
+    if text in (YES, NO):
+        return text
+    if YES in text[:4]:
+        return YES
+    if NO in text[:4]:
+        return NO
+    return OTHER
+
+
+def lmms_eval_pope_parse(text: str) -> str:
+    """lmms-eval's ``pope_process_results``: the lower-cased, stripped answer must be exactly "yes" or "no"."""
+    text = text.lower().strip()
+    return text if text in (YES, NO) else OTHER
+
+
+def lmms_eval_mme_parse(text: str) -> str:
+    """lmms-eval's ``parse_pred_ans``: lower-case, strip, drop every '.', then exact yes/no, then 'y'/'n', then
+    "yes"/"no" in the first 4 characters."""
+    text = text.lower().strip().replace(".", "")
+    if text in (YES, NO):
+        return text
+    if len(text) == 1:
+        return {"y": YES, "n": NO}.get(text, OTHER)
+    if YES in text[:4]:
+        return YES
+    if NO in text[:4]:
+        return NO
+    return OTHER
+
+
+# VLMEvalKit's process_punctuation (vlmeval/smp/misc.py), restated.
+_VLMEVAL_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`")
+_VLMEVAL_PUNCTUATION += (",", "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# VLMEvalKit's pattern "(?!<=\d)(\.)(?!\d)" starts with a look-ahead (not a look-behind) that never matches at a
+# '.', so it removes every '.' not followed by a digit; it passes re.UNICODE (32) as the count argument, so at
+# most 32 of them.
+_PERIOD = re.compile(r"\.(?!\d)")
+_VLMEVAL_PERIOD_COUNT = int(re.UNICODE)
+
+
+def _vlmevalkit_punctuation(text: str) -> str:
+    """Each punctuation mark is deleted when it touches a space (or the text has a digit,digit), else spaced."""
+    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in _VLMEVAL_PUNCTUATION:
+        touches_space = f"{mark} " in text or f" {mark}" in text
+        out = out.replace(mark, "" if delete_all or touches_space else " ")
+    return _PERIOD.sub("", out, count=_VLMEVAL_PERIOD_COUNT)
+
+
+def vlmevalkit_parse(text: str) -> str:
+    """VLMEvalKit's ``YOrN_Extraction``: among the lower-cased words, "yes" without "no" or "no" without "yes"."""
+    words = _vlmevalkit_punctuation(text.lower()).split()
+    has_yes, has_no = YES in words, NO in words
+    if has_yes and not has_no:
+        return YES
+    if has_no and not has_yes:
+        return NO
+    return OTHER
+
+
+POPE_PARSERS: Dict[str, Parser] = {
+    "llava": llava_pope_parse,
+    "lmms-eval": lmms_eval_pope_parse,
+    "vlmevalkit": vlmevalkit_parse,
+}
+MME_PARSERS: Dict[str, Parser] = {
+    "llava": mme_calculation_parse,
+    "lmms-eval": lmms_eval_mme_parse,
+    "vlmevalkit": vlmevalkit_parse,
+}
+
+
+def check_protocol(protocol: str) -> str:
+    """Return ``protocol`` or raise a ValueError naming the known ones."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, 0.0 when the denominator is 0 (as lmms-eval and VLMEvalKit define it)."""
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+@dataclass
+class BinaryCounts:
+    """Parsed answers against yes/no ground truth; ``other_yes``/``other_no``: unreadable answers by truth."""
+
+    tp: int = 0
+    fp: int = 0
+    tn: int = 0
+    fn: int = 0
+    other_yes: int = 0
+    other_no: int = 0
+
+    @classmethod
+    def count(cls, predictions: Sequence[str], labels: Sequence[str]) -> "BinaryCounts":
+        """Count (prediction, label) pairs; "yes" is the positive class."""
+        counts = cls()
+        for prediction, label in zip(predictions, labels):
+            if prediction == OTHER:
+                counts.other_yes += label == YES
+                counts.other_no += label == NO
+            elif prediction == YES:
+                counts.tp += label == YES
+                counts.fp += label == NO
+            else:
+                counts.tn += label == NO
+                counts.fn += label == YES
+        return counts
+
+    @property
+    def total(self) -> int:
+        """Number of scored answers."""
+        return self.tp + self.fp + self.tn + self.fn + self.other_yes + self.other_no
+
+    @property
+    def num_other(self) -> int:
+        """Answers the protocol could not read as yes or no."""
+        return self.other_yes + self.other_no
+
+
+def pope_metrics(counts: BinaryCounts, protocol: str) -> Dict[str, Optional[float]]:
+    """Accuracy, precision, recall, F1 and yes-ratio as ``protocol`` defines them (fractions; see below).
+
+    An unreadable answer is wrong for accuracy everywhere. For recall, lmms-eval ignores it (its false negatives
+    are answers that are exactly "no") and VLMEvalKit counts it as "no" (a false negative when the truth is yes).
+    The yes-ratio is the share of "yes" predictions for LLaVA, the share of "yes" ground truth for lmms-eval, and
+    not reported by VLMEvalKit (None).
+    """
+    check_protocol(protocol)
+    c = counts
+    false_negatives = c.fn + (c.other_yes if protocol == "vlmevalkit" else 0)
+    precision, recall = _ratio(c.tp, c.tp + c.fp), _ratio(c.tp, c.tp + false_negatives)
+    yes_ratio: Optional[float] = None
+    if protocol == "llava":
+        yes_ratio = _ratio(c.tp + c.fp, c.total)
+    elif protocol == "lmms-eval":
+        yes_ratio = _ratio(c.tp + c.fn + c.other_yes, c.total)
+    return {
+        "accuracy": _ratio(c.tp + c.tn, c.total),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "yes_ratio": yes_ratio,
+    }
+
+
+@dataclass
+class Disagreement:
+    """One answer that the protocols read differently."""
+
+    location: str
+    text: str
+    truth: str
+    parses: Dict[str, str]
+
+
+def find_disagreements(items: Sequence[Tuple[str, str, str]], parsers: Dict[str, Parser]) -> List[Disagreement]:
+    """The (location, answer text, ground truth) items on which ``parsers`` do not all agree, in order."""
+    found = []
+    for location, text, truth in items:
+        parses = {name: parse(text) for name, parse in parsers.items()}
+        if len(set(parses.values())) > 1:
+            found.append(Disagreement(location, text, truth, parses))
+    return found

@@ -1,0 +1,87 @@
+"""The DMU benchmark's synthetic world: deterministic, captions match attributes, hidden attributes render."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm_encoder.data import load_image_text_dataset
+from mllm_encoder.data.synthetic_world import (
+    FINETUNE_ATTRIBUTES,
+    FRAMES,
+    HIDDEN,
+    PALETTE,
+    caption,
+    load_world_attributes,
+    render,
+    sample_world,
+    swapped_captions,
+    write_world_dataset,
+)
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_world_is_deterministic_and_loadable(tmp_path, image_processor, clip_tokenizer):
+    first = write_world_dataset(tmp_path / "a", 12, 10, 6, progress=False)
+    write_world_dataset(tmp_path / "b", 12, 10, 6, progress=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    write_world_dataset(tmp_path / "c", 12, 10, 6, seed=1, progress=False)
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    dataset = load_image_text_dataset(
+        first["finetune_train"], image_processor=image_processor, tokenizer=clip_tokenizer
+    )
+    assert len(dataset) == 10 and dataset[9]["pixel_values"].shape == (3, 32, 32)
+    pretrain = load_world_attributes(first["pretrain_eval_attributes"])
+    assert pretrain["distribution"] == "pretrain" and len(pretrain["samples"]) == 6
+    with pytest.raises(ValueError, match="not a synthetic-world attributes file"):
+        load_world_attributes(first["pretrain_eval"])
+    with pytest.raises(ValueError, match="num_eval"):
+        write_world_dataset(tmp_path / "d", 1, 1, 0)
+
+
+def test_captions_name_exactly_their_distribution_attributes():
+    rng = np.random.default_rng(0)
+    hidden_words = {value for name in HIDDEN for value in FINETUNE_ATTRIBUTES[name]}
+    frames = 0
+    for _ in range(200):
+        pretrain = sample_world(rng, "pretrain")
+        text = caption(pretrain, "pretrain")
+        assert pretrain["background"] != pretrain["disc"]
+        assert f"{pretrain['disc']} disc" in text and pretrain["background"] in text
+        assert not hidden_words & set(text.replace(",", " ").replace(".", " ").split())
+        assert (pretrain["frame"] is not None) == ("frame" in text)
+        frames += pretrain["frame"] is not None
+        finetune = sample_world(rng, "finetune")
+        text = caption(finetune, "finetune")
+        assert finetune["frame"] is None and "frame" not in text
+        assert all(finetune[name] in text for name in HIDDEN)
+    assert 70 < frames < 130  # about half of the pretraining images are framed
+
+
+def test_swapped_captions_change_one_word():
+    sample = {**sample_world(np.random.default_rng(3), "finetune"), "size": "medium"}
+    options = swapped_captions(sample, "size", "finetune")
+    assert options[FINETUNE_ATTRIBUTES["size"].index("medium")] == caption(sample, "finetune")
+    assert options[0].replace("large", "medium") == options[1]
+
+
+def test_hidden_attributes_change_global_statistics():
+    base = {"background": "blue", "disc": "yellow", "size": "medium", "light": "bright", "grain": "smooth"}
+    image = lambda **change: np.asarray(render({**base, **change}, np.random.default_rng(0), 32)).astype(float)  # noqa: E731
+    yellow = lambda pixels: (pixels[..., 0] > 150) & (pixels[..., 2] < 130)  # noqa: E731
+    assert yellow(image(size="large")).sum() > 1.6 * yellow(image()).sum()
+    assert image(light="dim").mean() < 0.75 * image().mean()
+    background = lambda pixels: pixels[12:20, :3].std(axis=(0, 1)).mean()  # noqa: E731 - plain background
+    assert background(image(grain="grainy")) > 3 * background(image())
+    framed = image(frame="black")
+    assert framed[0].max() < 60 and framed[16, 16, 0] > 150  # dark border, yellow centre
+    assert np.abs(np.asarray(PALETTE["blue"]) - image()[2:6, 2:6].reshape(-1, 3).mean(0)).max() < 20
+    assert set(FRAMES).isdisjoint(PALETTE)
