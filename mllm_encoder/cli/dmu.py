@@ -2,7 +2,9 @@
 
 ``run`` drives the whole method from a YAML config (resumable); the other subcommands run one stage each
 on explicit directories, with the same code. Launch any of them with ``accelerate launch`` or ``torchrun``
-for several GPUs or nodes (see ``scripts/dmu/``).
+for several GPUs or nodes (see ``scripts/dmu/``). The flags build the same typed sections as the YAML
+(:mod:`mllm_encoder.dmu.config`), with the same defaults and checks; the training stack (torch, accelerate)
+is imported when a command runs, so that ``clip-moe --help`` starts fast.
 """
 
 import argparse
@@ -10,39 +12,41 @@ import json
 import logging
 from pathlib import Path
 
+from mllm_encoder.dmu.config import (
+    KMEANS_BACKENDS,
+    METHODS,
+    PRECISIONS,
+    DataSection,
+    DMUSection,
+    EvalSection,
+    RuntimeSection,
+    StageSection,
+    check_section,
+    load_config,
+    route_defaults,
+)
+
 logger = logging.getLogger(__name__)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DataSection()
     parser.add_argument("--data", required=True, help="training data: ShareGPT4V JSON, folder, CSV/TSV or tar shards")
-    parser.add_argument("--format", default="auto", help="data format (default: from the path)")
+    parser.add_argument("--format", default=defaults.format, help="data format (default: from the path)")
     parser.add_argument("--image-root", help="folder the image paths are relative to")
     parser.add_argument(
         "--allow-absolute-image-paths", action="store_true", help="accept absolute image paths in the data file"
     )
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers per process")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop above this bad-sample fraction")
-
-
-def _add_training_arguments(parser: argparse.ArgumentParser, lr: float, weight_decay: float, warmup: int) -> None:
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="epochs when --steps is not given (default 1)")
-    parser.add_argument("--batch-size", type=int, default=100, help="per process and micro-step (default 100)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loader workers per process")
     parser.add_argument(
-        "--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay ({weight_decay:g})"
+        "--max-bad-fraction",
+        type=float,
+        default=defaults.max_bad_fraction,
+        help=f"stop above this bad-sample fraction (default {defaults.max_bad_fraction:g})",
     )
-    parser.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warmup steps ({warmup})")
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
-    parser.add_argument("--save-every", type=int, default=100, help="save the training state every N steps")
-    parser.add_argument("--seed", type=int, default=0)
 
 
-def _sections(args: argparse.Namespace, **stage_overrides):
-    from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
-
+def _data_section(args: argparse.Namespace) -> DataSection:
     data = DataSection(
         train=args.data,
         format=args.format,
@@ -51,22 +55,52 @@ def _sections(args: argparse.Namespace, **stage_overrides):
         max_bad_fraction=args.max_bad_fraction,
         num_workers=args.num_workers,
     )
+    check_section(data, "flags")
+    return data
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, defaults: StageSection) -> None:
+    runtime = RuntimeSection()
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs when --steps is not given")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process and micro-step")
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate ({defaults.lr:g})")
+    parser.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help=f"AdamW decay ({defaults.weight_decay:g})"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help=f"linear warmup ({defaults.warmup_steps})"
+    )
+    parser.add_argument("--mixed-precision", default=runtime.mixed_precision, choices=PRECISIONS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    parser.add_argument("--save-every", type=int, default=runtime.save_every, help="save the training state every N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(stage_defaults=defaults)
+
+
+def _stage_sections(args: argparse.Namespace, **stage_overrides):
     stage = StageSection(
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        **stage_overrides,
+        **{
+            **vars(args.stage_defaults),
+            "steps": args.steps,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "warmup_steps": args.warmup_steps,
+            **stage_overrides,
+        }
     )
     runtime = RuntimeSection(
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every,
     )
-    return data, stage, runtime
+    check_section(stage, "flags")
+    check_section(runtime, "flags")
+    return stage, runtime
 
 
 def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
@@ -75,7 +109,8 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.stages import load_model, load_training_data, run_training, steps_for, train_config
 
-    data, stage, runtime = _sections(args, **stage_overrides)
+    data = _data_section(args)
+    stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
     dataset, _ = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
@@ -96,17 +131,9 @@ def run_route(args: argparse.Namespace) -> None:
 
 def run_extract(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.config import DataSection
     from mllm_encoder.dmu.stages import run_extract as extract
 
-    data = DataSection(
-        train=args.data,
-        format=args.format,
-        image_root=args.image_root,
-        allow_absolute_paths=args.allow_absolute_image_paths,
-        max_bad_fraction=args.max_bad_fraction,
-        num_workers=args.num_workers,
-    )
+    data = _data_section(args)
     print(extract(args.model, data, args.out, build_accelerator(args.mixed_precision), args.batch_size))
 
 
@@ -136,7 +163,6 @@ def run_assemble(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.config import EvalSection
     from mllm_encoder.dmu.evaluation import evaluate_checkpoint
 
     section = EvalSection(
@@ -152,18 +178,19 @@ def run_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def run_run(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.config import load_config
-    from mllm_encoder.dmu.pipeline import run_pipeline
-    from mllm_encoder.dmu.report import format_table
-
+def run_pipeline_command(args: argparse.Namespace) -> None:
+    """``clip-moe dmu run``: the config is validated in full before the launch is checked or anything runs."""
     config = load_config(args.config)
     if args.run_dir:
         config.run_dir = args.run_dir
+
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.pipeline import run_pipeline
+    from mllm_encoder.dmu.report import format_table
+
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
     _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
-    methods = ["dmu", "finetune", "upcycle"] if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else [args.method]
     for method in methods:
         run_pipeline(config, method, accelerator)
     results_path = Path(config.run_dir) / "results.json"
@@ -193,11 +220,12 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def _register_stages(dmu_commands) -> None:
+    dmu_defaults = DMUSection()
     extract = dmu_commands.add_parser("extract", help="embed the training set with a model (sharded per rank)")
     extract.add_argument("--model", required=True, help="checkpoint directory")
     extract.add_argument("--out", required=True, help="features directory")
-    extract.add_argument("--batch-size", type=int, default=256)
-    extract.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    extract.add_argument("--batch-size", type=int, default=dmu_defaults.extract_batch_size)
+    extract.add_argument("--mixed-precision", default=RuntimeSection().mixed_precision, choices=PRECISIONS)
     _add_data_arguments(extract)
     extract.set_defaults(func=run_extract)
 
@@ -206,9 +234,9 @@ def _register_stages(dmu_commands) -> None:
     cluster.add_argument("--out", required=True, help="output directory (labels.npy, cluster sizes + plot)")
     cluster.add_argument("--previous", help="labels.npy of the previous stage, to accumulate")
     cluster.add_argument("--num-samples", type=int, help="dataset size (default: largest feature index + 1)")
-    cluster.add_argument("--image-clusters", type=int, default=3)
-    cluster.add_argument("--text-clusters", type=int, default=3)
-    cluster.add_argument("--backend", default="auto", choices=["auto", "sklearn", "torch", "faiss"])
+    cluster.add_argument("--image-clusters", type=int, default=dmu_defaults.image_clusters)
+    cluster.add_argument("--text-clusters", type=int, default=dmu_defaults.text_clusters)
+    cluster.add_argument("--backend", default=dmu_defaults.kmeans_backend, choices=KMEANS_BACKENDS)
     cluster.add_argument("--seed", type=int, default=0)
     cluster.set_defaults(func=run_cluster)
 
@@ -217,22 +245,24 @@ def _register_stages(dmu_commands) -> None:
     mcl.add_argument("--labels", required=True, help="labels.npy from `clip-moe dmu cluster`")
     mcl.add_argument("--out", required=True, help="stage directory (model/, train_state/, tensorboard/)")
     _add_data_arguments(mcl)
-    _add_training_arguments(mcl, lr=1e-5, weight_decay=0.2, warmup=200)
+    _add_training_arguments(mcl, StageSection())
     mcl.set_defaults(func=run_mcl)
 
     assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer")
     assemble.add_argument("models", nargs="+", help="checkpoint directories: base first, then MCL stages")
     assemble.add_argument("--out", required=True)
-    assemble.add_argument("--top-k", type=int, default=2)
+    assemble.add_argument("--top-k", type=int, default=dmu_defaults.top_k)
     assemble.set_defaults(func=run_assemble)
 
     route = dmu_commands.add_parser("route", help="tune the routers of an assembled CLIP-MoE")
     route.add_argument("--model", required=True)
     route.add_argument("--out", required=True)
     route.add_argument("--train-experts", action="store_true", help="train the experts too")
-    route.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight")
+    route.add_argument(
+        "--aux-loss-coef", type=float, default=route_defaults().aux_loss_coef, help="load-balancing loss weight"
+    )
     _add_data_arguments(route)
-    _add_training_arguments(route, lr=1e-6, weight_decay=0.01, warmup=0)
+    _add_training_arguments(route, route_defaults())
     route.set_defaults(func=run_route)
 
 
@@ -245,11 +275,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--method",
         default="dmu",
-        choices=["dmu", "upcycle", "finetune", "all"],
-        help="DMU or a baseline at equal training steps (default dmu)",
+        choices=[*METHODS, "all"],
+        help="DMU or a baseline at equal optimizer steps (default dmu)",
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
-    run.set_defaults(func=run_run)
+    run.set_defaults(func=run_pipeline_command)
     _register_stages(dmu_commands)
 
     evaluate = dmu_commands.add_parser("eval", help="retrieval R@K, per-attribute accuracy, router load")
@@ -259,11 +289,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--image-root")
     evaluate.add_argument("--split", default="test", help="Karpathy split (default test)")
     evaluate.add_argument("--attributes", help="synthetic attributes file for per-attribute accuracy")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=EvalSection().batch_size)
     evaluate.add_argument("--out", help="output directory (default: eval/ next to MODEL)")
     evaluate.set_defaults(func=run_eval)
 
-    demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic shapes (CPU)")
+    demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic data (CPU)")
     demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.set_defaults(func=run_demo)

@@ -55,7 +55,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
     """Training data: a file or folder in any supported format (see :mod:`mllm_encoder.data`)."""
 

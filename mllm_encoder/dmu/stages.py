@@ -52,22 +52,29 @@ def processors(directory: PathLike):
     return _cached_processors(str(Path(directory).resolve()))
 
 
-def load_training_data(
-    data: DataSection, processors_dir: PathLike, path: Optional[str] = None, format: Optional[str] = None
-):
-    """``(dataset, collator)`` for ``path`` (default ``data.train``) with the processors of ``processors_dir``."""
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(data: DataSection, processors_dir: str):
     image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
         raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
-    dataset = load_image_text_dataset(
-        path or data.train,
-        format=format or data.format,
+    return load_image_text_dataset(
+        data.train,
+        format=data.format,
         image_root=data.image_root,
         image_processor=image_processor,
         tokenizer=tokenizer,
         random_access=True,
         allow_absolute_paths=data.allow_absolute_paths,
     )
+
+
+def load_training_data(data: DataSection, processors_dir: PathLike):
+    """``(dataset, collator)`` of ``data`` with the processors of ``processors_dir``.
+
+    The dataset is built once per process and shared by every stage that reads it with the same processors
+    (e.g. a tar-shard index is read once); each call gets a fresh collator, so bad samples count per stage.
+    """
+    dataset = _cached_dataset(data, str(Path(processors_dir).resolve()))
     return dataset, ImageTextCollator(max_bad_fraction=data.max_bad_fraction, dataset=dataset)
 
 
