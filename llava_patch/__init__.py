@@ -1,50 +1,45 @@
 """Make the LLaVA-1.5 codebase (``llava-torch``) use CLIP-MoE vision towers.
 
-``llava_patch.apply()`` does everything; importing the package changes nothing. After it:
+``llava_patch.apply()`` does everything; importing the package changes nothing. Every change goes through
+:mod:`llava_patch.patching` (recorded, idempotent, undone by ``patching.undo_all()``). Two kinds of patch:
 
-* ``--vision_tower clip-moe`` (the default checkpoint, see :mod:`llava_patch.registry`),
-  ``clip-moe:<dir>`` and any CLIP-MoE checkpoint directory build a
-  :class:`mllm_encoder.vision_tower.CLIPMoEVisionTower`;
-* LLaVA's training, generation and loading code runs on transformers 4.37 to 5.x
-  (:mod:`llava_patch.trainer_compat`, :mod:`llava_patch.forward`, :mod:`llava_patch.quantization`);
-* the tower's MoE settings are saved into the LLaVA config (:mod:`llava_patch.mm_config`) and trained
-  tower weights survive ``load_pretrained_model`` (:mod:`llava_patch.loading`);
-* the tower's load-balancing loss is added to the language-model loss when the tower is trained;
-* DeepSpeed ZeRO-3 gets one parameter dtype (:mod:`llava_patch.zero3`);
-* LoRA adapters target the language model only (:mod:`llava_patch.lora`).
+* CLIP-MoE integration: ``--vision_tower clip-moe`` (the default checkpoint), ``clip-moe:<dir>`` and any
+  CLIP-MoE checkpoint directory build a :class:`mllm_encoder.vision_tower.CLIPMoEVisionTower`
+  (:mod:`llava_patch.registry`); the tower's MoE settings are saved into the LLaVA config
+  (:mod:`llava_patch.mm_config`); trained tower weights survive ``load_pretrained_model`` and no checkpoint
+  code runs unless allowed (:mod:`llava_patch.loading`); the tower's load-balancing loss is added to the
+  language-model loss when the tower is trained (:mod:`llava_patch.forward`); LoRA adapters target the
+  language model only (:mod:`llava_patch.lora`); ZeRO-3 loads and dtypes (:mod:`llava_patch.zero3`);
+* version shims that let LLaVA's code run on transformers 4.37 to 5.x and recent DeepSpeed:
+  :mod:`llava_patch.trainer_compat`, :mod:`llava_patch.quantization` and the argument filter of
+  :mod:`llava_patch.forward`.
 
 Entry points: ``python -m llava_patch.train``, ``python -m llava_patch.eval.model_vqa_loader`` and
-``python -m llava_patch.serve.cli``. :mod:`llava_patch.hf_llava` builds transformers' own Llava with a CLIP-MoE
-tower; :mod:`llava_patch.testing` makes tiny offline checkpoints for tests. See ``docs/llava.md``.
+``python -m llava_patch.serve.cli``; :mod:`llava_patch.answerer` answers ``clip-moe eval answer`` (registered
+under the ``mllm_encoder.answerers`` entry point); :mod:`llava_patch.lmms_eval_model` is the lmms-eval plug-in.
+:mod:`llava_patch.hf_llava` and :mod:`llava_patch.hf_llava_next` build transformers' own Llava / LLaVA-NeXT /
+OneVision with a CLIP-MoE tower (they patch nothing).
+See ``docs/llava.md``.
 """
 
 import logging
 
-logger = logging.getLogger(__name__)
+from llava_patch import forward, loading, lora, mm_config, registry, trainer_compat, zero3
 
-_applied = False
+logger = logging.getLogger(__name__)
 
 
 def apply() -> None:
     """Patch the installed ``llava`` package in place (idempotent)."""
-    global _applied
-    if _applied:
-        return
-    from llava_patch import trainer_compat
-
     # LLaVA's trainer module fails to import on new transformers: fix that first.
     trainer_compat.apply()
     # `llava.model` swallows import errors; importing the module directly surfaces them.
     import llava.model.language_model.llava_llama  # noqa: F401
 
-    from llava_patch import forward, loading, lora, mm_config, quantization, registry, zero3
-
     registry.apply()
     mm_config.apply()
     forward.apply()
-    quantization.apply()
     loading.apply()
     zero3.apply()
     lora.apply()
-    _applied = True
     logger.debug("llava patched for CLIP-MoE vision towers")

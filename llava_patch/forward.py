@@ -9,6 +9,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from llava_patch.patching import set_attribute, wrap
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 
@@ -22,6 +23,8 @@ def _wrap_forward(original: Callable) -> Callable:
         if isinstance(tower, CLIPMoEVisionTower):
             tower.last_aux_loss = None
         outputs = original(self, *args, **kwargs)
+        # LLaVA's forward runs the tower and computes the loss inside one call and offers no hook between them,
+        # so the tower's aux loss of this call is read from the state it left (CLIPMoEVisionTower.last_aux_loss).
         aux_loss = tower.last_aux_loss if isinstance(tower, CLIPMoEVisionTower) else None
         if aux_loss is None:
             return outputs
@@ -32,7 +35,6 @@ def _wrap_forward(original: Callable) -> Callable:
             outputs.loss = outputs.loss + aux_loss.to(outputs.loss)
         return outputs
 
-    forward._llava_patch = True
     return forward
 
 
@@ -42,7 +44,6 @@ def apply() -> None:
     from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 
     for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
-        if not getattr(model_cls.forward, "_llava_patch", False):
-            model_cls.forward = _wrap_forward(model_cls.forward)
+        wrap(model_cls, "forward", _wrap_forward)
         # The loss is a plain mean: the Trainer must scale it for gradient accumulation itself.
-        model_cls.accepts_loss_kwargs = False
+        set_attribute(model_cls, "accepts_loss_kwargs", False)

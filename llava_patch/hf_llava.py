@@ -19,6 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mllm_encoder import CLIPMoEVisionModel
+from mllm_encoder.loading import load_clip_moe
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -41,9 +44,6 @@ def build_hf_llava(
     the tokenizer and the CLIP-MoE image processor. ``trust_remote_code`` lets the language model's folder
     run its own Python code (off by default).
     """
-    from mllm_encoder import CLIPMoEVisionModel
-    from mllm_encoder.loading import load_clip_moe
-
     vision = load_clip_moe(clip_moe_dir, CLIPMoEVisionModel)
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     if image_token not in tokenizer.get_vocab():

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import mllm_encoder  # noqa: F401  (registers the CLIP-MoE tower with transformers' Auto classes)
-from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
+from llava_patch.answerer import LlavaAnswerer
 
 logger = logging.getLogger(__name__)
 

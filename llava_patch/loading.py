@@ -18,15 +18,15 @@ points) or ``load_pretrained_model(..., trust_remote_code=True)`` is called.
 import contextlib
 import contextvars
 import functools
-import json
 import re
 import sys
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Set, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
-import torch
-
+from llava_patch.patching import original_of, set_attribute, wrap
+from llava_patch.quantization import quantization_kwargs
+from mllm_encoder.checkpoint import tensor_names
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 _TOWER_KEY = "vision_tower."
@@ -76,9 +76,8 @@ class RemoteCodeGuard:
 
 def _guard_module(module: Any) -> None:
     for name in _GUARDED_AUTO_CLASSES:
-        current = getattr(module, name, None)
-        if current is not None and not isinstance(current, RemoteCodeGuard):
-            setattr(module, name, RemoteCodeGuard(current))
+        if hasattr(module, name):
+            wrap(module, name, RemoteCodeGuard)
 
 
 class _GuardedTransformers(types.ModuleType):
@@ -97,23 +96,13 @@ class _GuardedTransformers(types.ModuleType):
         return value
 
 
-def _tensor_names(path: Path) -> Set[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
-    if path.name.endswith(".index.json"):
-        return set(json.loads(path.read_text())["weight_map"])
-    return set(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
-
-
 def checkpoint_has_tower_weights(model_path: str) -> bool:
-    """Whether the weight files of a LLaVA checkpoint directory hold vision-tower tensors."""
+    """Whether the weight files of a LLaVA checkpoint directory (LoRA's ``non_lora_trainables.bin`` included)
+    hold vision-tower tensors."""
     root = Path(model_path)
     patterns = ("*.safetensors", "*.index.json", "pytorch_model*.bin", "non_lora_trainables.bin")
     files = [path for pattern in patterns for path in root.glob(pattern)]
-    return any(_TOWER_KEY in name for path in files for name in _tensor_names(path))
+    return any(_TOWER_KEY in name for path in files for name in tensor_names(path))
 
 
 def _check_model_location(path: Any, what: str) -> None:
@@ -147,46 +136,38 @@ def _wrap(original: Callable) -> Callable:
             image_processor = tower.image_processor
         return tokenizer, model, image_processor, context_len
 
-    load_pretrained_model._llava_patch = True
     return load_pretrained_model
 
 
 def _wrap_from_pretrained(original: Any) -> Any:
     @functools.wraps(original)
     def from_pretrained(cls, *args: Any, **kwargs: Any):
-        model = original.__func__(cls, *args, **kwargs)
+        model = original.__func__(cls, *args, **quantization_kwargs(kwargs))
         tower = model.get_vision_tower()
         if isinstance(tower, CLIPMoEVisionTower):
             tower.reset_trainable()
         return model
 
-    from_pretrained._llava_patch_freeze = True
     return classmethod(from_pretrained)
 
 
 def apply() -> None:
     """Replace ``load_pretrained_model`` (in ``llava.model.builder`` and modules that imported it) and
-    ``from_pretrained`` of LLaVA's Llama and Mistral models; guard the ``Auto*`` classes LLaVA's builder and
-    training script call."""
+    ``from_pretrained`` of LLaVA's Llama and Mistral models (quantisation arguments, frozen tower); guard the
+    ``Auto*`` classes LLaVA's builder and training script call."""
     import llava.model.builder as builder
     import llava.train.train as train_module
-
-    _guard_module(builder)
-    if not isinstance(train_module.transformers, _GuardedTransformers):
-        train_module.transformers = _GuardedTransformers(train_module.transformers)
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 
+    _guard_module(builder)
+    wrap(train_module, "transformers", _GuardedTransformers)
     for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
-        if not getattr(model_cls.from_pretrained, "_llava_patch_freeze", False):
-            model_cls.from_pretrained = _wrap_from_pretrained(model_cls.from_pretrained)
-
-    original = builder.load_pretrained_model
-    if getattr(original, "_llava_patch", False):
-        return
-    patched = _wrap(original)
-    builder.load_pretrained_model = patched
+        wrap(model_cls, "from_pretrained", _wrap_from_pretrained)
+    wrap(builder, "load_pretrained_model", _wrap)
+    patched = builder.load_pretrained_model
+    original = original_of(patched)
     for module in list(sys.modules.values()):
         name = getattr(module, "__name__", "")
         if name.startswith("llava.") and getattr(module, "load_pretrained_model", None) is original:
-            module.load_pretrained_model = patched
+            set_attribute(module, "load_pretrained_model", patched)

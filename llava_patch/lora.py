@@ -10,6 +10,8 @@ import functools
 import re
 from typing import Any, Callable
 
+from llava_patch.patching import wrap
+
 _MULTIMODAL = ("mm_projector", "vision_tower", "vision_resampler")
 
 
@@ -20,7 +22,6 @@ def _wrap(original: Callable) -> Callable:
         excluded = "|".join(_MULTIMODAL)
         return rf"^(?!.*\b(?:{excluded})\b).*\.(?:{names})$"
 
-    find_all_linear_names._llava_patch = True
     return find_all_linear_names
 
 
@@ -28,5 +29,4 @@ def apply() -> None:
     """Replace ``llava.train.train.find_all_linear_names``."""
     import llava.train.train as train_module
 
-    if not getattr(train_module.find_all_linear_names, "_llava_patch", False):
-        train_module.find_all_linear_names = _wrap(train_module.find_all_linear_names)
+    wrap(train_module, "find_all_linear_names", _wrap)

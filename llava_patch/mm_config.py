@@ -8,15 +8,13 @@ are written there, so a trained model rebuilds its tower without the original ch
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
+from llava_patch.patching import wrap
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 
-def _extend_model_arguments(train_module: Any) -> None:
-    model_arguments = train_module.ModelArguments
-    if any(f.name == "unfreeze_mm_vision_tower" for f in dataclasses.fields(model_arguments)):
-        return
+def _extend_model_arguments(model_arguments: type) -> type:
     extended = dataclasses.make_dataclass(
         "ModelArguments",
         [
@@ -32,14 +30,10 @@ def _extend_model_arguments(train_module: Any) -> None:
         bases=(model_arguments,),
     )
     extended.__module__ = model_arguments.__module__
-    train_module.ModelArguments = extended
+    return extended
 
 
-def _wrap_initialize_vision_modules(meta_model_cls: type) -> None:
-    original = meta_model_cls.initialize_vision_modules
-    if getattr(original, "_llava_patch", False):
-        return
-
+def _wrap_initialize_vision_modules(original: Callable) -> Callable:
     @functools.wraps(original)
     def initialize_vision_modules(self, model_args: Any, fsdp: Any = None) -> None:
         original(self, model_args, fsdp=fsdp)
@@ -51,8 +45,7 @@ def _wrap_initialize_vision_modules(meta_model_cls: type) -> None:
             for key, value in tower.export_llava_config().items():
                 setattr(self.config, key, value)
 
-    initialize_vision_modules._llava_patch = True
-    meta_model_cls.initialize_vision_modules = initialize_vision_modules
+    return initialize_vision_modules
 
 
 def apply() -> None:
@@ -60,5 +53,5 @@ def apply() -> None:
     import llava.train.train as train_module
     from llava.model.llava_arch import LlavaMetaModel
 
-    _wrap_initialize_vision_modules(LlavaMetaModel)
-    _extend_model_arguments(train_module)
+    wrap(LlavaMetaModel, "initialize_vision_modules", _wrap_initialize_vision_modules)
+    wrap(train_module, "ModelArguments", _extend_model_arguments)

@@ -4,11 +4,11 @@ transformers 5 removed ``from_pretrained(load_in_4bit=/load_in_8bit=)``; LLaVA p
 next to a ``quantization_config``). They become a ``BitsAndBytesConfig``. The vision tower is kept out of
 quantisation (it is built inside the model when a LLaVA checkpoint is loaded), like the projector; a
 config without skip list also keeps ``lm_head``, which transformers skips by default. As transformers 4.x
-did, a quantised load without a dtype loads the remaining weights in float16.
+did, a quantised load without a dtype loads the remaining weights in float16. :mod:`llava_patch.loading` applies
+:func:`quantization_kwargs` in its ``from_pretrained`` of LLaVA's model classes.
 """
 
-import functools
-from typing import Any
+from typing import Any, Dict
 
 import torch
 
@@ -17,7 +17,7 @@ _SKIPPED_MODULES = ("model.mm_projector", "model.vision_tower")
 
 
 def _quantization_config(kwargs: dict) -> Any:
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # imports bitsandbytes (optional) when it is installed
 
     load_in_4bit = bool(kwargs.pop("load_in_4bit", False))
     load_in_8bit = bool(kwargs.pop("load_in_8bit", False))
@@ -30,25 +30,13 @@ def _quantization_config(kwargs: dict) -> Any:
     return config
 
 
-def _wrap_from_pretrained(original: Any) -> Any:
-    @functools.wraps(original)
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        config = _quantization_config(kwargs)
-        if config is not None:
-            kwargs["quantization_config"] = config
-            if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
-                kwargs["torch_dtype"] = torch.float16
-        return original.__func__(cls, *args, **kwargs)
-
-    from_pretrained._llava_patch_quantization = True
-    return classmethod(from_pretrained)
-
-
-def apply() -> None:
-    """Wrap ``from_pretrained`` of LLaVA's model classes."""
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
-
-    for model_cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
-        if not getattr(model_cls.from_pretrained, "_llava_patch_quantization", False):
-            model_cls.from_pretrained = _wrap_from_pretrained(model_cls.from_pretrained)
+def quantization_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``from_pretrained`` keyword arguments with ``load_in_4bit/8bit`` as a ``quantization_config`` that skips
+    the projector and the vision tower (float16 unless a dtype is given)."""
+    kwargs = dict(kwargs)
+    config = _quantization_config(kwargs)
+    if config is not None:
+        kwargs["quantization_config"] = config
+        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+            kwargs["torch_dtype"] = torch.float16
+    return kwargs

@@ -3,19 +3,30 @@
 ``clip-moe`` is the default CLIP-MoE checkpoint: the directory in the ``CLIP_MOE_PATH`` environment variable,
 else ``$XDG_CACHE_HOME/clip-moe/default`` (``~/.cache/clip-moe/default``). Every other name goes to LLaVA's own
 builder. LLaVA's ``llava_arch`` imports ``build_vision_tower`` by name, so both references are replaced.
+The towers are :class:`LlavaCLIPMoEVisionTower`: the library tower with weights loaded ZeRO-3-safely.
 """
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
-from mllm_encoder.vision_tower import CLIPMoEVisionTower, is_clip_moe_dir
+import torch
+
+from llava_patch.patching import set_attribute, wrap
+from llava_patch.zero3 import load_state_dict_zero3_safe
+from mllm_encoder.checkpoint import is_clip_moe_dir
+from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 DEFAULT_NAME = "clip-moe"
 PREFIX = "clip-moe:"
 ENV_VAR = "CLIP_MOE_PATH"
 
-_original_build_vision_tower = None
+
+class LlavaCLIPMoEVisionTower(CLIPMoEVisionTower):
+    """The CLIP-MoE tower inside LLaVA: its encoder weights load into DeepSpeed ZeRO-3 partitions too."""
+
+    def load_encoder_state(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        load_state_dict_zero3_safe(self.vision_tower, state_dict)
 
 
 def default_checkpoint_dir() -> Path:
@@ -56,22 +67,22 @@ def resolve_source(name: Optional[str], cfg: Any) -> Optional[str]:
     return None
 
 
-def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any):
-    """Drop-in for ``llava.model.multimodal_encoder.builder.build_vision_tower``."""
-    name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
-    source = resolve_source(name, vision_tower_cfg)
-    if source is None:
-        return _original_build_vision_tower(vision_tower_cfg, **kwargs)
-    return CLIPMoEVisionTower(name, args=vision_tower_cfg, source=source, **kwargs)
+def _wrap_build_vision_tower(original: Callable) -> Callable:
+    def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any):
+        """Drop-in for ``llava.model.multimodal_encoder.builder.build_vision_tower``."""
+        name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
+        source = resolve_source(name, vision_tower_cfg)
+        if source is None:
+            return original(vision_tower_cfg, **kwargs)
+        return LlavaCLIPMoEVisionTower(name, args=vision_tower_cfg, source=source, **kwargs)
+
+    return build_vision_tower
 
 
 def apply() -> None:
-    """Install :func:`build_vision_tower` in LLaVA's builder and ``llava_arch`` modules."""
-    global _original_build_vision_tower
+    """Install the CLIP-MoE ``build_vision_tower`` in LLaVA's builder and ``llava_arch`` modules."""
     import llava.model.llava_arch as llava_arch
     import llava.model.multimodal_encoder.builder as builder
 
-    if _original_build_vision_tower is None:
-        _original_build_vision_tower = builder.build_vision_tower
-    builder.build_vision_tower = build_vision_tower
-    llava_arch.build_vision_tower = build_vision_tower
+    wrap(builder, "build_vision_tower", _wrap_build_vision_tower)
+    set_attribute(llava_arch, "build_vision_tower", builder.build_vision_tower)

@@ -10,6 +10,9 @@ import sys
 
 import torch
 
+import llava_patch
+from llava_patch.trainer_compat import translate_arguments
+
 
 def _init_cpu_deepspeed() -> None:
     """Several CPU processes under DeepSpeed: start its gloo communicator before ``zero.Init`` needs it."""
@@ -23,11 +26,7 @@ def _init_cpu_deepspeed() -> None:
 
 def main() -> None:
     """Patch LLaVA, then run its ``train()`` unchanged."""
-    import llava_patch
-
     llava_patch.apply()
-    from llava_patch.trainer_compat import translate_arguments
-
     sys.argv[1:] = translate_arguments(sys.argv[1:])
     _init_cpu_deepspeed()
     from llava.train.train import train

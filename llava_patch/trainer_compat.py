@@ -17,9 +17,11 @@
 import dataclasses
 import functools
 import inspect
-from typing import Any, List
+from typing import Any, Callable, List
 
 import torch
+
+from llava_patch.patching import set_attribute, swapped, wrap
 
 
 def _provide_layernorm_layers() -> None:
@@ -28,53 +30,50 @@ def _provide_layernorm_layers() -> None:
     if not hasattr(transformers.trainer, "ALL_LAYERNORM_LAYERS"):
         from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 
-        transformers.trainer.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+        set_attribute(transformers.trainer, "ALL_LAYERNORM_LAYERS", ALL_LAYERNORM_LAYERS)
 
 
-def _patch_trainer_class(trainer_cls: type) -> None:
+def _tokenizer_as_processing_class(original: Callable) -> Callable:
     from transformers import Trainer
 
     takes_tokenizer = "tokenizer" in inspect.signature(Trainer.__init__).parameters
-    original_init = trainer_cls.__init__
-    original_sampler = trainer_cls._get_train_sampler
-    original_create_optimizer = trainer_cls.create_optimizer
 
-    @functools.wraps(original_init)
+    @functools.wraps(original)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not takes_tokenizer and "tokenizer" in kwargs:
             kwargs["processing_class"] = kwargs.pop("tokenizer")
-        original_init(self, *args, **kwargs)
+        original(self, *args, **kwargs)
 
-    @functools.wraps(original_sampler)
+    return __init__
+
+
+def _sampler_without_dataset(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _get_train_sampler(self, train_dataset: Any = None):
-        return original_sampler(self)
+        return original(self)
 
-    @functools.wraps(original_create_optimizer)
+    return _get_train_sampler
+
+
+def _optimizer_without_empty_groups(original: Callable) -> Callable:
+    @functools.wraps(original)
     def create_optimizer(self, model: Any = None):
-        optimizer = original_create_optimizer(self)
+        optimizer = original(self)
         optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
         return optimizer
 
-    trainer_cls.__init__ = __init__
-    trainer_cls._get_train_sampler = _get_train_sampler
-    trainer_cls.create_optimizer = create_optimizer
+    return create_optimizer
 
 
-def _patch_final_save(train_module: Any) -> None:
-    original_save = train_module.safe_save_model_for_hf_trainer
-
-    @functools.wraps(original_save)
+def _save_without_cuda(original: Callable) -> Callable:
+    @functools.wraps(original)
     def safe_save_model_for_hf_trainer(trainer: Any, output_dir: str) -> None:
         if torch.cuda.is_available():
-            return original_save(trainer=trainer, output_dir=output_dir)
-        synchronize = torch.cuda.synchronize
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        try:
-            return original_save(trainer=trainer, output_dir=output_dir)
-        finally:
-            torch.cuda.synchronize = synchronize
+            return original(trainer=trainer, output_dir=output_dir)
+        with swapped(torch.cuda, "synchronize", lambda *args, **kwargs: None):
+            return original(trainer=trainer, output_dir=output_dir)
 
-    train_module.safe_save_model_for_hf_trainer = safe_save_model_for_hf_trainer
+    return safe_save_model_for_hf_trainer
 
 
 _RENAMED_ARGUMENTS = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
@@ -98,13 +97,7 @@ def translate_arguments(argv: List[str]) -> List[str]:
 _BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
-def _patch_deepspeed_auto_values() -> None:
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-    original = HfTrainerDeepSpeedConfig.trainer_config_finalize
-    if getattr(original, "_llava_patch", False):
-        return
-
+def _integer_bucket_sizes(original: Callable) -> Callable:
     @functools.wraps(original)
     def trainer_config_finalize(self, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
@@ -113,17 +106,20 @@ def _patch_deepspeed_auto_values() -> None:
             if isinstance(zero.get(key), float):
                 zero[key] = int(zero[key])
 
-    trainer_config_finalize._llava_patch = True
-    HfTrainerDeepSpeedConfig.trainer_config_finalize = trainer_config_finalize
+    return trainer_config_finalize
 
 
 def apply() -> None:
-    """Patch ``llava.train.llava_trainer`` and ``llava.train.train``."""
-    _provide_layernorm_layers()
-    _patch_deepspeed_auto_values()
-    import llava.train.llava_trainer as llava_trainer
+    """Patch ``transformers``' DeepSpeed config, then ``llava.train.llava_trainer`` and ``llava.train.train``."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    _patch_trainer_class(llava_trainer.LLaVATrainer)
+    _provide_layernorm_layers()  # before LLaVA's trainer module is imported: it fails to import without
+    wrap(HfTrainerDeepSpeedConfig, "trainer_config_finalize", _integer_bucket_sizes)
+    import llava.train.llava_trainer as llava_trainer
     import llava.train.train as train_module
 
-    _patch_final_save(train_module)
+    trainer_cls = llava_trainer.LLaVATrainer
+    wrap(trainer_cls, "__init__", _tokenizer_as_processing_class)
+    wrap(trainer_cls, "_get_train_sampler", _sampler_without_dataset)
+    wrap(trainer_cls, "create_optimizer", _optimizer_without_empty_groups)
+    wrap(train_module, "safe_save_model_for_hf_trainer", _save_without_cuda)

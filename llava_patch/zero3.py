@@ -5,19 +5,34 @@
   mixed-dtype parameter groups. Trainable parameters created outside ``zero.Init`` get the training dtype.
 * Experts are stacked parameters of one module and every MoE layer's parameters are used on every call,
   so ranks that route differently gather the same parameters (no deadlock). Weights loaded by hand go
-  through ``deepspeed.zero.GatheredParameters`` (:func:`mllm_encoder.vision_tower.load_state_dict_zero3_safe`).
+  through ``deepspeed.zero.GatheredParameters`` (:func:`load_state_dict_zero3_safe`).
 * On the CPU accelerator the consolidated 16-bit state dict that ZeRO-3 saves holds views of the gather
   buffers (``.cpu()`` does not copy), which transformers < 4.40 drops as "shared tensors"; they are copied.
 """
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
 
+from llava_patch.patching import wrap
+
 logger = logging.getLogger(__name__)
+
+
+def load_state_dict_zero3_safe(module: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state_dict)`` that also works when DeepSpeed ZeRO-3 has partitioned ``module``."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        module.load_state_dict(state_dict)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if deepspeed.comm.get_rank() == 0:
+            module.load_state_dict(state_dict)
 
 
 def training_dtype(args: Any) -> torch.dtype:
@@ -43,13 +58,7 @@ def harmonize_trainable_dtypes(model: nn.Module, dtype: torch.dtype) -> int:
     return cast
 
 
-def _copy_consolidated_state_dict() -> None:
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._zero3_consolidated_16bit_state_dict
-    if getattr(original, "_llava_patch", False):
-        return
-
+def _copy_consolidated_state_dict(original: Callable) -> Callable:
     @functools.wraps(original)
     def consolidated(self, *args: Any, **kwargs: Any):
         state_dict = original(self, *args, **kwargs)
@@ -58,25 +67,23 @@ def _copy_consolidated_state_dict() -> None:
         copies = {}  # one copy per tensor keeps tied weights tied
         return {key: copies.setdefault(id(value), value.clone()) for key, value in state_dict.items()}
 
-    consolidated._llava_patch = True
-    DeepSpeedEngine._zero3_consolidated_16bit_state_dict = consolidated
+    return consolidated
 
 
-def apply() -> None:
-    """Harmonise dtypes before DeepSpeed takes the model; copy the ZeRO-3 state dict on CPU."""
-    from llava.train.llava_trainer import LLaVATrainer
-
-    if not torch.cuda.is_available():
-        _copy_consolidated_state_dict()
-
-    original = LLaVATrainer.train
-    if getattr(original, "_llava_patch", False):
-        return
-
+def _harmonize_before_train(original: Callable) -> Callable:
     @functools.wraps(original)
     def train(self, *args: Any, **kwargs: Any):
         harmonize_trainable_dtypes(self.model, training_dtype(self.args))
         return original(self, *args, **kwargs)
 
-    train._llava_patch = True
-    LLaVATrainer.train = train
+    return train
+
+
+def apply() -> None:
+    """Harmonise dtypes before DeepSpeed takes the model; copy the ZeRO-3 state dict on CPU."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from llava.train.llava_trainer import LLaVATrainer
+
+    if not torch.cuda.is_available():
+        wrap(DeepSpeedEngine, "_zero3_consolidated_16bit_state_dict", _copy_consolidated_state_dict)
+    wrap(LLaVATrainer, "train", _harmonize_before_train)

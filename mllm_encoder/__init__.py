@@ -1,19 +1,36 @@
 """mllm-encoder: CLIP-MoE, a plug-in Mixture-of-Experts vision encoder for multimodal LLMs.
 
-Importing the package registers the CLIP-MoE configs and models with transformers' ``AutoConfig`` and
-``AutoModel``, so ``AutoModel.from_pretrained(dir)`` loads a CLIP-MoE checkpoint.
+Importing the package registers the CLIP-MoE, SigLIP-MoE and SigLIP 2-MoE configs and models with transformers'
+``AutoConfig`` and ``AutoModel``, so ``AutoModel.from_pretrained(dir)`` loads either family's checkpoint.
 """
 
 from transformers import AutoConfig, AutoModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from mllm_encoder.configuration_siglip_moe import (
+    Siglip2MoEConfig,
+    Siglip2MoETextConfig,
+    Siglip2MoEVisionConfig,
+    SiglipMoEConfig,
+    SiglipMoETextConfig,
+    SiglipMoEVisionConfig,
+)
 from mllm_encoder.modeling_clip_moe import (
     CLIPMoEModel,
     CLIPMoEPreTrainedModel,
     CLIPMoETextModel,
     CLIPMoEVisionModel,
 )
-from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
+from mllm_encoder.modeling_siglip_moe import (
+    Siglip2MoEModel,
+    Siglip2MoETextModel,
+    Siglip2MoEVisionModel,
+    SiglipMoEModel,
+    SiglipMoEPreTrainedModel,
+    SiglipMoETextModel,
+    SiglipMoEVisionModel,
+)
+from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling, SiglipMoEOutput
 
 __version__ = "0.1.0"
 
@@ -21,6 +38,12 @@ for _config, _model in (
     (CLIPMoEConfig, CLIPMoEModel),
     (CLIPMoEVisionConfig, CLIPMoEVisionModel),
     (CLIPMoETextConfig, CLIPMoETextModel),
+    (SiglipMoEConfig, SiglipMoEModel),
+    (SiglipMoEVisionConfig, SiglipMoEVisionModel),
+    (SiglipMoETextConfig, SiglipMoETextModel),
+    (Siglip2MoEConfig, Siglip2MoEModel),
+    (Siglip2MoEVisionConfig, Siglip2MoEVisionModel),
+    (Siglip2MoETextConfig, Siglip2MoETextModel),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
@@ -35,4 +58,18 @@ __all__ = [
     "CLIPMoEVisionConfig",
     "CLIPMoEVisionModel",
     "MoEModelOutputWithPooling",
+    "Siglip2MoEConfig",
+    "Siglip2MoEModel",
+    "Siglip2MoETextConfig",
+    "Siglip2MoETextModel",
+    "Siglip2MoEVisionConfig",
+    "Siglip2MoEVisionModel",
+    "SiglipMoEConfig",
+    "SiglipMoEModel",
+    "SiglipMoEOutput",
+    "SiglipMoEPreTrainedModel",
+    "SiglipMoETextConfig",
+    "SiglipMoETextModel",
+    "SiglipMoEVisionConfig",
+    "SiglipMoEVisionModel",
 ]

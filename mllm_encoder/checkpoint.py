@@ -1,34 +1,53 @@
-"""Complete, offline-loadable checkpoint directories: weights, config, image processor, tokenizer.
+"""The checkpoint-directory format, owned here: weights, config, image processor, tokenizer.
 
-See ``docs/checkpoints.md`` for the format.
+Every other module reads and writes checkpoint directories through these functions: :func:`read_config_dict`,
+:func:`read_model_type`, :func:`read_vision_config_dict`, :func:`is_clip_moe_dir`, :func:`tensor_names`,
+:func:`read_checkpoint_tensors`, :func:`read_weights_file`, :func:`save_checkpoint`, :func:`load_processors`, and
+the OpenAI CLIP normalisation (:data:`OPENAI_CLIP_MEAN`, :data:`OPENAI_CLIP_STD`). See ``docs/checkpoints.md``.
 """
 
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel
+from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
 from mllm_encoder.atomic import atomic_directory, check_replaceable
 
 logger = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# open_clip's names for the same two files (Hub repositories of open_clip models); read by `clip-moe convert`.
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-CLIP_MOE_MODEL_TYPES = ("clip_moe", "clip_moe_vision_model", "clip_moe_text_model")
+CLIP_MOE_MODEL_TYPES = (
+    "clip_moe",
+    "clip_moe_vision_model",
+    "clip_moe_text_model",
+    "siglip_moe",
+    "siglip_moe_vision_model",
+    "siglip_moe_text_model",
+    "siglip2_moe",
+    "siglip2_moe_vision_model",
+    "siglip2_moe_text_model",
+)
 # Every name save_checkpoint writes (transformers 4.x and 5.x): a directory holding anything else is not ours.
 CHECKPOINT_FILE_PATTERN = re.compile(
     r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|preprocessor_config\.json"
     r"|tokenizer(_config)?\.json|vocab\.json|merges\.txt|special_tokens_map\.json|added_tokens\.json"
 )
+# Keys of a saved config.json that describe the file, not the model.
+CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
 PathLike = Union[str, os.PathLike]
 
 
@@ -37,27 +56,70 @@ def default_image_processor(image_size: int) -> CLIPImageProcessor:
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
 
 
-def _vision_image_size(model: PreTrainedModel) -> int:
-    config = getattr(model.config, "vision_config", model.config)
-    return config.image_size
+def read_config_dict(directory: PathLike) -> Dict[str, Any]:
+    """``directory/config.json`` as a dict; ``ValueError`` naming the path when it is missing or not a JSON object."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such directory (expected a CLIP or CLIP-MoE checkpoint directory)")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no config.json (expected a CLIP or CLIP-MoE checkpoint directory)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def read_model_type(directory: PathLike) -> str:
+    """The ``model_type`` in ``directory/config.json``."""
+    config = read_config_dict(directory)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{Path(directory) / 'config.json'}: model_type must be a string, got {model_type!r}")
+    return model_type
+
+
+def read_vision_config_dict(directory: PathLike) -> Dict[str, Any]:
+    """The image-tower part of ``directory/config.json`` (of a two-tower or a vision-tower checkpoint)."""
+    config = read_config_dict(directory)
+    return config.get("vision_config", config)
+
+
+def _try_config_dict(directory: PathLike) -> Optional[Dict[str, Any]]:
+    try:
+        return read_config_dict(directory)
+    except ValueError:
+        return None
+
+
+def is_clip_moe_dir(directory: PathLike) -> bool:
+    """Whether ``directory`` holds a CLIP-MoE model (``model_type`` ``clip_moe*`` or experts in the config)."""
+    config = _try_config_dict(directory)
+    if config is None:
+        return False
+    vision = config.get("vision_config") or {}
+    return (
+        str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or "num_experts" in config
+    )
 
 
 def is_clip_moe_checkpoint(directory: PathLike) -> bool:
     """Whether ``directory`` is a checkpoint as :func:`save_checkpoint` writes it (and holds nothing else)."""
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        return False
-    try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return model_type in CLIP_MOE_MODEL_TYPES and all(
-        CHECKPOINT_FILE_PATTERN.fullmatch(entry.name) and entry.is_file() for entry in directory.iterdir()
+    config = _try_config_dict(directory)
+    return (
+        config is not None
+        and config.get("model_type") in CLIP_MOE_MODEL_TYPES
+        and all(
+            CHECKPOINT_FILE_PATTERN.fullmatch(entry.name) and entry.is_file() for entry in Path(directory).iterdir()
+        )
     )
 
 
@@ -108,7 +170,7 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, inputs, overwrite)
-    processor = image_processor or default_image_processor(_vision_image_size(model))
+    processor = image_processor or _family_image_processor(model)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
@@ -124,12 +186,43 @@ def has_tokenizer(directory: PathLike) -> bool:
     return any((Path(directory) / name).exists() for name in TOKENIZER_FILES)
 
 
+def _family_image_processor(model: PreTrainedModel):
+    """The default preprocessing of ``model``'s family: SigLIP 2 NaFlex's (patches up to the position grid's
+    count), SigLIP's (square bicubic resize, mean = std = 0.5, no crop), else OpenAI CLIP's."""
+    vision = getattr(model.config, "vision_config", model.config)
+    if model.config.model_type.startswith("siglip2"):
+        processor_class = image_processor_class("Siglip2ImageProcessor", f"saving a {type(model).__name__}")
+        return processor_class(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+    if model.config.model_type.startswith("siglip"):
+        return SiglipImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
+    return default_image_processor(vision.image_size)
+
+
+def image_processor_class(processor_type: Optional[str], where: str):
+    """The image processor class a saved ``image_processor_type`` names: SigLIP's (a square resize without crop;
+    read as a ``CLIPImageProcessor`` it would crop to 224), SigLIP 2 NaFlex's (patches), else
+    ``CLIPImageProcessor``. ``ValueError`` naming ``where`` when this transformers lacks the class."""
+    name = str(processor_type or "").removesuffix("Fast")
+    if name not in ("SiglipImageProcessor", "Siglip2ImageProcessor"):
+        name = "CLIPImageProcessor"
+    processor_class = getattr(transformers, name, None)
+    if processor_class is None:
+        raise ValueError(f"{where}: needs {name}, which transformers {transformers.__version__} does not have")
+    return processor_class
+
+
+def load_image_processor(directory: PathLike):
+    """The image processor saved in a checkpoint directory, as its family's class (:func:`image_processor_class`)."""
+    path = Path(directory) / "preprocessor_config.json"
+    if not path.exists():
+        raise ValueError(f"{directory}: no preprocessor_config.json (not a complete checkpoint directory)")
+    processor_type = json.loads(path.read_text()).get("image_processor_type")
+    return image_processor_class(processor_type, str(path)).from_pretrained(directory)
+
+
 def load_processors(directory: PathLike) -> Tuple[CLIPImageProcessor, Optional[object]]:
     """The image processor and (when present) the tokenizer saved in a checkpoint directory."""
-    directory = Path(directory)
-    if not (directory / "preprocessor_config.json").exists():
-        raise ValueError(f"{directory}: no preprocessor_config.json (not a complete checkpoint directory)")
-    image_processor = CLIPImageProcessor.from_pretrained(directory)
+    image_processor = load_image_processor(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer(directory) else None
     return image_processor, tokenizer
 
@@ -154,17 +247,47 @@ def _weight_files(directory: Path, prefix: str) -> List[Path]:
     raise ValueError(f"{directory}: no weights found (expected one of {WEIGHT_FILES + WEIGHT_INDEX_FILES})")
 
 
-def _read_weight_file(file: Path, prefix: str) -> Dict[str, torch.Tensor]:
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+def _load_torch_file(file: Path, mmap: bool = False) -> Dict[str, Any]:
     try:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as handle:
-                return {name: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
-        loaded = torch.load(str(file), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-        raise ValueError(f"{file}: corrupt or unreadable weights file ({error})") from error
+        loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
+    except _READ_ERRORS as error:
+        raise ValueError(f"{file}: corrupt, unreadable or not a weights-only state dict ({error})") from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{file}: expected a state dict, found {type(loaded).__name__}")
-    return {name: tensor for name, tensor in loaded.items() if name.startswith(prefix)}
+    return loaded
+
+
+def read_weights_file(file: PathLike, prefix: str = "") -> Dict[str, Any]:
+    """The entries of one weights file (safetensors, or a torch pickle read with ``weights_only=True``) whose
+    names start with ``prefix``. A corrupt file, or a pickle holding code, raises ``ValueError`` naming it."""
+    file = Path(file)
+    if file.suffix != ".safetensors":
+        return {name: value for name, value in _load_torch_file(file).items() if name.startswith(prefix)}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+    except _READ_ERRORS as error:
+        raise ValueError(f"{file}: corrupt, unreadable or not a weights-only state dict ({error})") from error
+
+
+def tensor_names(file: PathLike) -> Set[str]:
+    """The tensor names of one weights file or ``*.index.json``, without reading the tensors."""
+    file = Path(file)
+    if file.name.endswith(".index.json"):
+        try:
+            return set(json.loads(file.read_text())["weight_map"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{file}: not a weight index ({type(error).__name__}: {error})") from error
+    if file.suffix != ".safetensors":
+        return set(_load_torch_file(file, mmap=True))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return set(handle.keys())
+    except _READ_ERRORS as error:
+        raise ValueError(f"{file}: corrupt or unreadable weights file ({error})") from error
 
 
 def check_weight_files(directory: PathLike) -> None:
@@ -173,13 +296,8 @@ def check_weight_files(directory: PathLike) -> None:
     Reads only the headers (a truncated or damaged file fails here, before any model is built).
     """
     for file in _weight_files(Path(directory), ""):
-        if file.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{file}: corrupt or unreadable weights file ({error})") from error
+        if file.suffix == ".safetensors":
+            tensor_names(file)
 
 
 def read_checkpoint_tensors(directory: PathLike, prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -191,5 +309,5 @@ def read_checkpoint_tensors(directory: PathLike, prefix: str = "") -> Dict[str, 
     """
     tensors: Dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(directory), prefix):
-        tensors.update(_read_weight_file(file, prefix))
+        tensors.update(read_weights_file(file, prefix))
     return tensors

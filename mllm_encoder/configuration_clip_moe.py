@@ -69,6 +69,9 @@ class _CLIPMoETowerConfig(PretrainedConfig):
         norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Mixtral style).
     """
 
+    # model_type of the two-tower configs that hold this tower under ``tower_key``
+    two_tower_model_types = HF_CLIP_MODEL_TYPES
+
     def __init__(
         self,
         hidden_size: int = 512,
@@ -160,7 +163,7 @@ class _CLIPMoETowerConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
         """Load this tower's config from a tower directory or from a full CLIP / CLIP-MoE directory."""
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") in HF_CLIP_MODEL_TYPES:
+        if config_dict.get("model_type") in cls.two_tower_model_types:
             config_dict = config_dict[cls.tower_key]
         return cls.from_dict(config_dict, **kwargs)
 

@@ -1,5 +1,7 @@
-"""Reusable transformer layers of the CLIP towers (HF CLIP 4.x parameter names), with MoE FFNs."""
+"""Reusable transformer layers of the CLIP and SigLIP towers (HF parameter names), with MoE FFNs."""
 
+import math
+import re
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -13,17 +15,23 @@ LayerOutput = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 class VisionEmbeddings(nn.Module):
-    """Patch embedding (bias-free conv), a class token and learned position embeddings."""
+    """Conv patch embedding, an optional class token and learned position embeddings.
 
-    def __init__(self, config: CLIPMoEVisionConfig):
+    ``class_token``: prepend a learned class token (CLIP) or not (SigLIP); ``patch_bias``: the patch
+    convolution has a bias (SigLIP) or not (CLIP).
+    """
+
+    def __init__(self, config: CLIPMoEVisionConfig, class_token: bool = True, patch_bias: bool = False):
         super().__init__()
         self.patch_size = config.patch_size
-        self.class_embedding = nn.Parameter(torch.randn(config.hidden_size))
+        self.num_prefix_tokens = int(class_token)
+        if class_token:
+            self.class_embedding = nn.Parameter(torch.randn(config.hidden_size))
         self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=patch_bias
         )
         self.num_patches = (config.image_size // config.patch_size) ** 2
-        self.position_embedding = nn.Embedding(self.num_patches + 1, config.hidden_size)
+        self.position_embedding = nn.Embedding(self.num_patches + self.num_prefix_tokens, config.hidden_size)
 
     def _positions(self, height: int, width: int, interpolate: bool) -> torch.Tensor:
         table = self.position_embedding.weight
@@ -35,18 +43,54 @@ class VisionEmbeddings(nn.Module):
                 f"input image size ({height}x{width}) does not match the model's "
                 f"{self.num_patches} patches; pass interpolate_pos_encoding=True to resize the position grid"
             )
+        prefix = self.num_prefix_tokens
         side = int(self.num_patches**0.5)
-        grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = table[prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         grid = nn.functional.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
-        return torch.cat([table[:1], grid])
+        return torch.cat([table[:prefix], grid])
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         dtype = self.patch_embedding.weight.dtype
         patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
         positions = self._positions(pixel_values.shape[-2], pixel_values.shape[-1], interpolate_pos_encoding)
-        return torch.cat([cls, patches], dim=1) + positions.unsqueeze(0)
+        if self.num_prefix_tokens:
+            cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
+            patches = torch.cat([cls, patches], dim=1)
+        return patches + positions.unsqueeze(0)
+
+
+class NaFlexVisionEmbeddings(nn.Module):
+    """SigLIP 2 NaFlex: a linear embedding of flattened patches plus the learned square position grid resized
+    (bilinear, antialiased) to each image's patch grid; the rows past an image's patches are padding.
+
+    ``forward(pixel_values [B, N, C * P * P], spatial_shapes [B, 2]) -> [B, N, D]``; ``spatial_shapes`` holds
+    each image's patch grid (rows, columns).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.grid_side = math.isqrt(config.num_patches)
+
+    def _positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
+        table = self.position_embedding.weight
+        grid = table.reshape(self.grid_side, self.grid_side, -1).permute(2, 0, 1).unsqueeze(0).float()
+        rows = []
+        for height, width in spatial_shapes.tolist():
+            if not 0 < height * width <= length:
+                raise ValueError(f"spatial_shapes: a {height}x{width} patch grid does not fit {length} patch rows")
+            resized = nn.functional.interpolate(
+                grid, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )
+            resized = resized[0].flatten(1).t()
+            rows.append(torch.cat([resized, resized[:1].expand(length - resized.shape[0], -1)]))
+        return torch.stack(rows).to(table.dtype)
+
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return patches + self._positions(spatial_shapes, pixel_values.shape[1])
 
 
 class TextEmbeddings(nn.Module):
@@ -110,6 +154,44 @@ class FeedForward(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states))), None
 
 
+class AttentionPoolingHead(nn.Module):
+    """Multihead attention pooling (SigLIP's ``head``): a learned probe attends over every token, then a
+    residual MLP; returns ``[batch, hidden]``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attention_mask`` ``[batch, tokens]``, 1 = a token to pool (SigLIP 2 NaFlex padding is 0)."""
+        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        ignored = None if attention_mask is None else ~attention_mask.to(torch.bool)
+        pooled = self.attention(probe, hidden_states, hidden_states, key_padding_mask=ignored, need_weights=False)[0]
+        return (pooled + self.mlp(self.layernorm(pooled))[0])[:, 0]
+
+
+def key_padding_mask(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Additive ``[batch, 1, 1, L]`` mask hiding padded keys (``attention_mask`` 1 = real token), or ``None``."""
+    if attention_mask is None:
+        return None
+    hidden = ~attention_mask[:, None, None, :].to(torch.bool)
+    return torch.zeros(hidden.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        hidden, torch.finfo(dtype).min
+    )
+
+
+ENCODER_FFN_PARAMETER = re.compile(r"(^|\.)layers\.\d+\.mlp\.")
+
+
+def is_encoder_ffn_parameter(name: str) -> bool:
+    """Whether parameter ``name`` belongs to an encoder layer's FFN (dense, or MoE with its router); SigLIP's
+    pooling-head MLP (``head.mlp``) does not."""
+    return ENCODER_FFN_PARAMETER.search(name) is not None
+
+
 def build_ffn(config, layer_index: int) -> nn.Module:
     """The FFN of layer ``layer_index``: a ``SparseMoE`` if the config makes it MoE, else a dense MLP."""
     if not config.is_moe_layer(layer_index):
@@ -169,13 +251,11 @@ class Encoder(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
-        num_layers: Optional[int] = None,
     ) -> EncoderOutput:
-        """Run the first ``num_layers`` layers (all by default)."""
-        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        """Run every layer (a shorter encoder is a config with fewer ``num_hidden_layers``)."""
         states = [hidden_states] if output_hidden_states else None
         router_logits = []
-        for layer in layers:
+        for layer in self.layers:
             hidden_states, logits = self._run_layer(layer, hidden_states, attention_mask)
             if logits is not None:
                 router_logits.append(logits)

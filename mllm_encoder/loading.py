@@ -10,7 +10,6 @@ and the weights must match the model exactly. The only tensors dropped on purpos
 projections (``docs/checkpoints.md``).
 """
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Type, Union
@@ -19,14 +18,32 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from mllm_encoder.checkpoint import check_weight_files
+from mllm_encoder.checkpoint import check_weight_files, read_model_type
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from mllm_encoder.configuration_siglip_moe import (
+    Siglip2MoEConfig,
+    Siglip2MoETextConfig,
+    Siglip2MoEVisionConfig,
+    SiglipMoEConfig,
+    SiglipMoETextConfig,
+    SiglipMoEVisionConfig,
+)
 from mllm_encoder.modeling_clip_moe import (
     CLIPMoEModel,
     CLIPMoEPreTrainedModel,
     CLIPMoETextModel,
     CLIPMoEVisionModel,
 )
+from mllm_encoder.modeling_siglip_moe import (
+    Siglip2MoEModel,
+    Siglip2MoETextModel,
+    Siglip2MoEVisionModel,
+    SiglipMoEModel,
+    SiglipMoEPreTrainedModel,
+    SiglipMoETextModel,
+    SiglipMoEVisionModel,
+)
+from mllm_encoder.towers import TEXT, VISION
 
 ModelSource = Union[str, os.PathLike, PreTrainedModel]
 
@@ -37,13 +54,48 @@ MODEL_CLASS_BY_TYPE: Dict[str, Type[CLIPMoEPreTrainedModel]] = {
     "clip_moe_vision_model": CLIPMoEVisionModel,
     "clip_text_model": CLIPMoETextModel,
     "clip_moe_text_model": CLIPMoETextModel,
+    "siglip": SiglipMoEModel,
+    "siglip_moe": SiglipMoEModel,
+    "siglip_vision_model": SiglipMoEVisionModel,
+    "siglip_moe_vision_model": SiglipMoEVisionModel,
+    "siglip_text_model": SiglipMoETextModel,
+    "siglip_moe_text_model": SiglipMoETextModel,
+    "siglip2": Siglip2MoEModel,
+    "siglip2_moe": Siglip2MoEModel,
+    "siglip2_vision_model": Siglip2MoEVisionModel,
+    "siglip2_moe_vision_model": Siglip2MoEVisionModel,
+    "siglip2_text_model": Siglip2MoETextModel,
+    "siglip2_moe_text_model": Siglip2MoETextModel,
+}
+# The base classes of both families, and the two-tower model each tower class can be read out of.
+OUR_MODEL_CLASSES = (CLIPMoEPreTrainedModel, SiglipMoEPreTrainedModel)
+TWO_TOWER_CLASS = {
+    CLIPMoEVisionModel: CLIPMoEModel,
+    CLIPMoETextModel: CLIPMoEModel,
+    SiglipMoEVisionModel: SiglipMoEModel,
+    SiglipMoETextModel: SiglipMoEModel,
+    Siglip2MoEVisionModel: Siglip2MoEModel,
+    Siglip2MoETextModel: Siglip2MoEModel,
 }
 CONFIG_CLASS_BY_MODEL = {
     CLIPMoEModel: CLIPMoEConfig,
     CLIPMoEVisionModel: CLIPMoEVisionConfig,
     CLIPMoETextModel: CLIPMoETextConfig,
+    SiglipMoEModel: SiglipMoEConfig,
+    SiglipMoEVisionModel: SiglipMoEVisionConfig,
+    SiglipMoETextModel: SiglipMoETextConfig,
+    Siglip2MoEModel: Siglip2MoEConfig,
+    Siglip2MoEVisionModel: Siglip2MoEVisionConfig,
+    Siglip2MoETextModel: Siglip2MoETextConfig,
 }
-TOWER_PREFIX = {CLIPMoEVisionModel: "vision_model.", CLIPMoETextModel: "text_model."}
+TOWER_PREFIX = {
+    CLIPMoEVisionModel: f"{VISION.module}.",
+    CLIPMoETextModel: f"{TEXT.module}.",
+    SiglipMoEVisionModel: f"{VISION.module}.",
+    SiglipMoETextModel: f"{TEXT.module}.",
+    Siglip2MoEVisionModel: f"{VISION.module}.",
+    Siglip2MoETextModel: f"{TEXT.module}.",
+}
 
 
 def model_class_for(model_type: str, where: str) -> Type[CLIPMoEPreTrainedModel]:
@@ -54,22 +106,6 @@ def model_class_for(model_type: str, where: str) -> Type[CLIPMoEPreTrainedModel]
             f"(expected one of {sorted(MODEL_CLASS_BY_TYPE)})"
         )
     return MODEL_CLASS_BY_TYPE[model_type]
-
-
-def read_model_type(directory: Union[str, os.PathLike]) -> str:
-    """The ``model_type`` in ``directory/config.json``."""
-    if not Path(directory).is_dir():
-        raise ValueError(f"{directory}: no such directory (expected a CLIP or CLIP-MoE checkpoint directory)")
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{directory}: no config.json (expected a CLIP or CLIP-MoE checkpoint directory)")
-    try:
-        model_type = json.loads(config_path.read_text())["model_type"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path}: cannot read model_type ({type(error).__name__}: {error})") from error
-    if not isinstance(model_type, str):
-        raise ValueError(f"{config_path}: model_type must be a string, got {model_type!r}")
-    return model_type
 
 
 def read_config(directory: Union[str, os.PathLike], model_class: Type[CLIPMoEPreTrainedModel]) -> PretrainedConfig:
@@ -135,13 +171,13 @@ def load_clip_moe(
     tower out of a two-tower directory. Raises ``ValueError`` naming the file for a bad config field, an
     unreadable weight file, or weights that do not match the config.
     """
-    if isinstance(source, CLIPMoEPreTrainedModel):
+    if isinstance(source, OUR_MODEL_CLASSES):
         return source
     if isinstance(source, PreTrainedModel):
         return from_hf_clip(source)
     stored_class = model_class_for(read_model_type(source), str(source))
     model_class = model_class or stored_class
-    if model_class is not stored_class and stored_class is not CLIPMoEModel:
+    if model_class is not stored_class and TWO_TOWER_CLASS.get(model_class) is not stored_class:
         raise ValueError(f"{source}: holds a {stored_class.__name__}, which has no {model_class.__name__} in it")
     config = read_config(source, model_class)
     check_weight_files(source)

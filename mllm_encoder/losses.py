@@ -1,11 +1,18 @@
-"""The contrastive loss of CLIP-MoE: one function for the model's own loss and for distributed training.
+"""The contrastive losses: one function per family, each for the model's own loss and for distributed training.
 
-Like open_clip's ``ClipLoss`` with local loss and gathered features: each rank scores its own pairs against
-every rank's pairs as negatives. ``scale`` is the inverse temperature: the model's learnable
-``logit_scale.exp()``, or ``1 / temperature`` for a fixed temperature (the DMU recipe uses 0.01).
+* :func:`clip_contrastive_loss` (CLIP, softmax): like open_clip's ``ClipLoss`` with local loss and gathered
+  features: each rank scores its own pairs against every rank's pairs as negatives. ``scale`` is the inverse
+  temperature: the model's learnable ``logit_scale.exp()``, or ``1 / temperature`` for a fixed temperature
+  (the DMU recipe uses 0.01).
+* :func:`siglip_sigmoid_loss` (SigLIP): every image-text pair is an independent binary classification. Across
+  ranks the images are all-gathered with gradient (as the CLIP loss does) rather than passed round a ring
+  in chunks as the SigLIP paper does: the same loss and gradients, one collective per step through the same
+  injectable :class:`DistState`, at the memory cost of a ``[local, global]`` logit matrix (small next to the
+  towers' activations at MLLM-encoder batch sizes).
+* :func:`contrastive_loss_for`: the family's loss for a model, as the DMU trainer calls it.
 """
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,3 +50,84 @@ def clip_contrastive_loss(
     loss_i2t = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
     loss_t2i = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
     return (loss_i2t + loss_t2i) / 2
+
+
+def siglip_sigmoid_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    scale: Union[float, torch.Tensor],
+    bias: Union[float, torch.Tensor],
+    state: Optional[DistState] = None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss of matching image/text rows (embeddings are L2-normalised here, in float32).
+
+    ``logits = scale * text @ image.T + bias``; the loss is ``-sum log sigmoid(label * logits)`` over every
+    pair (label +1 for the matching pair, -1 otherwise) divided by the number of texts, as in HF
+    ``SiglipModel``. With several ranks, rank ``r`` scores its own texts against every rank's images
+    (gathered with gradient); the mean over ranks equals the loss on the concatenated batch, in value and
+    gradient, when the ranks hold equal row counts. ``scale`` is ``logit_scale.exp()`` (learnable or fixed).
+    """
+    if image_embeds.shape[0] != text_embeds.shape[0] or image_embeds.ndim != 2 or text_embeds.ndim != 2:
+        raise ValueError(
+            f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    state = state or DistState()
+    image = F.normalize(image_embeds.float(), dim=-1)
+    text = F.normalize(text_embeds.float(), dim=-1)
+    sizes = gather_sizes(image.shape[0], state)
+    all_image = all_gather_with_grad(image, state, sizes)
+    logits = scale * text @ all_image.t() + bias
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(text.shape[0], device=text.device)
+    labels[rows, rows + sum(sizes[: state.rank])] = 1.0
+    return -F.logsigmoid(labels * logits).sum(dim=-1).mean()
+
+
+ContrastiveLoss = Callable[[torch.Tensor, torch.Tensor, Optional[DistState]], torch.Tensor]
+LOSS_KINDS = ("softmax", "sigmoid")
+
+
+def loss_kind_of(model: torch.nn.Module) -> str:
+    """``"sigmoid"`` for a model with a learnable ``logit_bias`` (the SigLIP family), else ``"softmax"`` (CLIP)."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    return "sigmoid" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "softmax"
+
+
+def contrastive_loss_for(
+    model: torch.nn.Module,
+    temperature: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    kind: Optional[str] = None,
+    logit_bias: Optional[float] = None,
+) -> ContrastiveLoss:
+    """The contrastive loss of ``model``'s family: ``loss(image_embeds, text_embeds, state) -> scalar``.
+
+    Args:
+        model: a two-tower model (possibly wrapped by DDP / DeepSpeed); picks the family unless ``kind``.
+        temperature: a fixed temperature (scale ``1 / temperature``); ``None``: the model's ``logit_scale.exp()``
+            at each call (gradients flow into it when it is trainable).
+        label_smoothing: softmax loss only.
+        kind: ``"softmax"`` or ``"sigmoid"`` to override the family's loss.
+        logit_bias: a fixed bias of the sigmoid loss; ``None``: the model's ``logit_bias``.
+    """
+    kind = kind or loss_kind_of(model)
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    module = getattr(model, "module", model)
+
+    def scale() -> Union[float, torch.Tensor]:
+        return 1.0 / temperature if temperature is not None else module.logit_scale.exp()
+
+    if kind == "softmax":
+        return lambda image, text, state=None: clip_contrastive_loss(image, text, scale(), state, label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing applies to the softmax loss only, got {label_smoothing} for sigmoid")
+    if logit_bias is None and not isinstance(getattr(module, "logit_bias", None), torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no logit_bias; pass logit_bias for the sigmoid loss")
+
+    def bias() -> Union[float, torch.Tensor]:
+        return logit_bias if logit_bias is not None else module.logit_bias
+
+    return lambda image, text, state=None: siglip_sigmoid_loss(image, text, scale(), bias(), state)

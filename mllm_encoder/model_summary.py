@@ -6,6 +6,7 @@ from typing import Dict, List
 from torch import nn
 
 from mllm_encoder.moe import SparseMoE
+from mllm_encoder.towers import TOWERS
 
 
 @dataclass
@@ -65,10 +66,10 @@ def summarize_tower(tower: nn.Module, config) -> TowerSummary:
 def summarize_model(model: nn.Module) -> ModelSummary:
     """Summarise a ``CLIPMoEModel``, ``CLIPMoEVisionModel`` or ``CLIPMoETextModel``."""
     summary = ModelSummary(model_class=type(model).__name__)
-    for name, attr in (("vision", "vision_model"), ("text", "text_model")):
-        tower = getattr(model, attr, None)
+    for tower_names in TOWERS:
+        tower = getattr(model, tower_names.module, None)
         if tower is not None:
-            summary.towers[name] = summarize_tower(tower, tower.config)
+            summary.towers[tower_names.name] = summarize_tower(tower, tower.config)
     summary.parameters = _count(model)
     inactive = sum(t.parameters - t.active_parameters for t in summary.towers.values())
     summary.active_parameters = summary.parameters - inactive

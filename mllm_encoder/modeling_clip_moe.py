@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings
 from mllm_encoder.losses import clip_contrastive_loss
-from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss
+from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss, two_tower_aux_losses
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
 
 LEGACY_EOS_TOKEN_ID = 2
@@ -80,10 +80,9 @@ class VisionTransformer(nn.Module):
         pixel_values: torch.Tensor,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
-        num_layers: Optional[int] = None,
     ) -> MoEModelOutputWithPooling:
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
-        encoded = self.encoder(hidden_states, None, output_hidden_states, num_layers)
+        encoded = self.encoder(hidden_states, None, output_hidden_states)
         last = encoded.last_hidden_state
         return MoEModelOutputWithPooling(
             last_hidden_state=last,
@@ -166,7 +165,6 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         interpolate_pos_encoding: bool = False,
         return_dict: Optional[bool] = None,
-        num_layers: Optional[int] = None,
         **kwargs,
     ) -> MoEModelOutputWithPooling:
         """Encode images.
@@ -175,11 +173,8 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
             pixel_values: ``[batch, channels, height, width]``.
             output_hidden_states: also return every layer's output (index 0 = embeddings).
             interpolate_pos_encoding: resize the position grid for other image sizes.
-            num_layers: run only the first ``num_layers`` layers (e.g. up to the layer a MLLM reads).
         """
-        output = self.vision_model(
-            pixel_values, bool(output_hidden_states), interpolate_pos_encoding, num_layers=num_layers
-        )
+        output = self.vision_model(pixel_values, bool(output_hidden_states), interpolate_pos_encoding)
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -268,22 +263,17 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         per_image, per_text, image_embeds, text_embeds = self.similarity_logits(
             self.visual_projection(vision.pooler_output), self.text_projection(text.pooler_output)
         )
-        # Both towers' MoE layers together: the mean over all A + B layers (the paper's Eq. 6), with each
-        # tower's layers weighted by that tower's coefficient in the loss.
-        num_text, num_vision = len(text.router_logits), len(vision.router_logits)
-        layers = max(num_text + num_vision, 1)
-        text_aux, vision_aux = text.aux_loss, vision.aux_loss.to(text.aux_loss.device)
-        aux_loss = (num_text * text_aux + num_vision * vision_aux) / layers
+        aux_loss, weighted_aux_loss = two_tower_aux_losses(
+            text.aux_loss,
+            len(text.router_logits),
+            self.config.text_config.router_aux_loss_coef,
+            vision.aux_loss,
+            len(vision.router_logits),
+            self.config.vision_config.router_aux_loss_coef,
+        )
         loss = None
         if return_loss:
-            loss = (
-                clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
-                + (
-                    self.config.text_config.router_aux_loss_coef * num_text * text_aux
-                    + self.config.vision_config.router_aux_loss_coef * num_vision * vision_aux
-                )
-                / layers
-            )
+            loss = clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp()) + weighted_aux_loss
         output = CLIPMoEOutput(
             loss=loss,
             logits_per_image=per_image,

@@ -58,3 +58,10 @@ class CLIPMoEOutput(ModelOutput):
             self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
             for k in self.keys()
         )
+
+
+@dataclass
+class SiglipMoEOutput(CLIPMoEOutput):
+    """Output of the two-tower ``SiglipMoEModel``: the fields of :class:`CLIPMoEOutput`, where ``loss`` is the
+    sigmoid loss plus the weighted load balancing, and ``logits_per_text`` is
+    ``logit_scale.exp() * cosine + logit_bias`` (apply ``sigmoid`` for match probabilities)."""

@@ -1,4 +1,4 @@
-"""Make a CLIP-MoE from dense CLIPs.
+"""Make a CLIP-MoE (or SigLIP-MoE) from dense CLIPs (or SigLIPs).
 
 * :func:`assemble_experts` (DMU's initialisation): N dense models that share every parameter except their
   FFNs become one MoE whose expert i in each layer is model i's FFN.
@@ -14,30 +14,27 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from mllm_encoder.layers import is_encoder_ffn_parameter
 from mllm_encoder.loading import ModelSource, load_clip_moe
-from mllm_encoder.modeling_clip_moe import CLIPMoEModel, CLIPMoEPreTrainedModel
+from mllm_encoder.modeling_clip_moe import CLIPMoEPreTrainedModel
+from mllm_encoder.towers import TOWER_NAMES, TOWERS
 
 logger = logging.getLogger(__name__)
 
 MoELayers = Union[None, Sequence[int], Dict[str, Optional[Sequence[int]]]]
-TOWERS = {"vision": "vision_config", "text": "text_config"}
 EXPERT_PARAM = re.compile(r"^(?P<layer>.*\.layers\.\d+\.mlp)\.experts\.(?P<param>fc[12]\.(weight|bias))$")
-
-
-def _is_ffn_parameter(name: str) -> bool:
-    return ".mlp." in name
 
 
 def _tower_configs(config) -> Dict[str, object]:
     """``{"vision": ..., "text": ...}`` for a two-tower config, or the single tower's config."""
-    if isinstance(config, CLIPMoEModel.config_class):
-        return {tower: getattr(config, attr) for tower, attr in TOWERS.items()}
-    return {"vision" if hasattr(config, "image_size") else "text": config}
+    if all(hasattr(config, tower.config_key) for tower in TOWERS):
+        return {tower.name: getattr(config, tower.config_key) for tower in TOWERS}
+    return {tower.name: config for tower in TOWERS if tower.config_key == config.tower_key}
 
 
 def _layers_for(moe_layers: MoELayers, tower: str) -> Optional[List[int]]:
     if isinstance(moe_layers, dict):
-        unknown = set(moe_layers) - set(TOWERS)
+        unknown = set(moe_layers) - set(TOWER_NAMES)
         if unknown:
             raise ValueError(f"moe_layers: unknown tower(s) {sorted(unknown)}; use 'vision' and/or 'text'")
         return moe_layers.get(tower)
@@ -51,9 +48,11 @@ def moe_config(dense_config, num_experts: int, top_k: int, moe_layers: MoELayers
     dict ``{"vision": [...], "text": [...]}`` (a missing tower: every layer; ``[]``: dense).
     """
     config_dict = dense_config.to_dict()
-    for tower in _tower_configs(dense_config):
-        target = config_dict[TOWERS[tower]] if TOWERS[tower] in config_dict else config_dict
-        target.update(num_experts=num_experts, top_k=top_k, moe_layers=_layers_for(moe_layers, tower))
+    present = _tower_configs(dense_config)
+    for tower in TOWERS:
+        if tower.name in present:
+            target = config_dict.get(tower.config_key, config_dict)  # a tower config is its own target
+            target.update(num_experts=num_experts, top_k=top_k, moe_layers=_layers_for(moe_layers, tower.name))
     return type(dense_config).from_dict(config_dict)
 
 
@@ -77,7 +76,7 @@ def check_shared_parameters(models: Sequence[CLIPMoEPreTrainedModel], atol: floa
             missing = sorted(set(reference) ^ set(state))[:3]
             raise ValueError(f"model {index} has different parameters from model 0 (e.g. {missing})")
         for name, tensor in reference.items():
-            if _is_ffn_parameter(name):
+            if is_encoder_ffn_parameter(name):
                 continue
             other = state[name]
             if other.shape != tensor.shape:
@@ -110,8 +109,8 @@ def assemble_experts(
     """Build an MoE whose expert i (in each MoE layer) is the FFN of ``models[i]``.
 
     Args:
-        models: N >= 1 dense models (directories of HF CLIP or CLIP-MoE checkpoints, or in-memory models)
-            that agree on every non-FFN parameter (to ``atol``).
+        models: N >= 1 dense models (directories of HF CLIP / SigLIP or CLIP-MoE / SigLIP-MoE checkpoints, or
+            in-memory models) that agree on every non-FFN parameter (to ``atol``).
         top_k: experts per token.
         moe_layers: which layers become MoE (see :func:`moe_config`).
     """

@@ -1,4 +1,4 @@
-"""A LLaVA vision tower backed by a CLIP-MoE (or dense CLIP) vision encoder.
+"""A LLaVA vision tower backed by a CLIP-MoE or SigLIP-MoE (or dense CLIP / SigLIP) vision encoder.
 
 ``CLIPMoEVisionTower`` follows the interface of LLaVA's ``CLIPVisionTower`` (``forward``, ``is_loaded``,
 ``load_model``, ``image_processor``, ``hidden_size``, ``num_patches`` ...) with three differences:
@@ -11,9 +11,7 @@
   load-balancing loss of its last call in ``last_aux_loss`` for the language model's loss.
 """
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -21,57 +19,37 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor
 
-from mllm_encoder.checkpoint import read_checkpoint_tensors
+from mllm_encoder.checkpoint import (
+    CONFIG_META_KEYS,
+    image_processor_class,
+    load_image_processor,
+    read_checkpoint_tensors,
+    read_vision_config_dict,
+)
 from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
+from mllm_encoder.configuration_siglip_moe import SiglipMoEVisionConfig
 from mllm_encoder.modeling_clip_moe import CLIPMoEVisionModel
+from mllm_encoder.modeling_siglip_moe import SiglipMoEVisionModel
+from mllm_encoder.towers import VISION
 
 logger = logging.getLogger(__name__)
 
-# Keys of a saved config.json that describe the file, not the model.
-_CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+# The image tower's family comes from its config's model_type (CLIP when there is none): config and model class.
+TOWER_FAMILIES = {
+    "clip": (CLIPMoEVisionConfig, CLIPMoEVisionModel),
+    "siglip": (SiglipMoEVisionConfig, SiglipMoEVisionModel),
+}
 
 
-def read_vision_config_dict(model_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The vision-tower part of ``model_dir/config.json`` (a full CLIP/CLIP-MoE model or a vision model)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: no config.json, not a CLIP or CLIP-MoE checkpoint directory")
-    config = json.loads(path.read_text())
-    config = config.get("vision_config", config)
-    return {key: value for key, value in config.items() if key not in _CONFIG_META_KEYS}
-
-
-def is_clip_moe_dir(model_dir: Union[str, os.PathLike]) -> bool:
-    """Whether ``model_dir`` holds a CLIP-MoE checkpoint (``model_type`` ``clip_moe*`` or experts in the config)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    vision = config.get("vision_config") or {}
-    return (
-        str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or ("num_experts" in config)
-    )
-
-
-def read_vision_state_dict(model_dir: Union[str, os.PathLike], prefix: str = "vision_model.") -> Dict[str, Any]:
-    """All tensors of a checkpoint whose names start with ``prefix`` (safetensors or weights-only torch files)."""
-    return read_checkpoint_tensors(model_dir, prefix)
-
-
-def load_state_dict_zero3_safe(module: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(state_dict)`` that also works when DeepSpeed ZeRO-3 has partitioned ``module``."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        module.load_state_dict(state_dict)
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        if deepspeed.comm.get_rank() == 0:
-            module.load_state_dict(state_dict)
+def tower_family(config: Dict[str, Any], where: str) -> str:
+    """``"clip"`` or ``"siglip"`` for a vision config dict (SigLIP 2 FixRes checkpoints are ``siglip``)."""
+    model_type = str(config.get("model_type") or "clip")
+    if model_type.startswith("siglip2"):
+        raise ValueError(
+            f"{where}: a SigLIP 2 NaFlex tower ({model_type}) cannot serve as a LLaVA tower (fixed-size patch "
+            "grids only); use a SigLIP 2 FixRes checkpoint (model_type siglip)"
+        )
+    return "siglip" if model_type.startswith("siglip") else "clip"
 
 
 def resolve_select_layer(select_layer: int, num_hidden_layers: int) -> int:
@@ -128,25 +106,32 @@ class CLIPMoEVisionTower(nn.Module):
             )
         return Path(self.source)
 
-    def _build_config(self, saved: Optional[Dict[str, Any]]) -> CLIPMoEVisionConfig:
+    def _build_config(self, saved: Optional[Dict[str, Any]]) -> Union[CLIPMoEVisionConfig, SiglipMoEVisionConfig]:
         config = dict(saved) if saved else read_vision_config_dict(self._require_source("its config"))
-        for key in _CONFIG_META_KEYS:
+        config_class, _ = TOWER_FAMILIES[tower_family(config, f"vision tower {self.vision_tower_name!r}")]
+        for key in CONFIG_META_KEYS:
             config.pop(key, None)
-        return CLIPMoEVisionConfig(**config)
+        return config_class(**config)
 
     def _build_image_processor(self, saved: Optional[Dict[str, Any]]) -> CLIPImageProcessor:
         if saved:
-            return CLIPImageProcessor.from_dict(saved)
-        return CLIPImageProcessor.from_pretrained(str(self._require_source("its image processor")))
+            return image_processor_class(saved.get("image_processor_type"), "mm_vision_image_processor").from_dict(
+                saved
+            )
+        return load_image_processor(self._require_source("its image processor"))
 
     def _build_encoder(self) -> nn.Module:
         """The encoder truncated after the selected layer (later layers and the final norm are never used)."""
-        truncated = CLIPMoEVisionConfig(**self.cfg_only.to_dict())
+        config_class = type(self.cfg_only)
+        model_class = dict(TOWER_FAMILIES.values())[config_class]
+        truncated = config_class(**self.cfg_only.to_dict())
+        if config_class is SiglipMoEVisionConfig:
+            truncated.vision_use_head = False  # the pooling head reads the last layer, which LLaVA never uses
         truncated.num_hidden_layers = self.num_computed_layers
         moe_layers = getattr(truncated, "moe_layers", None)
         if moe_layers is not None:
             truncated.moe_layers = [i for i in moe_layers if i < self.num_computed_layers]
-        encoder = CLIPMoEVisionModel(truncated)
+        encoder = model_class(truncated)
         encoder.vision_model.post_layernorm = nn.Identity()
         return encoder
 
@@ -154,13 +139,17 @@ class CLIPMoEVisionTower(nn.Module):
         """Copy the encoder weights (up to the selected layer) from the CLIP-MoE checkpoint directory."""
         source = self._require_source("its weights")
         expected = self.vision_tower.state_dict()
-        checkpoint = read_vision_state_dict(source)
+        checkpoint = read_checkpoint_tensors(source, f"{VISION.module}.")
         missing = sorted(set(expected) - set(checkpoint))
         if missing:
             raise ValueError(f"{source}: the checkpoint lacks {len(missing)} vision weights, e.g. {missing[:3]}")
         state_dict = {name: checkpoint[name] for name in expected}
-        load_state_dict_zero3_safe(self.vision_tower, state_dict)
+        self.load_encoder_state(state_dict)
         logger.info("loaded %d vision tower tensors from %s", len(state_dict), source)
+
+    def load_encoder_state(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Copy ``state_dict`` into the encoder (``llava_patch`` overrides it for DeepSpeed ZeRO-3 partitions)."""
+        self.vision_tower.load_state_dict(state_dict)
 
     def load_model(self, device_map: Any = None) -> None:
         """LLaVA API: the weights are built in ``__init__``, so there is nothing left to load."""
@@ -183,7 +172,9 @@ class CLIPMoEVisionTower(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
 
     def feature_select(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        return hidden_state[:, 1:] if self.select_feature == "patch" else hidden_state
+        """``patch``: drop the class token (CLIP); SigLIP has none, so every token is a patch."""
+        prefix = self.vision_tower.vision_model.embeddings.num_prefix_tokens
+        return hidden_state[:, prefix:] if self.select_feature == "patch" else hidden_state
 
     def _encode(self, pixel_values: torch.Tensor, trainable: bool):
         with torch.set_grad_enabled(trainable):
@@ -203,6 +194,8 @@ class CLIPMoEVisionTower(nn.Module):
             aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         else:
             features, aux_loss = self._encode(images, trainable)
+        # LLaVA's tower interface returns features only and its model computes the loss itself, so the aux loss
+        # is kept here for the caller that adds it to that loss (llava_patch.forward): LLaVA offers no other way.
         coef = getattr(self.cfg_only, "router_aux_loss_coef", 0.0)
         self.last_aux_loss = coef * aux_loss if trainable and aux_loss is not None and coef else None
         return features

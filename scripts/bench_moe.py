@@ -1,6 +1,6 @@
 """Benchmark the sparse MoE layer and the CLIP-MoE image tower against their floors, in one command.
 
-Prints markdown tables per device and dtype (median of ``--repeats`` timed runs after 2 warm-up runs):
+Prints markdown tables per device and dtype (median of ``--repeats`` timed runs after ``--warmup`` untimed ones):
 
 * layer: ``SparseMoE`` per backend over its FLOP floor (one dense FFN on ``top_k x tokens`` rows; goal
   <= 1.10), and a naive masked loop (every expert on every token) over ``SparseMoE``;
@@ -12,10 +12,12 @@ Prints markdown tables per device and dtype (median of ``--repeats`` timed runs 
 * tower, training step (forward + backward, fp32 parameters, autocast to the dtype): images/s and peak
   memory (CUDA).
 
-Defaults: on CUDA, ViT-L/14-336 shapes, bf16 and fp16, batches 1/16/64 (about 5 minutes on an H100, most
-of it compiling); on CPU, ``--size small`` and small batches (about a minute on two cores). ``--size tiny
---compile-backend eager`` is the smoke test's setting. A variant that fails (e.g. capturing a backend that
-syncs with the host) prints its error in its row instead of stopping the run.
+Defaults: on CUDA, ViT-L/14-336 shapes, bf16 and fp16, batches 1/16/64, every section, compiled at batch 64
+and CUDA-graph captured at batch 1 in the first dtype (budgeted for at most 8 minutes on an H100, most of it
+compiling; not yet timed on a GPU); on CPU, ``--size small``, batches 1/4, no compilation (about 1.5 minutes
+on two shared cores with ``--threads 1``). ``--size tiny --compile-backend eager`` is the smoke test's
+setting. A variant that fails (e.g. a backend that cannot be captured) prints its error in its row instead
+of stopping the run.
 
 Usage: ``python scripts/bench_moe.py [--devices cuda cpu] [--dtypes bfloat16 float16] [--size vit-l]``.
 """
@@ -51,7 +53,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), help="default: vit-l on CUDA, small on CPU")
     parser.add_argument("--batches", nargs="+", type=int, help="tower batch sizes; default 1 16 64 (CUDA), 1 4")
     parser.add_argument("--layer-images", nargs="+", type=int, help="layer sizes in images; default 1 16 (CUDA), 1 4")
-    parser.add_argument("--train-batch", type=int, help="default 32 (CUDA), 2")
+    parser.add_argument("--train-batch", type=int, help="default 32 (CUDA), 1")
     parser.add_argument("--compile-batches", nargs="+", type=int, help="default 64 (CUDA), 1")
     parser.add_argument("--graph-batches", nargs="+", type=int, default=[1], help="CUDA graph batch sizes")
     parser.add_argument("--compile-dtypes", nargs="+", choices=sorted(DTYPES), help="default: the first of --dtypes")
@@ -61,6 +63,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed runs per measurement; default 10 (CUDA), 3")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
+    parser.add_argument("--threads", type=int, help="CPU threads (1 is steadier on a shared machine)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +76,7 @@ def device_defaults(args: argparse.Namespace, device: torch.device) -> argparse.
         "size": "vit-l" if cuda else "small",
         "batches": [1, 16, 64] if cuda else [1, 4],
         "layer_images": [1, 16] if cuda else [1, 4],
-        "train_batch": 32 if cuda else 2,
+        "train_batch": 32 if cuda else 1,
         "compile_batches": [64] if cuda else [1],
         "sections": list(SECTIONS) if cuda else ["layer", "tower", "train"],
         "repeats": 10 if cuda else 3,
@@ -416,6 +419,8 @@ def run_device(args: argparse.Namespace, device: torch.device) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = args.devices or ["cuda" if torch.cuda.is_available() else "cpu"]
     start = time.perf_counter()
     print(f"# MoE benchmark: {' '.join(devices)}; torch {torch.__version__}", flush=True)

@@ -21,19 +21,8 @@ def bench():
 
 def test_cpu_mode_prints_every_table_without_failures(bench, capsys):
     bench.main(
-        ["--devices", "cpu", "--size", "tiny", "--dtypes", "bfloat16", "--batches", "1", "--layer-images", "1"]
-        + [
-            "--train-batch",
-            "1",
-            "--compile-batches",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--compile-backend",
-            "eager",
-        ]
+        "--devices cpu --size tiny --dtypes bfloat16 --batches 1 --layer-images 1 --train-batch 1 --repeats 1 "
+        "--warmup 0 --compile-batches 1 --compile-backend eager --sections layer tower train compile".split()
     )
     out = capsys.readouterr().out
     for title in (

@@ -2,13 +2,22 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tiny_models import tiny_vision_config
 from transformers import AutoConfig, AutoModel, CLIPImageProcessor
 
 from mllm_encoder import CLIPMoEModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
-from mllm_encoder.checkpoint import load_processors
+from mllm_encoder.checkpoint import (
+    is_clip_moe_checkpoint,
+    is_clip_moe_dir,
+    load_processors,
+    read_config_dict,
+    read_model_type,
+    read_vision_config_dict,
+    tensor_names,
+)
 from mllm_encoder.loading import load_clip_moe
 
 
@@ -33,9 +42,7 @@ def test_vision_model_loads_from_full_checkpoint(tiny_clip_moe_dir):
     assert vision.config.num_experts == 4
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            vision(pixel_values).pooler_output, full.vision_model(pixel_values).pooler_output
-        )
+        torch.testing.assert_close(vision(pixel_values).pooler_output, full.vision_model(pixel_values).pooler_output)
     assert isinstance(AutoModel.from_pretrained(tiny_clip_moe_dir), CLIPMoEModel)
 
 
@@ -80,3 +87,25 @@ def test_hf_vision_checkpoints_of_both_transformers_layouts(tmp_path):
             loaded = load_clip_moe(tmp_path / layout).eval()
             assert loaded.config.top_k == 1, "HF's generation default top_k=50 is not an MoE setting"
             torch.testing.assert_close(loaded(pixel_values).pooler_output, expected, msg=layout)
+
+
+def test_the_format_functions_read_configs_and_tensor_names(tiny_clip_moe_dir, tiny_hf_clip_dir, tmp_path):
+    assert read_model_type(tiny_clip_moe_dir) == "clip_moe" and read_model_type(tiny_hf_clip_dir) == "clip"
+    vision = read_vision_config_dict(tiny_clip_moe_dir)
+    assert vision == read_config_dict(tiny_clip_moe_dir)["vision_config"] and vision["num_experts"] == 4
+    assert is_clip_moe_dir(tiny_clip_moe_dir) and is_clip_moe_checkpoint(tiny_clip_moe_dir)
+    assert not is_clip_moe_dir(tiny_hf_clip_dir) and not is_clip_moe_dir(tmp_path / "missing")
+    model = CLIPMoEModel.from_pretrained(tiny_clip_moe_dir)
+    names = tensor_names(tiny_clip_moe_dir / "model.safetensors")
+    assert names == set(model.state_dict())
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert tensor_names(tmp_path / "pytorch_model.bin") == names
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, "a")}))
+    assert tensor_names(tmp_path / "model.safetensors.index.json") == names
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        read_config_dict(tmp_path)
+    assert not is_clip_moe_dir(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, found list"):
+        read_model_type(tmp_path)

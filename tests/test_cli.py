@@ -85,3 +85,12 @@ def test_console_script_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert "upcycle" in result.stdout and "inspect" in result.stdout
+
+
+def test_eval_answer_finds_the_llava_answerer_through_its_entry_point():
+    from mllm_encoder.cli.eval_mllm import answerer_class
+
+    answerer = answerer_class()  # imports llava_patch.answerer (not llava itself) only now
+    assert (answerer.__module__, answerer.__name__) == ("llava_patch.answerer", "LlavaAnswerer")
+    with pytest.raises(ImportError, match="no answerer 'other' is registered under the mllm_encoder.answerers"):
+        answerer_class("other")

@@ -108,12 +108,15 @@ def test_dense_vision_model_equals_hf_clip_vision_model():
     torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0)
 
 
-def test_num_layers_stops_early_and_matches_the_full_run():
+def test_a_config_with_fewer_layers_stops_early_and_matches_the_full_run():
     model = CLIPMoEVisionModel(CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2))).eval()
+    short = CLIPMoEVisionModel(CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, num_hidden_layers=2)))
+    result = short.eval().load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys and all(".layers.2." in key for key in result.unexpected_keys)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         full = model(pixel_values, output_hidden_states=True)
-        partial = model(pixel_values, output_hidden_states=True, num_layers=2)
+        partial = short(pixel_values, output_hidden_states=True)
     assert len(partial.hidden_states) == 3 and len(partial.router_logits) == 2
     torch.testing.assert_close(partial.hidden_states[-1], full.hidden_states[-2])
 

@@ -7,12 +7,12 @@ Same arguments plus ``--trust-remote-code``: without it, no Python file of a che
 import runpy
 import sys
 
+import llava_patch
+from llava_patch.loading import pop_trust_remote_code_flag, trust_remote_code
+
 
 def main() -> None:
     """Patch LLaVA, then run its script as ``__main__`` under the user's remote-code choice."""
-    import llava_patch
-    from llava_patch.loading import pop_trust_remote_code_flag, trust_remote_code
-
     llava_patch.apply()
     sys.argv[1:], trusted = pop_trust_remote_code_flag(sys.argv[1:])
     with trust_remote_code(trusted):

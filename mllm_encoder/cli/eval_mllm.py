@@ -4,7 +4,8 @@ VLMEvalKit's protocol (or all three side by side)."""
 import argparse
 import logging
 import sys
-from typing import Any, Dict, List, Sequence
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, List, Sequence
 
 from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.eval.mllm.answering import (
@@ -18,6 +19,11 @@ from mllm_encoder.eval.mllm.pope import PopeComparison, compare_pope_protocols, 
 from mllm_encoder.eval.mllm.protocols import PROTOCOLS
 
 logger = logging.getLogger(__name__)
+
+# `clip-moe eval answer` answers with the class registered under this entry point group and name; the LLaVA
+# answerer lives in llava_patch (pyproject.toml), which the library and this command line never import.
+ANSWERER_GROUP = "mllm_encoder.answerers"
+ANSWERER_NAME = "llava"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -223,13 +229,26 @@ def _print_mme_comparison(comparison: MMEComparison) -> None:
     _print_disagreements(comparison, "answers")
 
 
+def answerer_class(name: str = ANSWERER_NAME) -> Callable[..., Any]:
+    """The answerer class registered as ``name`` in the ``mllm_encoder.answerers`` entry point group."""
+    registered = entry_points()  # Python 3.9 returns a dict of groups, 3.10+ an object with select()
+    group = (
+        registered.select(group=ANSWERER_GROUP) if hasattr(registered, "select") else registered.get(ANSWERER_GROUP, ())
+    )
+    found = [entry for entry in group if entry.name == name]
+    if not found:
+        raise ImportError(
+            f"no answerer {name!r} is registered under the {ANSWERER_GROUP} entry points; install mllm-encoder "
+            "with its LLaVA extra (pip install -e '.[llava]'), which provides llava_patch"
+        )
+    return found[0].load()
+
+
 def run_answer(args: argparse.Namespace) -> None:
     """Answer this shard's questions with a LLaVA checkpoint, resuming an existing answer file."""
-    from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
-
     records = load_question_file(args.question_file, args.image_folder, args.allow_absolute_image_paths)
     questions = get_chunk([record.data for record in records], args.num_chunks, args.chunk_idx)
-    answerer = LlavaAnswerer(
+    answerer = answerer_class()(
         args.model_path,
         args.image_folder,
         model_base=args.model_base,

@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import List
 
 import torch
+from transformers import AutoConfig
+
+from mllm_encoder.checkpoint import check_output_dir, load_processors, save_checkpoint
+from mllm_encoder.conversion.convert import convert_checkpoint
+from mllm_encoder.loading import load_clip_moe
+from mllm_encoder.model_summary import summarize_model
+from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
+from mllm_encoder.upcycle import assemble_experts, sparse_upcycle
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +55,6 @@ def _moe_layers(args: argparse.Namespace):
 
 def _save_with_processors(model, args: argparse.Namespace, inputs: List[Path]) -> None:
     """Save ``model`` to ``args.out`` with the image processor and tokenizer of ``inputs[0]``."""
-    from mllm_encoder.checkpoint import load_processors, save_checkpoint
-
     image_processor = tokenizer = None
     if (inputs[0] / "preprocessor_config.json").exists():
         image_processor, tokenizer = load_processors(inputs[0])
@@ -60,9 +66,6 @@ def _save_with_processors(model, args: argparse.Namespace, inputs: List[Path]) -
 
 
 def run_upcycle(args: argparse.Namespace) -> None:
-    from mllm_encoder.checkpoint import check_output_dir
-    from mllm_encoder.upcycle import sparse_upcycle
-
     check_output_dir(args.out, [args.source], args.overwrite)
     torch.manual_seed(args.seed)
     model = sparse_upcycle(args.source, args.num_experts, args.top_k, _moe_layers(args))
@@ -70,9 +73,6 @@ def run_upcycle(args: argparse.Namespace) -> None:
 
 
 def run_assemble(args: argparse.Namespace) -> None:
-    from mllm_encoder.checkpoint import check_output_dir
-    from mllm_encoder.upcycle import assemble_experts
-
     check_output_dir(args.out, args.models, args.overwrite)
     torch.manual_seed(args.seed)
     model = assemble_experts(args.models, args.top_k, _moe_layers(args), atol=args.atol)
@@ -80,8 +80,6 @@ def run_assemble(args: argparse.Namespace) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from mllm_encoder.conversion.convert import convert_checkpoint
-
     torch.manual_seed(args.seed)
     convert_checkpoint(
         args.source,
@@ -97,10 +95,6 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_stretch_text(args: argparse.Namespace) -> None:
-    from mllm_encoder.checkpoint import check_output_dir, load_processors, save_checkpoint
-    from mllm_encoder.loading import load_clip_moe
-    from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
-
     check_output_dir(args.out, [args.source], args.overwrite)
     image_processor, tokenizer = load_processors(args.source)
     if tokenizer is None:
@@ -132,11 +126,6 @@ def print_summary(directory: Path, summary) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig
-
-    from mllm_encoder.loading import load_clip_moe
-    from mllm_encoder.model_summary import summarize_model
-
     model = load_clip_moe(args.model)
     summary = summarize_model(model)
     if args.json:

@@ -2,15 +2,19 @@
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from mllm_encoder.checkpoint import check_output_dir, default_image_processor, save_checkpoint
+from mllm_encoder.checkpoint import (
+    OPEN_CLIP_WEIGHT_FILES,
+    WEIGHT_FILES,
+    check_output_dir,
+    default_image_processor,
+    read_weights_file,
+    save_checkpoint,
+)
 from mllm_encoder.conversion.openai import convert_openai_clip
 from mllm_encoder.conversion.timm import convert_timm_clip_vit
 from mllm_encoder.conversion.tokenizer import OPENAI_VOCAB_SIZE, build_clip_tokenizer
@@ -20,11 +24,9 @@ from mllm_encoder.upcycle import sparse_upcycle
 logger = logging.getLogger(__name__)
 
 SOURCE_FORMATS = ("official-clip-moe", "openai", "timm")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
+# The weight files a source directory may hold, safetensors first.
+SOURCE_WEIGHT_FILES = tuple(
+    sorted(WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES, key=lambda name: not name.endswith(".safetensors"))
 )
 PathLike = Union[str, os.PathLike]
 
@@ -33,11 +35,12 @@ def _weights_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for name in WEIGHT_FILES:
+        for name in SOURCE_WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name
     raise ValueError(
-        f"{path}: no weights found (a .safetensors/.pt/.pth/.bin file, or a directory with one of {WEIGHT_FILES})"
+        f"{path}: no weights found (a .safetensors/.pt/.pth/.bin file, or a directory with one of "
+        f"{SOURCE_WEIGHT_FILES})"
     )
 
 
@@ -49,16 +52,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     save ``model.state_dict()``.
     """
     weights = _weights_file(Path(path))
-    if weights.suffix == ".safetensors":
-        try:
-            loaded = load_file(str(weights))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{weights}: corrupt or unreadable safetensors file ({error})") from error
-    else:
-        try:
-            loaded = torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as error:
-            raise ValueError(f"{weights}: cannot read it as a weights-only state dict ({error})") from error
+    loaded = read_weights_file(weights)
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]

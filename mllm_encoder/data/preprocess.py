@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mllm_encoder.checkpoint import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 logger = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LARGE_CONTEXT = 100_000  # tokenizers without a real limit report ~1e30 as model_max_length
 
 
@@ -65,7 +65,8 @@ class ClipImageTransform:
         size = processor.size if getattr(processor, "do_resize", True) else None
         shortest = _size_field(size, "shortest_edge")
         height, width = _size_field(size, "height"), _size_field(size, "width")
-        crop = processor.crop_size if getattr(processor, "do_center_crop", True) else None
+        # SigLIP's processor resizes to a square and has no crop at all (no crop_size attribute)
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", True) else None
         crop_hw = (_size_field(crop, "height"), _size_field(crop, "width")) if crop is not None else None
         resample = getattr(processor, "resample", Image.BICUBIC)
         return cls(

@@ -1,6 +1,6 @@
 """The synthetic world of the DMU benchmark: a pretraining and a fine-tuning distribution, in ShareGPT4V JSON.
 
-Every image is a plain background in one of eight named colours with one disc of another colour near the
+Every image is a plain background in one of four named colours with one disc of another colour near the
 centre. Three hidden attributes change global statistics of the whole image, each learnable by a non-linear
 function of patch embeddings (an FFN on top of attention) but never positional or tiny:
 
@@ -9,9 +9,9 @@ function of patch embeddings (an FFN on top of attention) but never positional o
 * ``grain``: the picture is ``smooth`` or ``grainy`` (per-pixel noise of standard deviation 4 or 18).
 
 The *pretraining* distribution (the base's): half the images carry a frame in one of four colours; the
-captions name the background, the disc and the frame, and only one caption in five also names one hidden
-attribute (so the base knows the words but has little reason to encode the attributes, as CLIP's captions
-rarely describe fine details). The *fine-tuning* distribution: no frames; the captions name the background,
+captions name the background, the disc and the frame, and each hidden attribute only in one caption in four
+(so the base knows the words but has less reason to encode the attributes, as CLIP's captions seldom
+describe fine details). The *fine-tuning* distribution: no frames; the captions name the background,
 the disc and all three hidden attributes. So the fine-tuning data teaches what the base's captions seldom
 mention, and the pretraining eval split measures what the base knew (retention).
 Everything is deterministic given the seed.
@@ -33,10 +33,6 @@ PALETTE: Dict[str, Tuple[int, int, int]] = {
     "green": (50, 170, 70),
     "blue": (50, 90, 220),
     "yellow": (230, 210, 50),
-    "purple": (150, 70, 200),
-    "orange": (240, 140, 40),
-    "cyan": (60, 200, 210),
-    "pink": (240, 130, 190),
 }
 FRAMES: Dict[str, Tuple[int, int, int]] = {
     "white": (250, 250, 250),
@@ -67,8 +63,7 @@ FINETUNE_TEMPLATES = (
 )
 PRETRAIN_TEMPLATES = ("a {disc} disc on a {background} background", "a photo of a {disc} disc on {background}")
 FRAME_SUFFIX = " in a {frame} frame"
-MENTION_PROBABILITY = 0.2  # pretraining captions naming one hidden attribute
-MENTIONS = {"size": "{size} {disc} disc", "light": ", in {light} light", "grain": ", {grain}"}
+MENTION_PROBABILITY = 0.25  # of a pretraining caption naming a given hidden attribute
 PROMPT = "<image>\nDescribe the image in detail."
 DISTRIBUTIONS = ("pretrain", "finetune")
 
@@ -89,7 +84,7 @@ def sample_world(rng: np.random.Generator, distribution: str) -> Dict[str, Any]:
         if rng.random() < 0.5:
             sample["frame"] = list(FRAMES)[rng.integers(len(FRAMES))]
         sample["template"] = int(rng.integers(len(PRETRAIN_TEMPLATES)))
-        sample["mention"] = HIDDEN[rng.integers(len(HIDDEN))] if rng.random() < MENTION_PROBABILITY else None
+        sample["mentions"] = [name for name in HIDDEN if rng.random() < MENTION_PROBABILITY]
     else:
         sample["template"] = int(rng.integers(len(FINETUNE_TEMPLATES)))
     return sample
@@ -99,13 +94,12 @@ def caption(sample: Dict[str, Any], distribution: str) -> str:
     """The caption of ``sample`` in the style of ``distribution``."""
     if distribution == "finetune":
         return FINETUNE_TEMPLATES[sample["template"]].format(**sample)
-    text = PRETRAIN_TEMPLATES[sample["template"]].format(**sample)
-    mention = sample.get("mention")
-    if mention == "size":
-        text = text.replace("{disc} disc".format(**sample), MENTIONS["size"].format(**sample))
+    mentions = sample.get("mentions", [])
+    disc = f"{sample['size']} {sample['disc']}" if "size" in mentions else sample["disc"]
+    text = PRETRAIN_TEMPLATES[sample["template"]].format(**{**sample, "disc": disc})
     text += FRAME_SUFFIX.format(frame=sample["frame"]) if sample["frame"] else ""
-    if mention in ("light", "grain"):
-        text += MENTIONS[mention].format(**sample)
+    text += f", {sample['grain']}" if "grain" in mentions else ""
+    text += f", in {sample['light']} light" if "light" in mentions else ""
     return text + "."
 
 

@@ -30,15 +30,10 @@ from mllm_encoder.data.synthetic_world import (
 from mllm_encoder.dmu.stages import processors
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy
 from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import encode_images, eval_mode, model_device, retrieval_metrics
+from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics
 from mllm_encoder.eval.router_analysis import expert_load
 
 PathLike = Union[str, Path]
-
-
-def _features(output: Any) -> torch.Tensor:
-    """Embeddings from ``get_*_features``: a tensor, or (transformers 5) an output with ``pooler_output``."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 class _Options:

@@ -17,6 +17,7 @@ METHODS = ("dmu", "upcycle", "finetune")
 TRAINABLE = ("all", "ffn", "router", "ffn+router")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 KMEANS_BACKENDS = ("auto", "sklearn", "torch", "faiss")
+LOSSES = ("softmax", "sigmoid")
 
 # Range rules, by field name: (predicate, what the value must be).
 _POSITIVE = (lambda v: v > 0, "> 0")
@@ -52,6 +53,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "trainable": TRAINABLE,
     "mixed_precision": PRECISIONS,
     "kmeans_backend": KMEANS_BACKENDS,
+    "loss": LOSSES,
 }
 
 
@@ -103,8 +105,10 @@ class StageSection:
 
     The defaults are the official MCL recipe (``train/train_mcl.py`` of OpenSparseLLMs/CLIP-MoE):
     AdamW with torch's default betas/eps and weight decay on every trainable tensor, no gradient clipping
-    (``grad_clip: null``), 200 warmup steps then cosine decay, a fixed temperature of 0.01, and
-    ``drop_last`` (a cluster's remainder is dropped; clusters smaller than one global batch are skipped).
+    (``grad_clip: null``), 200 warmup steps then cosine decay, and ``drop_last`` (a cluster's remainder is
+    dropped; clusters smaller than one global batch are skipped). ``loss``, ``temperature`` and
+    ``label_smoothing`` left ``null`` follow the base model's family: CLIP's softmax loss at the paper's fixed
+    temperature 0.01 with smoothing 0.1; SigLIP's sigmoid loss with the model's learned scale and bias.
     ``batch_size`` is per process and micro-step. In the ``baseline`` section ``steps``/``epochs`` are
     ignored: the baselines train for DMU's total step count.
     """
@@ -122,8 +126,9 @@ class StageSection:
     min_lr_ratio: float = 0.0
     grad_clip: Optional[float] = None
     trainable: str = "ffn"
-    temperature: float = 0.01
-    label_smoothing: float = 0.1
+    loss: Optional[str] = None
+    temperature: Optional[float] = None
+    label_smoothing: Optional[float] = None
     aux_loss_coef: float = 0.0
     drop_last: bool = True
 

@@ -161,7 +161,7 @@ def run_config(run_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
         "run_dir": str(run_dir),
         "seed": seed,
         "data": {"train": data["finetune_train"]},
-        "dmu": {"num_experts": settings.num_experts, "top_k": settings.top_k, "kmeans_backend": "sklearn"},
+        "dmu": {"num_experts": settings.num_experts, "top_k": settings.top_k},
         "mcl": stage,
         "route": {
             **stage,

@@ -6,7 +6,6 @@ With one seed nothing is called significant. Every sentence of the verdict is co
 """
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -213,9 +212,7 @@ def _router_section(out_dir: Path, plots: Path, loads: Dict[str, Any]) -> str:
 def write_report(out_dir: Path, results: Dict[str, Any], timings: Optional[Dict[str, float]] = None) -> Path:
     """Write ``report.md`` and its plots (``plots/*.png``) into ``out_dir``."""
     plots = out_dir / "plots"
-    if plots.exists():
-        shutil.rmtree(plots)
-    plots.mkdir(parents=True)
+    plots.mkdir(parents=True, exist_ok=True)
     methods, experts, control = results["methods"], results["experts"], results["control"]
     plot_bars(methods, SWAP_BARS, plots / "attributes_methods.png", "caption-swap accuracy (%)")
     plot_bars(experts, SWAP_BARS, plots / "attributes_experts.png", "caption-swap accuracy (%)")

@@ -22,16 +22,18 @@ from mllm_encoder.dmu import config
 from mllm_encoder.dmu.config import RuntimeSection, StageSection, check_section
 from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
-from mllm_encoder.losses import clip_contrastive_loss
+from mllm_encoder.layers import is_encoder_ffn_parameter
+from mllm_encoder.losses import ContrastiveLoss, contrastive_loss_for, loss_kind_of
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE = {
     "all": lambda name: True,
-    "ffn": lambda name: ".mlp." in name and ".mlp.router." not in name,
+    "ffn": lambda name: is_encoder_ffn_parameter(name) and ".mlp.router." not in name,
     "router": lambda name: ".mlp.router." in name,
-    "ffn+router": lambda name: ".mlp." in name,
+    "ffn+router": is_encoder_ffn_parameter,  # encoder FFNs only: not SigLIP's pooling-head MLP
 }
+FAMILY_LOSS_DEFAULTS = {"softmax": (0.01, 0.1), "sigmoid": (None, 0.0)}  # (temperature, label smoothing)
 assert set(TRAINABLE) == set(config.TRAINABLE)
 
 
@@ -119,16 +121,24 @@ class _ResumableBatches:
             epoch, offset = epoch + 1, 0
 
 
-def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], cfg: TrainConfig, state: DistState):
+def stage_loss(model: torch.nn.Module, stage: StageSection) -> ContrastiveLoss:
+    """The contrastive loss of a stage: ``stage.loss`` or the model family's (softmax for CLIP, sigmoid for
+    SigLIP), with the stage's temperature and label smoothing or the family's defaults (CLIP: the paper's
+    fixed 0.01 and 0.1; SigLIP: the model's learned scale and bias, no smoothing)."""
+    kind = stage.loss or loss_kind_of(model)
+    default_temperature, default_smoothing = FAMILY_LOSS_DEFAULTS[kind]
+    temperature = stage.temperature if stage.temperature is not None else default_temperature
+    smoothing = stage.label_smoothing if stage.label_smoothing is not None else default_smoothing
+    return contrastive_loss_for(model, temperature, smoothing, kind=kind)
+
+
+def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], loss, cfg: TrainConfig, state):
     outputs = model(
         input_ids=batch["input_ids"],
         pixel_values=batch["pixel_values"],
         attention_mask=batch["attention_mask"],
     )
-    scale = 1.0 / cfg.stage.temperature  # DMU trains at a fixed temperature, not the model's logit_scale
-    contrastive = clip_contrastive_loss(
-        outputs.image_embeds, outputs.text_embeds, scale, state, cfg.stage.label_smoothing
-    )
+    contrastive = loss(outputs.image_embeds, outputs.text_embeds, state)
     aux = getattr(outputs, "aux_loss", None)
     aux = aux.float() if aux is not None else torch.zeros((), device=contrastive.device)
     return contrastive + cfg.stage.aux_loss_coef * aux, contrastive.detach(), aux.detach()
@@ -143,7 +153,7 @@ def _next_batch(batches: Iterator, device) -> Dict[str, torch.Tensor]:
 
 
 def _accumulate_gradients(
-    model, batches: Iterator, cfg: TrainConfig, accelerator, state: DistState
+    model, batches: Iterator, loss_fn: ContrastiveLoss, cfg: TrainConfig, accelerator, state: DistState
 ) -> Dict[str, float]:
     totals = {"loss": 0.0, "contrastive": 0.0, "aux": 0.0}
     grad_accum = cfg.stage.grad_accum
@@ -151,7 +161,7 @@ def _accumulate_gradients(
         batch = _next_batch(batches, accelerator.device)
         sync = micro == grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss, contrastive, aux = _micro_step_loss(model, batch, cfg, state)
+            loss, contrastive, aux = _micro_step_loss(model, batch, loss_fn, cfg, state)
             accelerator.backward(loss / grad_accum)
         for key, value in (("loss", loss), ("contrastive", contrastive), ("aux", aux)):
             totals[key] += value.item() / grad_accum
@@ -216,6 +226,7 @@ def train(
         start_step, history = load_training_state(latest, model, optimizer, accelerator.num_processes)
         logger.info("%s: resuming from %s (step %d)", desc, latest, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = stage_loss(model, cfg.stage)
     index_batches = _ResumableBatches(labels, cfg, state, start_step * cfg.stage.grad_accum)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=index_batches, collate_fn=collate_fn, num_workers=cfg.num_workers
@@ -232,7 +243,7 @@ def train(
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = _accumulate_gradients(wrapped, batches, cfg, accelerator, state)
+        totals = _accumulate_gradients(wrapped, batches, loss_fn, cfg, accelerator, state)
         max_norm = cfg.stage.grad_clip if cfg.stage.grad_clip is not None else math.inf  # inf: measure only
         grad_norm = accelerator.clip_grad_norm_(list(params.values()), max_norm)
         optimizer.step()

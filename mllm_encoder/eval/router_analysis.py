@@ -8,10 +8,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_encoder.eval.retrieval import eval_mode, model_device
+from mllm_encoder.towers import TEXT, TOWERS, VISION
 
 logger = logging.getLogger(__name__)
-
-TOWERS = (("vision", "vision_model", "pixel_values"), ("text", "text_model", "input_ids"))
 
 
 def routing_counts(router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -38,16 +37,16 @@ def _moe_layers(config: Any) -> List[int]:
 
 
 def _run_tower(name: str, tower: Any, batch: Dict[str, torch.Tensor], device, dtype):
-    if name == "vision":
-        output = tower(batch["pixel_values"].to(device=device, dtype=dtype))
+    if name == VISION.name:
+        output = tower(batch[VISION.input_name].to(device=device, dtype=dtype))
         return output.router_logits, None
     mask = batch.get("attention_mask")
     mask = mask.to(device) if mask is not None else None
-    return tower(batch["input_ids"].to(device), mask).router_logits, mask
+    return tower(batch[TEXT.input_name].to(device), mask).router_logits, mask
 
 
 def _moe_towers(model: Any) -> Dict[str, Any]:
-    towers = {name: getattr(model, attribute, None) for name, attribute, _ in TOWERS}
+    towers = {tower.name: getattr(model, tower.module, None) for tower in TOWERS}
     towers = {name: tower for name, tower in towers.items() if tower is not None and _tower_config(tower)}
     if not towers:
         raise ValueError("the model has no MoE layers to analyse")
@@ -64,7 +63,7 @@ def expert_load(model: Any, loader: Iterable, max_batches: Optional[int] = None,
     "num_experts", "top_k", "num_tokens"}}``. Dense towers are left out.
     """
     towers = _moe_towers(model)
-    inputs = {name: key for name, _, key in TOWERS}
+    inputs = {tower.name: tower.input_name for tower in TOWERS}
     counts: Dict[str, torch.Tensor] = {}
     device, dtype = model_device(model), next(model.parameters()).dtype
     with eval_mode(model):

@@ -3,7 +3,7 @@
 from mllm_encoder.moe.dispatch import DispatchPlan, combine_outputs, gather_tokens, plan_dispatch
 from mllm_encoder.moe.experts import GroupedLinear, StackedExperts, grouped_mm_available
 from mllm_encoder.moe.layer import SparseMoE
-from mllm_encoder.moe.losses import load_balancing_loss, mean_load_balancing_loss
+from mllm_encoder.moe.losses import load_balancing_loss, mean_load_balancing_loss, two_tower_aux_losses
 from mllm_encoder.moe.router import RouterDecision, TopKRouter
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "load_balancing_loss",
     "plan_dispatch",
     "mean_load_balancing_loss",
+    "two_tower_aux_losses",
 ]

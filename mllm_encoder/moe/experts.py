@@ -9,10 +9,9 @@ Backends (``StackedExperts.backend``):
 
 * ``"grouped"``: one ``torch._grouped_mm`` per projection over all expert slices: no host synchronisation
   and shapes fixed by the number of tokens, so it traces with ``torch.compile(fullgraph=True)`` and is
-  captured by CUDA graphs (on CUDA with bf16 on sm90/sm100, where torch has a fused grouped kernel). Eager,
-  each expert's bias is added by one ``addmm`` of the ``[N, E]`` one-hot slot-to-expert matrix with the
-  ``[E, out]`` bias: no ``[N, out]`` gathered bias is materialised, and the bias gradient is a GEMM, not an
-  atomic scatter. Compiled, the bias is an indexed load that inductor fuses with the activation.
+  captured by CUDA graphs (on CUDA with bf16 on sm90/sm100, where torch has a fused grouped kernel). The
+  expert biases are added by :class:`_ExpertBias`: no ``[N, out]`` gathered bias eager, a fused indexed
+  load compiled, and a GEMM (not an atomic scatter) for the bias gradient.
 * ``"loop"``: one ``.tolist()`` of the slice ends, then fc1 -> activation -> fc2 per expert slice with
   ``addmm`` (bias in the GEMM epilogue). ``torch.compile`` traces the slice sizes as data-dependent sizes
   (one graph, but a host sync per layer: no CUDA graphs).
@@ -82,6 +81,30 @@ def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> st
     return "grouped"
 
 
+class _ExpertBias(torch.autograd.Function):
+    """``scale * out + bias_scale * bias[expert_ids]``; the bias gradient is ``one_hot^T @ grad``, a GEMM.
+
+    Eager, one ``addmm`` of the ``[N, E]`` one-hot matrix with the ``[E, out]`` bias (no ``[N, out]`` gathered
+    bias). Under ``torch.compile``, an indexed load that inductor fuses with the following activation. Either
+    way the backward accumulates nothing with atomics (deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, out, bias, one_hot, expert_ids, scale: float, bias_scale: float):
+        ctx.save_for_backward(one_hot)
+        ctx.scale, ctx.bias_scale = scale, bias_scale
+        if torch.compiler.is_compiling():
+            return scale * out + bias_scale * bias[expert_ids]
+        return torch.addmm(out, one_hot, bias, beta=scale, alpha=bias_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (one_hot,) = ctx.saved_tensors
+        grad_out = grad if ctx.scale == 1 else grad * ctx.scale
+        grad_bias = torch.mm(one_hot.t(), grad)
+        return grad_out, grad_bias if ctx.bias_scale == 1 else grad_bias * ctx.bias_scale, None, None, None, None
+
+
 class GroupedLinear(nn.Module):
     """``E`` linear maps ``in_features -> out_features`` applied to expert-sorted rows."""
 
@@ -115,9 +138,8 @@ class GroupedLinear(nn.Module):
             ]
         dtype = compute_dtype(rows)  # autocast does not cover the grouped GEMM
         out = torch._grouped_mm(rows.to(dtype), self.weight.to(dtype).transpose(-2, -1), offs=plan.offsets)
-        if torch.compiler.is_compiling():
-            return scale * out + bias_scale * self.bias.to(dtype)[plan.expert_ids]
-        return torch.addmm(out, plan.one_hot.to(out.dtype), self.bias, beta=scale, alpha=bias_scale)
+        one_hot = plan.one_hot.to(dtype)
+        return _ExpertBias.apply(out, self.bias.to(dtype), one_hot, plan.expert_ids, scale, bias_scale)
 
     def extra_repr(self) -> str:
         # From attributes: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder.

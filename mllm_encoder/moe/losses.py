@@ -1,6 +1,6 @@
 """Auxiliary losses of the MoE layers."""
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -48,3 +48,24 @@ def mean_load_balancing_loss(
         return torch.zeros((), device=device, dtype=torch.float32)
     total = sum(load_balancing_loss(logits, top_k, token_mask) for logits in router_logits)
     return total / len(router_logits)
+
+
+def two_tower_aux_losses(
+    text_aux: torch.Tensor,
+    num_text: int,
+    text_coef: float,
+    vision_aux: torch.Tensor,
+    num_vision: int,
+    vision_coef: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(aux_loss, weighted)`` of a two-tower model from its towers' layer-mean losses.
+
+    ``aux_loss`` is the mean over all A + B MoE layers of both towers (the paper's Eq. 6); ``weighted`` is the
+    same mean with each tower's layers weighted by that tower's ``router_aux_loss_coef``: the term added to
+    the contrastive loss.
+    """
+    layers = max(num_text + num_vision, 1)
+    vision_aux = vision_aux.to(text_aux.device)
+    aux_loss = (num_text * text_aux + num_vision * vision_aux) / layers
+    weighted = (text_coef * num_text * text_aux + vision_coef * num_vision * vision_aux) / layers
+    return aux_loss, weighted

@@ -1,4 +1,4 @@
-"""The top-k router: a bias-free linear gate, top-k, softmax in float32."""
+"""The top-k router: a bias-free linear gate, softmax in float32, top-k, optional renormalisation."""
 
 from typing import NamedTuple
 
@@ -24,8 +24,6 @@ class TopKRouter(nn.Module):
     """Routes each token to ``top_k`` of ``num_experts`` experts (Mixtral style).
 
     The parameter is ``weight [num_experts, hidden_size]``, so checkpoints hold ``...mlp.router.weight``.
-    With ``norm_topk_prob`` the weights are the softmax over the k largest logits, which equals the full
-    softmax's top-k renormalised to sum to 1 (in value and gradient) without a pass over all E probabilities.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True):
@@ -41,12 +39,13 @@ class TopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> RouterDecision:
         """Route ``hidden_states [T, D]``."""
         logits = nn.functional.linear(hidden_states, self.weight)
+        # Softmax over all E logits, then top-k: the softmax over only the k largest logits is equal in
+        # value, but with it inductor (torch 2.13) computed wrong gradients for a tower that also takes the
+        # load-balancing loss (tests/test_moe_compile.py::test_inductor_training_gradients_match_eager).
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
-            top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
-            weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
-        else:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterDecision(logits, weights.to(hidden_states.dtype), expert_ids)
 
     def extra_repr(self) -> str:

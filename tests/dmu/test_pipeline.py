@@ -215,3 +215,26 @@ def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(tm
     (tmp_path / ".lock").write_text(json.dumps(record))  # left by a run killed with -9
     assert "finetune/train" in run_pipeline(config, "finetune", accelerator)
     assert not (tmp_path / ".lock").exists()
+
+
+def test_dmu_on_a_siglip_base_trains_with_the_sigmoid_loss_and_resumes(tmp_path, dmu_tokenizer_dir, shapes_data):
+    from tiny_models import write_tiny_siglip_base
+
+    from mllm_encoder import SiglipMoEModel
+    from mllm_encoder.loading import load_clip_moe
+
+    base = write_tiny_siglip_base(tmp_path / "siglip-base", dmu_tokenizer_dir)
+    accelerator = build_accelerator("no")
+    straight = run_pipeline(_config(tmp_path / "straight", base, shapes_data, num_experts=2), "dmu", accelerator)
+    history = json.loads((tmp_path / "straight" / "dmu" / "mcl_1" / "history.json").read_text())
+    assert history[0]["contrastive"] > 0 and "dmu/eval" in straight
+    model = load_clip_moe(str(tmp_path / "straight" / "dmu" / "route" / "model"))
+    assert isinstance(model, SiglipMoEModel) and model.config.vision_config.num_experts == 2
+    resumed_config = _config(tmp_path / "resumed", base, shapes_data, num_experts=2)
+    with pytest.raises(TrainingInterrupted):
+        run_pipeline(resumed_config, "dmu", accelerator, stop_after_step=3)
+    run_pipeline(resumed_config, "dmu", accelerator)
+    for stage in ("dmu/mcl_1", "dmu/route"):
+        a, b = _weights(tmp_path / "straight", stage), _weights(tmp_path / "resumed", stage)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=f"{stage}: {name}")

@@ -104,3 +104,21 @@ def test_training_state_refuses_another_world_size(tmp_path):
     with pytest.raises(ValueError, match="saved by 2 processes"):
         load_training_state(state, model, optimizer, world_size=1)
     assert load_training_state(state, model, optimizer, world_size=2) == (5, [{"step": 5}])
+
+
+def test_stage_loss_follows_the_model_family():
+    from tiny_models import tiny_siglip_moe_config
+
+    from mllm_encoder import SiglipMoEModel
+    from mllm_encoder.dmu.trainer import stage_loss
+    from mllm_encoder.losses import clip_contrastive_loss, siglip_sigmoid_loss
+
+    image, text = torch.randn(4, 16), torch.randn(4, 16)
+    clip_loss = stage_loss(_tiny_clip(), StageSection())(image, text)
+    torch.testing.assert_close(clip_loss, clip_contrastive_loss(image, text, 100.0, label_smoothing=0.1))
+    siglip = SiglipMoEModel(tiny_siglip_moe_config())
+    with torch.no_grad():
+        expected = siglip_sigmoid_loss(image, text, siglip.logit_scale.exp(), siglip.logit_bias)
+        torch.testing.assert_close(stage_loss(siglip, StageSection())(image, text), expected)
+    forced = stage_loss(siglip, StageSection(loss="softmax", temperature=0.05, label_smoothing=0.0))(image, text)
+    torch.testing.assert_close(forced, clip_contrastive_loss(image, text, 20.0))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mllm_encoder.cli import main
-from mllm_encoder.eval.mllm import answering, llava_answerer
+from mllm_encoder.cli import eval_mllm, main
+from mllm_encoder.eval.mllm import answering
 from mllm_encoder.eval.mllm.answering import answer_questions, get_chunk, merge_answer_files
 from mllm_encoder.eval.mllm.jsonl import read_jsonl, repair_partial_tail
 
@@ -141,7 +141,7 @@ def test_cli_answer_resumes_a_shard_and_merge(tmp_path, monkeypatch, capsys):
             self.model_name = Path(model_path).name
             assert kwargs["conv_mode"] == "vicuna_v1" and kwargs["temperature"] == 0.0
 
-    monkeypatch.setattr(llava_answerer, "LlavaAnswerer", FakeLlava)
+    monkeypatch.setattr(eval_mllm, "answerer_class", lambda name="llava": FakeLlava)
     question_file = write_questions(tmp_path / "q.jsonl", make_questions(5))
     base = [
         "eval",

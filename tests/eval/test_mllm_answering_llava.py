@@ -21,10 +21,7 @@ OBJECTS = ("cat", "dog", "car")
 def tiny_pope(tmp_path_factory):
     """A tiny LLaVA checkpoint with a CLIP-MoE tower, three images and a 3-question POPE set."""
     try:
-        import llava_patch
-
-        llava_patch.apply()
-        from llava_patch.testing import _image, build_tiny_llava
+        from llava_fixtures import build_tiny_llava, synthetic_image
     except ImportError as error:
         pytest.skip(f"the LLaVA stack does not import in this environment: {error}")
     root = tmp_path_factory.mktemp("tiny_pope")
@@ -32,12 +29,10 @@ def tiny_pope(tmp_path_factory):
     (root / "val2014").mkdir()
     questions, annotations = [], []
     for i, (color, obj) in enumerate(zip(("red", "green", "blue"), OBJECTS), start=1):
-        _image(color, 32, i).save(root / "val2014" / f"{i}.png")
+        synthetic_image(color, 32, i).save(root / "val2014" / f"{i}.png")
         text = f"Is there a {obj} in the image?"
         questions.append({"question_id": i, "image": f"{i}.png", "text": text + SUFFIX, "category": "random"})
-        annotations.append(
-            {"question_id": i, "image": f"{i}.png", "text": text, "label": "yes" if i % 2 else "no"}
-        )
+        annotations.append({"question_id": i, "image": f"{i}.png", "text": text, "label": "yes" if i % 2 else "no"})
     (root / "coco").mkdir()
     (root / "coco" / "coco_pope_random.json").write_text("".join(json.dumps(a) + "\n" for a in annotations))
     (root / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
@@ -45,7 +40,7 @@ def tiny_pope(tmp_path_factory):
 
 
 def test_llava_answering_resumes_and_scores(tiny_pope, tmp_path):
-    from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
+    from llava_patch.answerer import LlavaAnswerer
 
     root, model_dir, questions = tiny_pope
     answerer = LlavaAnswerer(str(model_dir), str(root / "val2014"), device="cpu", max_new_tokens=6)

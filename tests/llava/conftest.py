@@ -2,25 +2,22 @@
 
 from pathlib import Path
 
+import llava_fixtures
 import pytest
 
 
 @pytest.fixture(scope="session")
 def llava_workdir(tmp_path_factory) -> Path:
     """A directory with ``llm/`` (tiny Llama), ``clipmoe/`` (tiny CLIP-MoE) and ``data/`` (both data sets)."""
-    from llava_patch import testing
-
     root = tmp_path_factory.mktemp("llava")
-    testing.build_tiny_llama(root / "llm")
-    testing.build_tiny_clip_moe(root / "clipmoe")
-    testing.write_synthetic_conversations(root / "data", plain=True)
-    testing.write_synthetic_conversations(root / "data")
+    llava_fixtures.build_tiny_llama(root / "llm")
+    llava_fixtures.build_tiny_clip_moe(root / "clipmoe")
+    llava_fixtures.write_synthetic_conversations(root / "data", plain=True)
+    llava_fixtures.write_synthetic_conversations(root / "data")
     return root
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
-    """A complete random LLaVA checkpoint with a CLIP-MoE tower (``llava_patch.testing.build_tiny_llava``)."""
-    from llava_patch import testing
-
-    return testing.build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "llava-tiny-clip-moe")
+    """A complete random LLaVA checkpoint with a CLIP-MoE tower (``llava_fixtures.build_tiny_llava``)."""
+    return llava_fixtures.build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "llava-tiny-clip-moe")

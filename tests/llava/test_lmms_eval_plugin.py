@@ -202,7 +202,7 @@ def test_generate_until_with_an_hf_llava_next_checkpoint(lmms_eval_api, llava_wo
 
 
 def test_generate_until_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
-    from mllm_encoder.eval.mllm.llava_answerer import LlavaAnswerer
+    from llava_patch.answerer import LlavaAnswerer
 
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     lm = model_class(pretrained=str(tiny_llava_dir), device="cpu")

@@ -14,7 +14,8 @@ from packaging import version
 from safetensors.torch import load_file, save_file
 
 import llava_patch
-from mllm_encoder.vision_tower import CLIPMoEVisionTower, read_vision_state_dict
+from mllm_encoder.checkpoint import read_checkpoint_tensors
+from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 TOWER = "model.vision_tower.vision_tower."
 
@@ -24,17 +25,26 @@ def patched():
     llava_patch.apply()
 
 
-def test_import_changes_nothing_and_apply_is_idempotent():
+def test_import_changes_nothing_apply_is_idempotent_and_undone():
     script = (
         "import llava_patch, llava.model.multimodal_encoder.builder as b, llava.model.llava_arch as a\n"
         "original = b.build_vision_tower\n"
         "assert a.build_vision_tower is original and original.__module__.startswith('llava.')\n"
         "llava_patch.apply(); llava_patch.apply()\n"
-        "from llava_patch import registry\n"
-        "assert b.build_vision_tower is registry.build_vision_tower is a.build_vision_tower\n"
-        "assert registry._original_build_vision_tower is original\n"
-        "import llava.train.llava_trainer, llava.train.train as t\n"
+        "from llava_patch import patching\n"
+        "assert b.build_vision_tower is a.build_vision_tower and b.build_vision_tower is not original\n"
+        "assert patching.original_of(b.build_vision_tower) is original\n"
+        "import llava.train.llava_trainer as lt, llava.train.train as t\n"
         "assert 'unfreeze_mm_vision_tower' in t.ModelArguments.__dataclass_fields__\n"
+        "from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM as L\n"
+        "assert '__init__' in vars(lt.LLaVATrainer) and 'from_pretrained' in vars(L)\n"
+        "n = len(patching.patched_attributes()); llava_patch.apply(); assert len(patching.patched_attributes()) == n\n"
+        "patching.undo_all()\n"
+        "assert b.build_vision_tower is original and a.build_vision_tower is original\n"
+        "assert 'unfreeze_mm_vision_tower' not in t.ModelArguments.__dataclass_fields__\n"
+        "assert '__init__' not in vars(lt.LLaVATrainer) and 'from_pretrained' not in vars(L)\n"
+        "import sys; assert t.transformers is sys.modules['transformers'] and patching.patched_attributes() == []\n"
+        "llava_patch.apply(); assert patching.original_of(a.build_vision_tower) is original\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,7 +160,7 @@ def test_checkpoint_without_tower_weights_loads_them_from_clip_moe_dir(tiny_llav
     without_tower = {name: tensor for name, tensor in weights.items() if TOWER not in name}
     save_file(without_tower, str(stripped / "model.safetensors"), {"format": "pt"})
     _, model, _, _ = load_pretrained_model(str(stripped), None, stripped.name, device="cpu")
-    source = read_vision_state_dict(Path(model.get_vision_tower().source))
+    source = read_checkpoint_tensors(Path(model.get_vision_tower().source), "vision_model.")
     for name, tensor in model.get_vision_tower().vision_tower.state_dict().items():
         assert torch.equal(tensor, source[name].to(tensor.dtype)), name
 

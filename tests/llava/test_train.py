@@ -15,7 +15,7 @@ from packaging import version
 from safetensors.torch import load_file
 
 import llava_patch
-from mllm_encoder.vision_tower import read_vision_state_dict
+from mllm_encoder.checkpoint import read_checkpoint_tensors
 
 TOWER = "model.vision_tower.vision_tower."
 NEW_TRANSFORMERS = version.parse(transformers.__version__) >= version.parse("4.40")
@@ -46,7 +46,7 @@ def test_finetune_zero3_with_trainable_tower_saves_and_reloads(llava_workdir):
     config = json.loads((output / "config.json").read_text())
     assert config["mm_vision_num_experts"] == 4 and "mm_vision_config" in config
     saved = tower_tensors(load_file(str(output / "model.safetensors")))
-    source = read_vision_state_dict(llava_workdir / "clipmoe")
+    source = read_checkpoint_tensors(llava_workdir / "clipmoe", "vision_model.")
     assert len(saved) == 39  # two of three layers (select_layer -2), no post_layernorm
     changed = [name for name, tensor in saved.items() if not torch.equal(tensor, source[name].half().float())]
     assert any(".mlp.router." in name for name in changed) and any(".mlp.experts." in name for name in changed)
@@ -78,7 +78,7 @@ def test_saved_weights_are_the_trained_weights(llava_workdir):
     args += ["--unfreeze_mm_vision_tower", "True", "--learning_rate", "0", "--max_steps", "1"]
     run_train(llava_workdir, args)
     saved = load_file(str(output / "model.safetensors"))
-    source = read_vision_state_dict(llava_workdir / "clipmoe")
+    source = read_checkpoint_tensors(llava_workdir / "clipmoe", "vision_model.")
     for name, tensor in tower_tensors(saved).items():  # LLaVA casts the tower to fp16 first
         assert torch.equal(tensor, source[name].half().float()), name
     for name, tensor in load_file(str(llava_workdir / "llm" / "model.safetensors")).items():
@@ -106,7 +106,7 @@ def test_finetune_lora_and_reload_with_base(llava_workdir, deepspeed):
     assert (output / "adapter_model.safetensors").exists() and (output / "non_lora_trainables.bin").exists()
     assert "vision_tower" in json.loads((output / "adapter_config.json").read_text())["target_modules"]
     _, model, processor, _ = load_pretrained_model(str(output), str(llava_workdir / "llm"), output.name, device="cpu")
-    source = read_vision_state_dict(llava_workdir / "clipmoe")  # a frozen tower comes from its checkpoint
+    source = read_checkpoint_tensors(llava_workdir / "clipmoe", "vision_model.")  # a frozen tower: from its checkpoint
     assert all(torch.equal(t, source[n].half()) for n, t in model.get_vision_tower().vision_tower.state_dict().items())
     assert processor is not None
 

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mllm_encoder.vision_tower import CLIPMoEVisionTower, read_vision_state_dict
+from mllm_encoder.checkpoint import read_checkpoint_tensors
+from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 
 def tower_args(select_layer=-2, select_feature="patch", **extra):
@@ -56,7 +57,7 @@ def test_only_layers_up_to_select_layer_are_built(tiny_clip_moe_dir):
     assert len(tower.vision_tower.vision_model.encoder.layers) == 2
     names = set(tower.vision_tower.state_dict())
     assert not any(".layers.2." in name or "post_layernorm" in name for name in names)
-    source = read_vision_state_dict(tiny_clip_moe_dir)
+    source = read_checkpoint_tensors(tiny_clip_moe_dir, "vision_model.")
     for name, tensor in tower.vision_tower.state_dict().items():
         assert torch.equal(tensor, source[name]), name
 
@@ -120,8 +121,6 @@ def test_read_checkpoint_tensors_filters_by_prefix(layout, tmp_path):
     import json
 
     from safetensors.torch import save_file
-
-    from mllm_encoder.checkpoint import read_checkpoint_tensors
 
     generator = torch.Generator().manual_seed(0)
     tensors = {name: torch.randn(2, 3, generator=generator) for name in ("vision_model.a", "vision_model.b", "text.c")}

@@ -1,9 +1,13 @@
-"""The real answer function: a LLaVA checkpoint (CLIP-MoE or CLIP tower) answering one question at a time.
+"""The answer function of ``clip-moe eval answer``: a LLaVA checkpoint (CLIP-MoE or CLIP tower) answering one
+question at a time.
 
 Mirrors LLaVA-1.5's ``llava/eval/model_vqa_loader.py``: ``<image>\\n`` + question in the ``vicuna_v1``
 template, images through ``process_images``, greedy decoding at temperature 0, batch size 1, the stripped
 decoded text as the answer. ``llava_patch.apply()`` runs first, so ``clip-moe`` towers load and trained tower
 weights survive; no Python file of the checkpoint folders runs unless ``trust_remote_code`` is set.
+
+The ``clip-moe`` command line (which never imports ``llava_patch``) finds :class:`LlavaAnswerer` through the
+``mllm_encoder.answerers`` entry point named ``llava`` (``pyproject.toml``).
 """
 
 import logging
@@ -12,17 +16,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+import llava_patch
 from mllm_encoder.eval.mllm.answering import load_question_image
 
 logger = logging.getLogger(__name__)
 
 
 def _import_llava():
-    """Apply the CLIP-MoE patch to LLaVA and return its modules (clear errors when either is missing)."""
-    try:
-        import llava_patch
-    except ImportError as error:
-        raise ImportError(f"the answering step needs the llava_patch package of mllm-encoder: {error}") from error
+    """Apply the CLIP-MoE patch to LLaVA and return its modules (a clear error when LLaVA is missing)."""
     llava_patch.apply()
     try:
         from llava import constants, conversation, mm_utils

@@ -1,10 +1,12 @@
-"""Tiny, offline LLaVA + CLIP-MoE checkpoints and data for tests (no downloads).
+"""Tiny, offline LLaVA + CLIP-MoE checkpoints and data for tests (no downloads; importable from any test
+directory, like ``tiny_models``).
 
 * :func:`build_tiny_tokenizer`: a Llama-compatible sentencepiece tokenizer trained on the fly;
 * :func:`build_tiny_llama`: a base LLM directory (what ``--model_name_or_path`` points to);
 * :func:`build_tiny_clip_moe`: a CLIP-MoE checkpoint directory (``--vision_tower clip-moe:<dir>``);
 * :func:`build_tiny_llava`: a complete LLaVA checkpoint with a CLIP-MoE tower, loadable with
   ``llava.model.builder.load_pretrained_model`` after :func:`llava_patch.apply`;
+* :func:`synthetic_image`: a noisy one-colour image;
 * :func:`write_synthetic_conversations`: LLaVA-format training JSON with images.
 """
 
@@ -16,7 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Union
 
+import sentencepiece as spm
 import torch
+from PIL import Image
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import llava_patch
+from mllm_encoder import CLIPMoEConfig, CLIPMoEModel
+from mllm_encoder.checkpoint import save_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,9 +42,6 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "
 
 def build_tiny_tokenizer(out_dir: PathLike, vocab_size: int = 320):
     """Train a byte-fallback BPE sentencepiece model and save it as a ``LlamaTokenizer`` directory."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -74,8 +80,6 @@ def build_tiny_llama(
     out_dir: PathLike, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
 ) -> Path:
     """A random ``LlamaForCausalLM`` (hidden 64, 2 layers) with the tiny tokenizer: a stand-in for Vicuna."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer(out_dir)
     config = LlamaConfig(
@@ -98,8 +102,6 @@ def build_tiny_llama(
 
 def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, num_layers: int = 3, image_size: int = 32):
     """A small two-tower ``CLIPMoEConfig`` (hidden 32, ``num_layers`` MoE layers, patch 8)."""
-    from mllm_encoder import CLIPMoEConfig
-
     shape = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=num_layers)
     moe = dict(num_experts=num_experts, top_k=top_k)
     vision = dict(shape, image_size=image_size, patch_size=8, **moe)
@@ -109,9 +111,6 @@ def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, num_layers: int =
 
 def build_tiny_clip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2, seed: int = 0, **kwargs) -> Path:
     """Save a random tiny CLIP-MoE (``tiny_clip_moe_config``) as a complete checkpoint directory."""
-    from mllm_encoder import CLIPMoEModel
-    from mllm_encoder.checkpoint import save_checkpoint
-
     torch.manual_seed(seed)
     model = CLIPMoEModel(tiny_clip_moe_config(num_experts=num_experts, top_k=top_k, **kwargs))
     with torch.no_grad():  # make routing input-dependent and experts distinct
@@ -121,8 +120,8 @@ def build_tiny_clip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2,
     return save_checkpoint(model, out_dir)
 
 
-def _image(color: str, size: int, seed: int):
-    from PIL import Image
+def synthetic_image(color: str, size: int, seed: int):
+    """A ``size`` x ``size + 8`` RGB image of one of :data:`COLORS` with seeded noise."""
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randint(0, 40, (size, size + 8, 3), generator=generator)
@@ -145,7 +144,7 @@ def write_synthetic_conversations(
     for index in range(num_samples):
         color = names[index % len(names)]
         file = f"{index:03d}_{color}.png"
-        _image(color, image_size, index).save(image_folder / file)
+        synthetic_image(color, image_size, index).save(image_folder / file)
         if plain:
             turns = [("<image>", f"a {color} picture")]
         else:
@@ -174,11 +173,8 @@ def build_tiny_llava(
     Missing ``clip_moe_dir`` / ``llm_dir`` are built next to ``out_dir``. Name ``out_dir`` with ``llava`` in it
     for LLaVA's ``load_pretrained_model`` (it checks the name). Returns ``out_dir``.
     """
-    import llava_patch
-
     llava_patch.apply()
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from transformers import AutoTokenizer
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM  # importable once patched
 
     out_dir = Path(out_dir)
     clip_moe_dir = Path(clip_moe_dir or build_tiny_clip_moe(out_dir.parent / f"{out_dir.name}-clip-moe"))

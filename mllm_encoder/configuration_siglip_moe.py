@@ -1,0 +1,220 @@
+"""Configurations of SigLIP-MoE and SigLIP 2-MoE: HF SigLIP's / SigLIP 2's fields plus the MoE settings.
+
+SigLIP 2 comes in two variants: fixed-resolution ("FixRes") checkpoints are HF ``SiglipModel``s (``model_type``
+``siglip``) and are read by the SigLIP-MoE classes; NaFlex checkpoints are HF ``Siglip2Model``s (``siglip2``),
+read by the SigLIP 2-MoE classes, whose image tower takes flattened patches of any aspect ratio. Fields are
+type- and range-checked as in the CLIP-MoE configs.
+"""
+
+import math
+from typing import Any, Dict, Optional
+
+from transformers import PretrainedConfig
+
+from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, _CLIPMoETowerConfig, check_int, check_number
+
+HF_SIGLIP_MODEL_TYPES = {"siglip", "siglip_moe"}
+HF_SIGLIP2_MODEL_TYPES = {"siglip2", "siglip2_moe"}
+# SigLIP's initialisation of the sigmoid loss's temperature and bias (the paper's t' = log 10, b = -10).
+DEFAULT_LOGIT_SCALE = math.log(10.0)
+DEFAULT_LOGIT_BIAS = -10.0
+
+
+class _SiglipMoETowerConfig(_CLIPMoETowerConfig):
+    """The shared tower fields (see ``_CLIPMoETowerConfig``) with SigLIP's defaults: ViT-B/16's shape,
+    ``gelu_pytorch_tanh`` and LayerNorm epsilon 1e-6."""
+
+    two_tower_model_types = HF_SIGLIP_MODEL_TYPES
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        intermediate_size: int = 3072,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        hidden_act: str = "gelu_pytorch_tanh",
+        layer_norm_eps: float = 1e-6,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            hidden_act=hidden_act,
+            layer_norm_eps=layer_norm_eps,
+            **kwargs,
+        )
+
+
+class SiglipMoEVisionConfig(_SiglipMoETowerConfig):
+    """Configuration of the SigLIP-MoE image tower (a ViT without class token).
+
+    Takes the shared tower fields plus ``num_channels``, ``image_size``, ``patch_size`` and ``vision_use_head``
+    (the multihead-attention pooling head that gives ``pooler_output``; the two-tower model needs it).
+    """
+
+    model_type = "siglip_moe_vision_model"
+    tower_key = "vision_config"
+    naflex = False  # images as [batch, channels, height, width] through a conv patch embedding
+
+    def __init__(
+        self,
+        num_channels: int = 3,
+        image_size: int = 224,
+        patch_size: int = 16,
+        vision_use_head: bool = True,
+        **kwargs: Any,
+    ):
+        self.num_channels = check_int("num_channels", num_channels, 1)
+        self.image_size = check_int("image_size", image_size, 1)
+        self.patch_size = check_int("patch_size", patch_size, 1)
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if not isinstance(vision_use_head, bool):
+            raise ValueError(f"vision_use_head must be true or false, got {vision_use_head!r}")
+        self.vision_use_head = vision_use_head
+        super().__init__(**kwargs)
+
+
+class SiglipMoETextConfig(_SiglipMoETowerConfig):
+    """Configuration of the SigLIP-MoE text tower (bidirectional; pooled from the last token through ``head``).
+
+    Takes the shared tower fields plus ``vocab_size``, ``max_position_embeddings``, the special token ids and
+    ``projection_size`` (the width of ``head``; ``None``: ``hidden_size``, as in HF SigLIP).
+    """
+
+    model_type = "siglip_moe_text_model"
+    tower_key = "text_config"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        max_position_embeddings: int = 64,
+        pad_token_id: Optional[int] = 1,
+        bos_token_id: Optional[int] = 49406,
+        eos_token_id: Optional[int] = 49407,
+        projection_size: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, 1)
+        for field, value in (
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ):
+            if value is not None:
+                check_int(field, value, 0)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.projection_size = check_int(
+            "projection_size", self.hidden_size if projection_size is None else projection_size, 1
+        )
+
+
+class SiglipMoEConfig(PretrainedConfig):
+    """Configuration of a two-tower SigLIP-MoE.
+
+    Args:
+        text_config: a ``SiglipMoETextConfig`` or its dict.
+        vision_config: a ``SiglipMoEVisionConfig`` or its dict (``vision_use_head`` must be true).
+        logit_scale_init_value, logit_bias_init_value: initial log temperature and bias of the sigmoid loss
+            (SigLIP's log 10 and -10; HF ``SiglipModel`` starts both at 0, and loaded weights replace them).
+    """
+
+    model_type = "siglip_moe"
+    sub_configs = {"text_config": SiglipMoETextConfig, "vision_config": SiglipMoEVisionConfig}
+    hf_model_types = HF_SIGLIP_MODEL_TYPES  # the model_type of the directories from_pretrained reads
+
+    def __init__(
+        self,
+        text_config: Any = None,
+        vision_config: Any = None,
+        logit_scale_init_value: float = DEFAULT_LOGIT_SCALE,
+        logit_bias_init_value: float = DEFAULT_LOGIT_BIAS,
+        **kwargs: Any,
+    ):
+        kwargs.pop("model_type", None)
+        super().__init__(**kwargs)
+        self.text_config = CLIPMoEConfig._tower(self.sub_configs["text_config"], text_config, "text_config")
+        self.vision_config = CLIPMoEConfig._tower(self.sub_configs["vision_config"], vision_config, "vision_config")
+        if not self.vision_config.vision_use_head:
+            raise ValueError("vision_config.vision_use_head must be true: the image embedding is the pooling head's")
+        self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
+        self.logit_bias_init_value = check_number("logit_bias_init_value", logit_bias_init_value, -math.inf)
+        self.initializer_factor = kwargs.get("initializer_factor", 1.0)
+
+    @classmethod
+    def from_text_vision_configs(cls, text_config: PretrainedConfig, vision_config: PretrainedConfig, **kwargs: Any):
+        """Build a two-tower config from the tower configs (HF SigLIP's constructor of the same name)."""
+        return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        output = super().to_dict()
+        output["text_config"] = self.text_config.to_dict()
+        output["vision_config"] = self.vision_config.to_dict()
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
+        """Load from a SigLIP-MoE or an HF SigLIP directory (an HF SigLIP config is read as a dense SigLIP-MoE)."""
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") not in cls.hf_model_types:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config model_type is {config_dict.get('model_type')!r}, "
+                f"expected one of {sorted(cls.hf_model_types)}"
+            )
+        return cls.from_dict(config_dict, **kwargs)
+
+
+class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):
+    """Configuration of the SigLIP 2-MoE (NaFlex) image tower: flattened patches, resized position grid.
+
+    Takes the shared tower fields plus ``num_channels``, ``patch_size``, ``num_patches`` (the learned position
+    grid, a square number) and ``vision_use_head``.
+    """
+
+    model_type = "siglip2_moe_vision_model"
+    tower_key = "vision_config"
+    two_tower_model_types = HF_SIGLIP2_MODEL_TYPES
+    naflex = True  # images as [batch, patches, channels * patch_size**2] with spatial_shapes and a patch mask
+
+    def __init__(
+        self,
+        num_channels: int = 3,
+        patch_size: int = 16,
+        num_patches: int = 256,
+        vision_use_head: bool = True,
+        **kwargs: Any,
+    ):
+        self.num_channels = check_int("num_channels", num_channels, 1)
+        self.patch_size = check_int("patch_size", patch_size, 1)
+        self.num_patches = check_int("num_patches", num_patches, 1)
+        if math.isqrt(num_patches) ** 2 != num_patches:
+            raise ValueError(f"num_patches must be a square number (a square position grid), got {num_patches}")
+        if not isinstance(vision_use_head, bool):
+            raise ValueError(f"vision_use_head must be true or false, got {vision_use_head!r}")
+        self.vision_use_head = vision_use_head
+        super().__init__(**kwargs)
+
+
+class Siglip2MoETextConfig(SiglipMoETextConfig):
+    """Configuration of the SigLIP 2-MoE text tower (the SigLIP text tower; Gemma's 256k vocabulary)."""
+
+    model_type = "siglip2_moe_text_model"
+    two_tower_model_types = HF_SIGLIP2_MODEL_TYPES
+
+    def __init__(self, vocab_size: int = 256000, **kwargs: Any):
+        super().__init__(vocab_size=vocab_size, **kwargs)
+
+
+class Siglip2MoEConfig(SiglipMoEConfig):
+    """Configuration of a two-tower SigLIP 2-MoE (NaFlex); the fields of :class:`SiglipMoEConfig`."""
+
+    model_type = "siglip2_moe"
+    sub_configs = {"text_config": Siglip2MoETextConfig, "vision_config": Siglip2MoEVisionConfig}
+    hf_model_types = HF_SIGLIP2_MODEL_TYPES
+
+    def __init__(self, text_config: Any = None, vision_config: Any = None, **kwargs: Any):
+        # Explicit: transformers 5.x would otherwise generate an __init__ for a config class without one.
+        super().__init__(text_config=text_config, vision_config=vision_config, **kwargs)

@@ -1,0 +1,115 @@
+"""The LLaVA tower over SigLIP / SigLIP-MoE checkpoints: no class token to drop, SigLIP's processor, round trip."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import tiny_siglip_text_config, tiny_siglip_vision_config
+from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+from mllm_encoder.checkpoint import save_checkpoint
+from mllm_encoder.upcycle import sparse_upcycle
+from mllm_encoder.vision_tower import CLIPMoEVisionTower
+
+
+def tower_args(select_layer=-2, select_feature="patch", **extra):
+    return SimpleNamespace(mm_vision_select_layer=select_layer, mm_vision_select_feature=select_feature, **extra)
+
+
+@pytest.fixture(scope="module")
+def hf_siglip(tmp_path_factory):
+    """A saved dense HF SiglipModel with SigLIP's image processor."""
+    torch.manual_seed(0)
+    model = SiglipModel(SiglipConfig(vision_config=tiny_siglip_vision_config(), text_config=tiny_siglip_text_config()))
+    path = tmp_path_factory.mktemp("hf_siglip")
+    model.eval().save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
+@pytest.mark.parametrize("select_layer", [-1, -2, 1])
+def test_dense_siglip_tower_keeps_every_patch(hf_siglip, images, select_layer, select_feature):
+    model, path = hf_siglip
+    tower = CLIPMoEVisionTower(f"clip-moe:{path}", args=tower_args(select_layer, select_feature), source=str(path))
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=images, output_hidden_states=True).hidden_states[select_layer]
+        actual = tower(images)
+    assert actual.shape == (3, 16, 32), "SigLIP has no class token: all 16 patches, for 'patch' too"
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(tower.image_processor, SiglipImageProcessor)
+    assert tower.num_patches == 16 and not any("head" in name for name in tower.vision_tower.state_dict())
+
+
+def test_siglip_moe_tower_rebuilds_from_the_saved_llava_config(hf_siglip, images, tmp_path):
+    model, path = hf_siglip
+    torch.manual_seed(1)
+    moe = sparse_upcycle(path, num_experts=4, top_k=2)
+    save_checkpoint(moe, tmp_path / "siglip-moe", SiglipImageProcessor(size={"height": 32, "width": 32}))
+    tower = CLIPMoEVisionTower("clip-moe", args=tower_args(), source=str(tmp_path / "siglip-moe"))
+    with torch.no_grad():
+        expected = moe.vision_model(images, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(tower(images), expected, rtol=1e-5, atol=1e-5)
+    saved = json.loads(json.dumps(tower.export_llava_config()))  # as stored in a LLaVA config.json
+    assert saved["mm_vision_num_experts"] == 4
+    assert saved["mm_vision_image_processor"]["image_processor_type"] == "SiglipImageProcessor"
+    rebuilt = CLIPMoEVisionTower("clip-moe", args=tower_args(**saved), delay_load=True, source="/nonexistent")
+    rebuilt.load_state_dict(tower.state_dict())
+    assert isinstance(rebuilt.image_processor, SiglipImageProcessor)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), tower(images), rtol=0, atol=0)
+
+
+def test_naflex_tower_is_refused(hf_siglip):
+    config = tiny_siglip_vision_config()
+    config.pop("image_size")
+    args = tower_args(mm_vision_config={"model_type": "siglip2_moe_vision_model", "num_patches": 16, **config})
+    with pytest.raises(ValueError, match="NaFlex"):
+        CLIPMoEVisionTower("clip-moe", args=args, delay_load=True, source=str(hf_siglip[1]))
+
+
+def test_hf_llava_round_trip_with_a_siglip_moe_tower(tmp_path):
+    """transformers' Llava with a SigLIP-MoE vision config: every patch projected ('full'), saved, reloaded."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from llava_patch.hf_llava import llava_vision_tower
+    from mllm_encoder import SiglipMoEVisionConfig, SiglipMoEVisionModel
+
+    vision = SiglipMoEVisionConfig(**tiny_siglip_vision_config(num_experts=4, top_k=2))
+    text = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, vision_feature_layer=-2, vision_feature_select_strategy="full",
+        image_token_index=127,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    assert isinstance(llava_vision_tower(model), SiglipMoEVisionModel)
+    legacy = hasattr(LlavaForConditionalGeneration, "_merge_input_ids_with_image_features")
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.cat(
+        [torch.full((2, 1 if legacy else 16), 127), torch.randint(3, 100, (2, 8), generator=generator)], 1
+    )
+    pixel_values = torch.randn(2, 3, 32, 32, generator=generator)
+    batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
+    owner = model if hasattr(model, "multi_modal_projector") else model.model
+    seen = []
+    handle = owner.multi_modal_projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = llava_vision_tower(model)(batch["pixel_values"], output_hidden_states=True).hidden_states
+    handle.remove()
+    torch.testing.assert_close(seen[0], hidden[-2])  # 16 patches, none dropped
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vision_config.model_type == "siglip_moe_vision_model"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
