@@ -6,8 +6,7 @@ The projector starts random (train it like LLaVA's stage 1). The vision tower is
 runs no code from its folder unless ``trust_remote_code=True``.
 """
 
-import os
-from typing import Tuple, Union
+from typing import Tuple
 
 from torch import nn
 from transformers import (
@@ -20,9 +19,8 @@ from transformers import (
 )
 
 from mllm_encoder import CLIPMoEVisionModel
+from mllm_encoder.atomic import PathLike
 from mllm_encoder.loading import load_clip_moe
-
-PathLike = Union[str, os.PathLike]
 
 
 def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:

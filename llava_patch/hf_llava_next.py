@@ -10,8 +10,7 @@ CLIP-MoE checkpoint and a causal LM, with the matching processor; the result sav
 tower is trained. LLaVA-NeXT needs transformers >= 4.39 and OneVision >= 4.45.
 """
 
-import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import torch
 import transformers
@@ -20,9 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 
 from llava_patch.hf_llava import llava_vision_tower
 from mllm_encoder import CLIPMoEVisionModel
+from mllm_encoder.atomic import PathLike
 from mllm_encoder.loading import load_clip_moe
-
-PathLike = Union[str, os.PathLike]
 
 # kind -> (config, model, image processor, processor) class names in transformers
 KINDS = {

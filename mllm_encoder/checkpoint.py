@@ -8,18 +8,17 @@ the OpenAI CLIP normalisation (:data:`OPENAI_CLIP_MEAN`, :data:`OPENAI_CLIP_STD`
 
 import json
 import logging
-import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
-from mllm_encoder.atomic import atomic_directory, check_replaceable
+from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ CHECKPOINT_FILE_PATTERN = re.compile(
 )
 # Keys of a saved config.json that describe the file, not the model.
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
-PathLike = Union[str, os.PathLike]
 
 
 def default_image_processor(image_size: int) -> CLIPImageProcessor:

@@ -21,11 +21,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
+
+from mllm_encoder.atomic import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 DIRECTORY_LOCK_NAME = ".lock"
 TAKEOVER_TIMEOUT_S = 30.0  # a takeover marker older than this was left by a killed process
 

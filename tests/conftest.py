@@ -6,9 +6,6 @@ import pytest
 import torch
 from tiny_models import tiny_clip_moe_config, tiny_text_config, tiny_vision_config
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory) -> pathlib.Path:

@@ -1,12 +1,12 @@
 """``clip-moe convert``: read a foreign checkpoint, convert it, optionally upcycle, save a complete directory."""
 
 import logging
-import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
 
+from mllm_encoder.atomic import PathLike
 from mllm_encoder.checkpoint import (
     OPEN_CLIP_WEIGHT_FILES,
     WEIGHT_FILES,
@@ -28,7 +28,6 @@ SOURCE_FORMATS = ("official-clip-moe", "openai", "timm")
 SOURCE_WEIGHT_FILES = tuple(
     sorted(WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES, key=lambda name: not name.endswith(".safetensors"))
 )
-PathLike = Union[str, os.PathLike]
 
 
 def _weights_file(path: Path) -> Path:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
+from mllm_encoder.atomic import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "filepath", "file_path", "image_path", "filename", "file_name", "path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "description", "txt")

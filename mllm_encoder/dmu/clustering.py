@@ -1,13 +1,13 @@
 """k-means of image and text features into the 3x3 pseudo-label clusters of one DMU stage."""
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Union
 
 import numpy as np
 import torch
+
+from mllm_encoder.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ def save_cluster_report(labels: np.ndarray, out_dir: Union[str, Path], title: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = cluster_sizes(labels)
-    tmp = out_dir / "cluster_sizes.json.tmp"
-    tmp.write_text(json.dumps(sizes, indent=1))
-    os.replace(tmp, out_dir / "cluster_sizes.json")
+    atomic_write_json(out_dir / "cluster_sizes.json", sizes, indent=1)
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(sizes)), 3))
     ax.bar([str(i) for i in sizes], list(sizes.values()), color="tab:blue")
     ax.set_xlabel("cluster")

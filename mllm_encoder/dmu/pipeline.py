@@ -25,6 +25,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
+from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
 from mllm_encoder.dmu.run_state import Manifest
@@ -39,7 +40,6 @@ from mllm_encoder.dmu.stages import (
     steps_for,
     train_config,
 )
-from mllm_encoder.loading import read_model_type
 from mllm_encoder.locking import directory_lock, hold
 from mllm_encoder.upcycle import sparse_upcycle
 

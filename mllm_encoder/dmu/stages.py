@@ -6,17 +6,18 @@ Each stage reads checkpoint directories and writes its outputs under one stage d
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
 from mllm_encoder.checkpoint import load_processors, save_checkpoint
 from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 from mllm_encoder.distributed import DistState
@@ -30,7 +31,6 @@ from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
 from mllm_encoder.upcycle import assemble_experts
 
 logger = logging.getLogger(__name__)
-PathLike = Union[str, Path]
 
 
 def load_model(model_dir: PathLike) -> torch.nn.Module:
@@ -150,8 +150,9 @@ def run_cluster(
     labels[features["index"]] = current
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "labels.tmp.npy", labels)
-    (out_dir / "labels.tmp.npy").replace(out_dir / "labels.npy")
+    buffer = io.BytesIO()
+    np.save(buffer, labels)
+    atomic_write_bytes(out_dir / "labels.npy", buffer.getvalue())
     save_cluster_report(current, out_dir, title=f"{len(np.unique(current))} pseudo-label clusters")
     return out_dir / "labels.npy"
 

@@ -2,15 +2,12 @@
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, NamedTuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple
 
-from mllm_encoder.atomic import atomic_write_text
+from mllm_encoder.atomic import PathLike, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 class JsonlRecord(NamedTuple):
