@@ -1,9 +1,9 @@
-"""Assemble transformers' ``LlavaForConditionalGeneration`` from a CLIP-MoE checkpoint and a causal LM.
+"""Assemble transformers' ``LlavaForConditionalGeneration`` from a CLIP-MoE or SigLIP-MoE checkpoint and a causal LM.
 
-The projector starts random (train it like LLaVA's stage 1). The vision tower is a ``CLIPMoEVisionModel``
-(``import mllm_encoder`` registers it with ``AutoConfig``/``AutoModel``), so the result saves and reloads with
-``LlavaForConditionalGeneration.from_pretrained``. The CLIP-MoE checkpoint is loaded strictly; the language model
-runs no code from its folder unless ``trust_remote_code=True``.
+The projector starts random (train it like LLaVA's stage 1). The vision tower is a ``CLIPMoEVisionModel`` or a
+``SiglipMoEVisionModel``, picked from the checkpoint's config (``import mllm_encoder`` registers both with
+``AutoConfig``/``AutoModel``), so the result saves and reloads with ``LlavaForConditionalGeneration.from_pretrained``.
+The checkpoint is loaded strictly; the language model runs no code from its folder unless ``trust_remote_code=True``.
 """
 
 from typing import Tuple
@@ -12,15 +12,19 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
-from mllm_encoder import CLIPMoEVisionModel
 from mllm_encoder.atomic import PathLike
+from mllm_encoder.checkpoint import load_image_processor, read_vision_config_dict
 from mllm_encoder.loading import load_clip_moe
+from mllm_encoder.vision_tower import TOWER_FAMILIES, tower_family
+
+# A CLIP tower's first token is its class token (LLaVA drops it); a SigLIP tower has none.
+FEATURE_STRATEGY = {"clip": "default", "siglip": "full"}
 
 
 def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:
@@ -35,14 +39,16 @@ def build_hf_llava(
     image_token: str = "<image>",
     projector_hidden_act: str = "gelu",
     trust_remote_code: bool = False,
-) -> Tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, CLIPImageProcessor]:
-    """A Llava model with the CLIP-MoE vision weights of ``clip_moe_dir`` and the LM weights of ``llm_dir``.
+) -> Tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, BaseImageProcessor]:
+    """A Llava model with the vision weights of ``clip_moe_dir`` (CLIP-MoE or SigLIP-MoE) and the LM of ``llm_dir``.
 
     ``image_token`` is added to the tokenizer when missing (the embeddings grow with it). Returns the model,
-    the tokenizer and the CLIP-MoE image processor. ``trust_remote_code`` lets the language model's folder
-    run its own Python code (off by default).
+    the tokenizer and the checkpoint's image processor. The feature strategy follows the tower: ``default``
+    (class token dropped) for CLIP, ``full`` for SigLIP. ``trust_remote_code`` lets the language model's
+    folder run its own Python code (off by default).
     """
-    vision = load_clip_moe(clip_moe_dir, CLIPMoEVisionModel)
+    family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
+    vision = load_clip_moe(clip_moe_dir, TOWER_FAMILIES[family][1])
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
@@ -52,7 +58,7 @@ def build_hf_llava(
         vision_config=vision.config,
         text_config=language_model.config,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=FEATURE_STRATEGY[family],
         image_token_index=tokenizer.convert_tokens_to_ids(image_token),
         projector_hidden_act=projector_hidden_act,
     )
@@ -60,4 +66,4 @@ def build_hf_llava(
     llava_vision_tower(model).load_state_dict(vision.state_dict())
     model.get_decoder().load_state_dict(language_model.get_decoder().state_dict())
     model.get_output_embeddings().load_state_dict(language_model.get_output_embeddings().state_dict())
-    return model, tokenizer, CLIPImageProcessor.from_pretrained(str(clip_moe_dir))
+    return model, tokenizer, load_image_processor(clip_moe_dir)

@@ -282,21 +282,20 @@ def graph_section(args, device, dtype, config, dense, moe) -> List[str]:
     ratio = flop_ratio(config)
     for batch in args.graph_batches:
         pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=device, dtype=dtype)
-        with torch.no_grad():
-            t_dense = timed(captured(dense, pixels), device, args.repeats, args.warmup)
-            rows.append(tower_row(batch, "dense, CUDA graph", t_dense, None, ratio))
-            label = variant_label("auto", moe, pixels) + ", CUDA graph"
+        t_dense = None
+        for model in (dense, moe):
+            label = ("dense" if model is dense else variant_label("auto", moe, pixels)) + ", CUDA graph"
             if label.startswith("MoE auto (= loop)"):
                 rows.append(f"| {batch} | {label} | not capturable: the loop backend syncs with the host | | | |")
                 continue
             try:
-                rows.append(
-                    tower_row(
-                        batch, label, timed(captured(moe, pixels), device, args.repeats, args.warmup), t_dense, ratio
-                    )
-                )
+                with torch.no_grad():
+                    seconds = timed(captured(model, pixels), device, args.repeats, args.warmup)
             except RuntimeError as error:
                 rows.append(error_row(6, f"{batch} {label}", error))
+                continue
+            rows.append(tower_row(batch, label, seconds, t_dense, ratio))
+            t_dense = t_dense or seconds
     return rows
 
 

@@ -102,3 +102,32 @@ def test_build_hf_llava_from_clip_moe_and_llm(llava_workdir, tmp_path):
         torch.testing.assert_close(logits, language_model(**text).logits)
     model.save_pretrained(tmp_path)
     assert LlavaForConditionalGeneration.from_pretrained(tmp_path).config.vision_config.num_experts == 4
+
+
+def test_build_hf_llava_from_a_siglip_moe_tower(llava_workdir, clip_tokenizer_dir, tmp_path):
+    from tiny_models import write_tiny_siglip_base
+
+    from llava_patch.hf_llava import build_hf_llava, llava_vision_tower
+    from mllm_encoder import SiglipMoEVisionModel
+
+    siglip_dir = write_tiny_siglip_base(tmp_path / "siglip", clip_tokenizer_dir)
+    model, tokenizer, processor = build_hf_llava(siglip_dir, llava_workdir / "llm")
+    assert model.config.vision_feature_select_strategy == "full"  # no class token to drop
+    assert type(processor).__name__ == "SiglipImageProcessor"
+    tower = llava_vision_tower(model)
+    assert isinstance(tower, SiglipMoEVisionModel)
+    vision = SiglipMoEVisionModel.from_pretrained(siglip_dir)
+    assert all(torch.equal(tower.state_dict()[name], value) for name, value in vision.state_dict().items())
+    num_patches = (32 // vision.config.patch_size) ** 2
+    legacy = hasattr(LlavaForConditionalGeneration, "_merge_input_ids_with_image_features")
+    image_token = model.config.image_token_index
+    input_ids = torch.tensor([[image_token] * (1 if legacy else num_patches) + [5, 6, 7]])
+    owner = model if hasattr(model, "multi_modal_projector") else model.model
+    seen = []
+    handle = owner.multi_modal_projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        model.eval()(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=torch.randn(1, 3, 32, 32)
+        )
+    handle.remove()
+    assert seen[0].shape[-2] == num_patches  # every patch token, none dropped
