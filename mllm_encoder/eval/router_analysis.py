@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_encoder.eval.retrieval import eval_mode, model_device
+from mllm_encoder.moe.router import route
 from mllm_encoder.towers import TEXT, TOWERS, VISION
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ def routing_counts(router_logits: torch.Tensor, top_k: int, token_mask: Optional
     logits = router_logits.reshape(-1, router_logits.shape[-1]).float()
     if token_mask is not None and token_mask.numel() == logits.shape[0]:
         logits = logits[token_mask.reshape(-1).to(logits.device).bool()]
-    chosen = logits.softmax(dim=-1).topk(top_k, dim=-1).indices
+    _, _, chosen = route(logits, top_k)
     return torch.bincount(chosen.reshape(-1).cpu(), minlength=logits.shape[-1]).double()
 
 

@@ -4,6 +4,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from mllm_encoder.moe.router import route
+
 
 def load_balancing_loss(
     router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None
@@ -19,8 +21,7 @@ def load_balancing_loss(
         token_mask: optional ``[T]`` (bool or 0/1) marking the tokens that count (text padding does not).
     """
     num_experts = router_logits.shape[-1]
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    selected = torch.topk(probs, top_k, dim=-1).indices
+    probs, _, selected = route(router_logits, top_k)
     routed = torch.zeros_like(probs).scatter_(1, selected, 1.0)
     if token_mask is None:
         token_weight = torch.ones_like(probs[:, 0])

@@ -1,9 +1,25 @@
 """The top-k router: a bias-free linear gate, softmax in float32, top-k, optional renormalisation."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import nn
+
+
+def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True) -> Tuple[torch.Tensor, ...]:
+    """The routing maths, in one place: ``(probs [T, E] float32, weights [T, k] float32, expert_ids [T, k])``.
+
+    Softmax over all E logits in float32, then top-k, then (optionally) renormalisation of the k weights.
+    The router, the load-balancing loss and the router analysis all route through this function.
+    """
+    # Softmax over all E logits, then top-k: the softmax over only the k largest logits is equal in value,
+    # but with it inductor (torch 2.13) computed wrong gradients for a tower that also takes the
+    # load-balancing loss (tests/test_moe_compile.py::test_inductor_training_gradients_match_eager).
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, expert_ids
 
 
 class RouterDecision(NamedTuple):
@@ -39,13 +55,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> RouterDecision:
         """Route ``hidden_states [T, D]``."""
         logits = nn.functional.linear(hidden_states, self.weight)
-        # Softmax over all E logits, then top-k: the softmax over only the k largest logits is equal in
-        # value, but with it inductor (torch 2.13) computed wrong gradients for a tower that also takes the
-        # load-balancing loss (tests/test_moe_compile.py::test_inductor_training_gradients_match_eager).
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        _, weights, expert_ids = route(logits, self.top_k, self.norm_topk_prob)
         return RouterDecision(logits, weights.to(hidden_states.dtype), expert_ids)
 
     def extra_repr(self) -> str:
