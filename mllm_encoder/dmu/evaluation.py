@@ -2,15 +2,19 @@
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import torch
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import PathLike, atomic_write_json
+from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 from mllm_encoder.dmu.config import EvalSection
+from mllm_encoder.dmu.stages import load_model, processors
+from mllm_encoder.eval.classification import per_attribute_accuracy
+from mllm_encoder.eval.retrieval import evaluate_retrieval
+from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load
 
 logger = logging.getLogger(__name__)
-PathLike = Union[str, Path]
 
 
 def _is_moe(model: torch.nn.Module) -> bool:
@@ -41,9 +45,6 @@ def evaluate_checkpoint(
 
 @torch.no_grad()
 def _evaluate(model_dir: Path, processors_dir: Path, section: EvalSection, device, out_dir: Path) -> Dict[str, float]:
-    from mllm_encoder.dmu.stages import load_model, processors
-    from mllm_encoder.eval.retrieval import evaluate_retrieval
-
     model = load_model(model_dir).to(device).eval()
     image_processor, tokenizer = processors(processors_dir)
     retrieval = evaluate_retrieval(
@@ -58,8 +59,6 @@ def _evaluate(model_dir: Path, processors_dir: Path, section: EvalSection, devic
     )
     metrics = {key: value for key, value in retrieval.items() if key.startswith(("i2t_", "t2i_"))}
     if section.attributes:
-        from mllm_encoder.eval.classification import per_attribute_accuracy
-
         accuracy = per_attribute_accuracy(
             model, image_processor, tokenizer, section.attributes, batch_size=section.batch_size
         )
@@ -70,17 +69,9 @@ def _evaluate(model_dir: Path, processors_dir: Path, section: EvalSection, devic
 
 
 def _write_expert_load(model, section: EvalSection, image_processor, tokenizer, out_dir: Path) -> None:
-    from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
-    from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load
-
     dataset = load_image_text_dataset(section.data, section.format, section.image_root, image_processor, tokenizer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=section.batch_size, collate_fn=ImageTextCollator(1.0))
     load = expert_load(model, loader, progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "expert_load.json", load)
-    plot_expert_load(load, out_dir / "expert_load.png", title=str(model_dir_name(out_dir)))
-
-
-def model_dir_name(out_dir: Path) -> str:
-    """``dmu``/``upcycle``... : the method an evaluation directory belongs to."""
-    return out_dir.parent.name
+    plot_expert_load(load, out_dir / "expert_load.png", title=out_dir.parent.name)  # the method: dmu, upcycle
