@@ -30,7 +30,8 @@ def _staging_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one owned by another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def remove_stale_staging(path: PathLike) -> None:
             continue
         host = match["host"] if match["pid"] else match["old_host"]
         pid = int(match["pid"] or match["old_pid"])
-        if (host is not None and host != _host()) or pid == os.getpid() or _pid_alive(pid):
+        if (host is not None and host != _host()) or pid == os.getpid() or pid_alive(pid):
             continue
         logger.info("removing %s, left by a writer (pid %d) that no longer runs", entry, pid)
         if entry.is_dir() and not entry.is_symlink():

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from mllm_encoder.atomic import PathLike
+from mllm_encoder.atomic import PathLike, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +58,6 @@ def _process_start(pid: int) -> Optional[str]:
         return None
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _this_holder() -> LockHolder:
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
     pid = os.getpid()
@@ -89,7 +79,7 @@ def is_stale(holder: LockHolder) -> bool:
     """Whether ``holder`` is a process of this host that no longer runs (or whose pid was reused)."""
     if holder.host != socket.gethostname():
         return False
-    if not _pid_running(holder.pid):
+    if not pid_alive(holder.pid):
         return True
     current = _process_start(holder.pid)
     return holder.started is not None and current is not None and current != holder.started

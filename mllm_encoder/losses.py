@@ -20,6 +20,19 @@ import torch.nn.functional as F
 from mllm_encoder.distributed import DistState, all_gather_with_grad, gather_sizes
 
 
+def _normalise_and_gather(image_embeds: torch.Tensor, text_embeds: torch.Tensor, state: DistState):
+    """``(image, text, sizes, all_image)``: L2-normalised float32 rows, every rank's row count, and every rank's
+    images gathered with gradient (the negatives of this rank's texts)."""
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[0] != text_embeds.shape[0]:
+        raise ValueError(
+            f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    image = F.normalize(image_embeds.float(), dim=-1)
+    text = F.normalize(text_embeds.float(), dim=-1)
+    sizes = gather_sizes(image.shape[0], state)
+    return image, text, sizes, all_gather_with_grad(image, state, sizes)
+
+
 def clip_contrastive_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -34,15 +47,10 @@ def clip_contrastive_loss(
     concatenated batch when the ranks hold equal row counts (after dropped bad samples they may differ).
     On one process it equals HF ``CLIPModel``'s loss for ``scale = logit_scale.exp()``.
     """
-    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(
-            f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
-        )
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"image and text embeddings differ: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}")
     state = state or DistState()
-    image = F.normalize(image_embeds.float(), dim=-1)
-    text = F.normalize(text_embeds.float(), dim=-1)
-    sizes = gather_sizes(image.shape[0], state)
-    all_image = all_gather_with_grad(image, state, sizes)
+    image, text, sizes, all_image = _normalise_and_gather(image_embeds, text_embeds, state)
     all_text = all_gather_with_grad(text, state, sizes)
     logits_per_image = scale * image @ all_text.t()
     logits_per_text = scale * text @ all_image.t()
@@ -67,15 +75,8 @@ def siglip_sigmoid_loss(
     (gathered with gradient); the mean over ranks equals the loss on the concatenated batch, in value and
     gradient, when the ranks hold equal row counts. ``scale`` is ``logit_scale.exp()`` (learnable or fixed).
     """
-    if image_embeds.shape[0] != text_embeds.shape[0] or image_embeds.ndim != 2 or text_embeds.ndim != 2:
-        raise ValueError(
-            f"expected two [batch, dim] embeddings, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
-        )
     state = state or DistState()
-    image = F.normalize(image_embeds.float(), dim=-1)
-    text = F.normalize(text_embeds.float(), dim=-1)
-    sizes = gather_sizes(image.shape[0], state)
-    all_image = all_gather_with_grad(image, state, sizes)
+    image, text, sizes, all_image = _normalise_and_gather(image_embeds, text_embeds, state)
     logits = scale * text @ all_image.t() + bias
     labels = -torch.ones_like(logits)
     rows = torch.arange(text.shape[0], device=text.device)

@@ -211,7 +211,21 @@ def _stream_samples(stream: _TailReader) -> Iterator[Tuple[str, Dict[str, bytes]
         yield key, parts
 
 
-class WebDatasetImageText(IterableDataset):
+class _DecodedShards:
+    """The bad-sample record of a shard reader, kept by its :class:`_SampleDecoder` (``self.decoder``)."""
+
+    decoder: _SampleDecoder
+
+    @property
+    def num_bad(self) -> int:
+        return self.decoder.num_bad
+
+    @property
+    def bad_samples(self) -> List[Tuple[int, str, str]]:
+        return self.decoder.bad_samples
+
+
+class WebDatasetImageText(_DecodedShards, IterableDataset):
     """Streams tar shards (the `webdataset` package), yielding the sample dicts of ``ImageTextDataset``.
 
     Args:
@@ -256,14 +270,6 @@ class WebDatasetImageText(IterableDataset):
         self.shard_stride, self.rank, self.world_size = shard_stride, rank, world_size
         self.shuffle_shards, self.resampled, self.seed, self.epoch = shuffle_shards, resampled, seed, 0
         self._numbers = {shard: number for number, shard in enumerate(self.shards)}
-
-    @property
-    def num_bad(self) -> int:
-        return self.decoder.num_bad
-
-    @property
-    def bad_samples(self) -> List[Tuple[int, str, str]]:
-        return self.decoder.bad_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the shard order (``shuffle_shards``) and the resampling."""
@@ -383,7 +389,7 @@ def index_local_shard(path: str) -> _ShardIndex:
     return _index_shard(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
-class TarShardDataset(Dataset):
+class TarShardDataset(_DecodedShards, Dataset):
     """Map-style random access to local tar shards: ``dataset[i]`` is the sample dict of index ``i`` or ``None``.
 
     The shards' member offsets are read once per process (headers only) and cached; samples are read with
@@ -425,14 +431,6 @@ class TarShardDataset(Dataset):
 
     def __len__(self) -> int:
         return self.starts[-1]
-
-    @property
-    def num_bad(self) -> int:
-        return self.decoder.num_bad
-
-    @property
-    def bad_samples(self) -> List[Tuple[int, str, str]]:
-        return self.decoder.bad_samples
 
     def _locate(self, index: int) -> Tuple[int, int]:
         if not 0 <= index < len(self):
