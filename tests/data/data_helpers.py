@@ -1,7 +1,9 @@
 """Helpers shared by the data and zero-shot evaluation tests (imported by module name)."""
 
 import gzip
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +50,14 @@ def write_test_clip_tokenizer(out_dir: Path) -> Path:
 def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A random RGB image."""
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+def tar_bytes(members) -> bytes:
+    """An uncompressed tar archive of ``(name, bytes)`` members, in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

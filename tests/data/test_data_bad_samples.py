@@ -5,7 +5,7 @@ import json
 import tarfile
 
 import pytest
-from data_helpers import CONTEXT_LENGTH
+from data_helpers import CONTEXT_LENGTH, tar_bytes
 
 from mllm_encoder.data import BadSampleFractionError, ImageTextCollator, load_image_text_dataset
 
@@ -123,16 +123,11 @@ def test_webdataset_bad_members_and_truncated_shard(image_files, image_processor
         ("4.jpg", (root / "img2.jpg").read_bytes()),
         ("4.txt", b"good again"),
     ]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    (root / "good.tar").write_bytes(buffer.getvalue())
-    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as archive:
+    data = tar_bytes(members)
+    (root / "good.tar").write_bytes(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         cut = archive.getmember("1.jpg").offset_data + 3  # 1.jpg's data is cut short
-    (root / "cut.tar").write_bytes(buffer.getvalue()[:cut])
+    (root / "cut.tar").write_bytes(data[:cut])
     dataset = load_image_text_dataset(
         [str(root / "good.tar"), str(root / "cut.tar")],
         format="webdataset",

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from data_helpers import CONTEXT_LENGTH, random_image
+from data_helpers import CONTEXT_LENGTH, random_image, tar_bytes
 from torch.utils.data import DataLoader
 
 from mllm_encoder.data import (
@@ -29,16 +29,6 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _tar_bytes(members) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _sample_members(keys):
     return [member for key in keys for member in ((f"{key}.jpg", _jpeg(key)), (f"{key}.txt", f"photo {key}".encode()))]
 
@@ -48,7 +38,7 @@ def shard_dir(tmp_path):
     """Five shards of three good samples each (keys 0..14), with a ``sizes.json``."""
     for shard in range(5):
         keys = range(shard * SAMPLES_PER_SHARD, (shard + 1) * SAMPLES_PER_SHARD)
-        (tmp_path / f"shard-{shard:03d}.tar").write_bytes(_tar_bytes(_sample_members(keys)))
+        (tmp_path / f"shard-{shard:03d}.tar").write_bytes(tar_bytes(_sample_members(keys)))
     sizes = {f"shard-{shard:03d}.tar": SAMPLES_PER_SHARD for shard in range(5)}
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
     return tmp_path
@@ -90,7 +80,7 @@ def test_two_ranks_two_workers_read_every_sample_once(shard_dir, image_processor
 def test_two_ranks_two_workers_count_and_name_bad_samples(shard_dir, image_processor, clip_tokenizer):
     members = _sample_members(range(6, 9))
     members[2] = ("7.jpg", b"not a jpeg")
-    (shard_dir / "shard-002.tar").write_bytes(_tar_bytes(members))
+    (shard_dir / "shard-002.tar").write_bytes(tar_bytes(members))
     pattern = str(shard_dir / "shard-{000..004}.tar")
     good, bad = [], 0
     for rank in range(2):
@@ -135,7 +125,7 @@ def _truncated_shard(directory, num=40):
 
     A sample is intact when the header after its last member is there (which proves its members complete).
     """
-    data = _tar_bytes(_sample_members(range(num)))
+    data = tar_bytes(_sample_members(range(num)))
     cut = len(data) * 2 // 3
     (directory / "cut.tar").write_bytes(data[:cut])
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
@@ -170,7 +160,7 @@ def test_damaged_shard_of_unknown_size_is_named(tmp_path, image_processor, clip_
 @pytest.mark.parametrize("random_access", [False, True])
 def test_shard_cut_at_a_member_boundary_is_not_silent(tmp_path, image_processor, clip_tokenizer, random_access):
     members = _sample_members(range(4))
-    data = _tar_bytes(members)
+    data = tar_bytes(members)
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         end = archive.getmember("3.jpg").offset  # cut right before 3.jpg's header: no end-of-archive blocks
     (tmp_path / "cut.tar").write_bytes(data[:end])

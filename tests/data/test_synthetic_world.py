@@ -8,6 +8,7 @@ import pytest
 
 from mllm_encoder.data import load_image_text_dataset
 from mllm_encoder.data.synthetic_world import (
+    BANDS,
     FINETUNE_ATTRIBUTES,
     FRAMES,
     HIDDEN,
@@ -49,7 +50,7 @@ def test_world_is_deterministic_and_loadable(tmp_path, image_processor, clip_tok
 
 def test_captions_name_exactly_their_distribution_attributes():
     rng = np.random.default_rng(0)
-    frames, mentions = 0, {name: 0 for name in HIDDEN}
+    frames, mentions, bands = 0, {name: 0 for name in HIDDEN}, set()
     for _ in range(400):
         pretrain = sample_world(rng, "pretrain")
         text = caption(pretrain, "pretrain")
@@ -66,6 +67,11 @@ def test_captions_name_exactly_their_distribution_attributes():
         text = caption(finetune, "finetune")
         assert finetune["frame"] is None and "frame" not in text
         assert all(finetune[name] in text for name in HIDDEN)
+        for sample, line in ((pretrain, caption(pretrain, "pretrain")), (finetune, text)):  # the band, always
+            words = set(line.replace(",", " ").replace(".", " ").split())
+            assert words & set(BANDS) == {sample["band"]} and f" {sample['band']} band" in line
+            bands.add(sample["band"])
+    assert bands == set(BANDS)
     assert 160 < frames < 240  # about half of the pretraining images are framed
     assert all(60 < count < 140 for count in mentions.values())  # each hidden attribute in about 1 in 4
 
@@ -78,7 +84,14 @@ def test_swapped_captions_change_one_word():
 
 
 def test_hidden_attributes_change_global_statistics():
-    base = {"background": "blue", "disc": "yellow", "size": "medium", "light": "bright", "grain": "smooth"}
+    base = {
+        "background": "blue",
+        "disc": "yellow",
+        "size": "medium",
+        "light": "bright",
+        "grain": "smooth",
+        "band": "navy",
+    }
     image = lambda **change: np.asarray(render({**base, **change}, np.random.default_rng(0), 32)).astype(float)  # noqa: E731
     yellow = lambda pixels: (pixels[..., 0] > 150) & (pixels[..., 2] < 130)  # noqa: E731
     assert yellow(image(size="large")).sum() > 1.6 * yellow(image()).sum()
@@ -88,4 +101,16 @@ def test_hidden_attributes_change_global_statistics():
     framed = image(frame="black")
     assert framed[0].max() < 60 and framed[16, 16, 0] > 150  # dark border, yellow centre
     assert np.abs(np.asarray(PALETTE["blue"]) - image()[2:6, 2:6].reshape(-1, 3).mean(0)).max() < 20
-    assert set(FRAMES).isdisjoint(PALETTE)
+    band = lambda pixels: pixels[26:30, :3].reshape(-1, 3).mean(0)  # noqa: E731 - left of the disc
+    assert np.abs(band(image()) - np.asarray(BANDS["navy"])).max() < 20
+    assert np.abs(band(image(band="orange")) - np.asarray(BANDS["orange"])).max() < 20
+    assert set(FRAMES).isdisjoint(PALETTE) and set(BANDS).isdisjoint({*PALETTE, *FRAMES})
+
+
+def test_band_makes_captions_of_one_colour_pair_distinct():
+    """Within one colour pair, distinct contents (hidden x band) and captions far outnumber a batch of 32."""
+    rng = np.random.default_rng(0)
+    samples = [sample_world(rng, "finetune") for _ in range(6000)]
+    pair = [s for s in samples if (s["background"], s["disc"]) == ("red", "blue")]
+    contents = {tuple(s[k] for k in (*HIDDEN, "band")) for s in pair}
+    assert len(contents) == 8 * len(BANDS) and len({caption(s, "finetune") for s in pair}) > 200
