@@ -107,7 +107,8 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     import numpy as np
 
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.stages import load_model, load_training_data, run_training, steps_for, train_config
+    from mllm_encoder.dmu.resources import load_model, load_training_data
+    from mllm_encoder.dmu.stages import run_training, steps_for, train_config
 
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)

@@ -27,7 +27,7 @@ from mllm_encoder.data.synthetic_world import (
     load_world_attributes,
     swapped_captions,
 )
-from mllm_encoder.dmu.stages import processors
+from mllm_encoder.dmu.resources import processors
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy
 from mllm_encoder.eval.linear_probe import linear_probe_accuracy
 from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics

@@ -1,7 +1,7 @@
 """``clip-moe demo``: does DMU do what the paper claims, at CPU scale? (design: ``docs/dmu.md``).
 
 1. write the synthetic world (:mod:`mllm_encoder.data.synthetic_world`): a pretraining distribution for the
-   base and a fine-tuning distribution whose captions name three hidden attributes the base never heard of;
+   base and a fine-tuning distribution whose captions name three hidden attributes the base's seldom mention;
 2. train a tiny CLIP from scratch on the pretraining distribution: the dense base, shared by every seed;
 3. for every seed, on the fine-tuning distribution: DMU (3 MCL stages + router tuning), direct fine-tuning
    and sparse upcycling at equal optimizer steps (``clip-moe dmu run``), and the stage-level control (MCL
@@ -33,8 +33,9 @@ from mllm_encoder.dmu.benchmark import WorldEvaluator
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
 from mllm_encoder.dmu.pipeline import run_pipeline
 from mllm_encoder.dmu.report import aggregate_results, write_report
+from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
-from mllm_encoder.dmu.stages import load_model, run_training, train_config
+from mllm_encoder.dmu.stages import run_training, train_config
 
 logger = logging.getLogger(__name__)
 METHODS = ("finetune", "upcycle", "dmu")

@@ -9,7 +9,7 @@ import torch
 from mllm_encoder.atomic import PathLike, atomic_write_json
 from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
 from mllm_encoder.dmu.config import EvalSection
-from mllm_encoder.dmu.stages import load_model, processors
+from mllm_encoder.dmu.resources import load_model, processors
 from mllm_encoder.eval.classification import per_attribute_accuracy
 from mllm_encoder.eval.retrieval import evaluate_retrieval
 from mllm_encoder.eval.router_analysis import expert_load, plot_expert_load

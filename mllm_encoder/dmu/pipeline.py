@@ -28,10 +28,9 @@ from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
+from mllm_encoder.dmu.resources import load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
-    load_model,
-    load_training_data,
     run_assemble,
     run_cluster,
     run_extract,

@@ -1,11 +1,12 @@
-"""The DMU stages as functions over directories: extract, cluster, train (MCL / router / baselines), assemble.
+"""The DMU stages as functions over directories: stretch, extract, cluster, train (MCL / router / baselines),
+assemble.
 
 Each stage reads checkpoint directories and writes its outputs under one stage directory; the pipeline
-(:mod:`mllm_encoder.dmu.pipeline`) and the ``clip-moe dmu`` subcommands both call these.
+(:mod:`mllm_encoder.dmu.pipeline`) and the ``clip-moe dmu`` subcommands both call these. Loading and saving
+live in :mod:`mllm_encoder.dmu.resources`.
 """
 
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -18,70 +19,18 @@ import numpy as np
 import torch
 
 from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
-from mllm_encoder.checkpoint import load_processors, save_checkpoint
-from mllm_encoder.data import ImageTextCollator, load_image_text_dataset
+from mllm_encoder.checkpoint import save_checkpoint
 from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.features import extract_features, load_features
+from mllm_encoder.dmu.resources import load_model, load_training_data, processors, save_model
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, train
-from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
 from mllm_encoder.upcycle import assemble_experts
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model_dir: PathLike) -> torch.nn.Module:
-    """A two-tower model from a CLIP-MoE (dense or MoE) or Hugging Face CLIP directory, in float32."""
-    model = load_clip_moe(str(model_dir)).float()
-    if not hasattr(model, "text_model") or not hasattr(model, "vision_model"):
-        raise ValueError(f"{model_dir}: DMU needs both towers (a CLIP / CLIP-MoE model, not a single tower)")
-    return model
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_processors(directory: str):
-    return load_processors(directory)
-
-
-def processors(directory: PathLike):
-    """The image processor and tokenizer of a checkpoint directory (read once per process: loading the
-    fast tokenizer's JSON takes most of a second, and every stage of a run shares the base's)."""
-    return _cached_processors(str(Path(directory).resolve()))
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_dataset(data: DataSection, processors_dir: str):
-    image_processor, tokenizer = processors(processors_dir)
-    if tokenizer is None:
-        raise ValueError(f"{processors_dir}: the checkpoint has no tokenizer files, needed to encode captions")
-    return load_image_text_dataset(
-        data.train,
-        format=data.format,
-        image_root=data.image_root,
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        random_access=True,
-        allow_absolute_paths=data.allow_absolute_paths,
-    )
-
-
-def load_training_data(data: DataSection, processors_dir: PathLike):
-    """``(dataset, collator)`` of ``data`` with the processors of ``processors_dir``.
-
-    The dataset is built once per process and shared by every stage that reads it with the same processors
-    (e.g. a tar-shard index is read once); each call gets a fresh collator, so bad samples count per stage.
-    """
-    dataset = _cached_dataset(data, str(Path(processors_dir).resolve()))
-    return dataset, ImageTextCollator(max_bad_fraction=data.max_bad_fraction, dataset=dataset)
-
-
-def save_model(model: torch.nn.Module, out_dir: PathLike, processors_dir: PathLike) -> Path:
-    """A complete checkpoint directory with the image processor and tokenizer of ``processors_dir``."""
-    image_processor, tokenizer = processors(processors_dir)
-    return save_checkpoint(model, out_dir, image_processor=image_processor, tokenizer=tokenizer, overwrite=True)
 
 
 def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
