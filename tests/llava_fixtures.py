@@ -4,6 +4,7 @@ directory, like ``tiny_models``).
 * :func:`build_tiny_tokenizer`: a Llama-compatible sentencepiece tokenizer trained on the fly;
 * :func:`build_tiny_llama`: a base LLM directory (what ``--model_name_or_path`` points to);
 * :func:`build_tiny_clip_moe`: a CLIP-MoE checkpoint directory (``--vision_tower clip-moe:<dir>``);
+* :func:`build_tiny_siglip_moe`: the same for a SigLIP-MoE (no class token, SigLIP's image processor);
 * :func:`build_tiny_llava`: a complete LLaVA checkpoint with a CLIP-MoE tower, loadable with
   ``llava.model.builder.load_pretrained_model`` after :func:`llava_patch.apply`;
 * :func:`synthetic_image`: a noisy one-colour image;
@@ -118,6 +119,22 @@ def build_tiny_clip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2,
             if ".mlp." in name:
                 param.normal_(0.0, 0.2)
     return save_checkpoint(model, out_dir)
+
+
+def build_tiny_siglip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
+    """Save a random tiny SigLIP-MoE (``tiny_siglip_moe_config``, 32 px) with SigLIP's image processor."""
+    from tiny_models import tiny_siglip_moe_config
+    from transformers import SiglipImageProcessor
+
+    from mllm_encoder import SiglipMoEModel
+
+    torch.manual_seed(seed)
+    model = SiglipMoEModel(tiny_siglip_moe_config(num_experts=num_experts, top_k=top_k))
+    with torch.no_grad():  # make routing input-dependent and experts distinct
+        for name, param in model.named_parameters():
+            if ".mlp." in name:
+                param.normal_(0.0, 0.2)
+    return save_checkpoint(model, out_dir, SiglipImageProcessor(size={"height": 32, "width": 32}))
 
 
 def synthetic_image(color: str, size: int, seed: int):

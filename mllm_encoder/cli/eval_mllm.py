@@ -14,9 +14,9 @@ from mllm_encoder.eval.mllm.answering import (
     load_question_file,
     merge_answer_files,
 )
-from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, MMEComparison, compare_mme_protocols, evaluate_mme
-from mllm_encoder.eval.mllm.pope import PopeComparison, compare_pope_protocols, evaluate_pope
-from mllm_encoder.eval.mllm.protocols import PROTOCOLS
+from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, MMEResult, compare_mme_protocols, evaluate_mme
+from mllm_encoder.eval.mllm.pope import PopeResult, compare_pope_protocols, evaluate_pope
+from mllm_encoder.eval.mllm.protocols import PROTOCOLS, ProtocolComparison
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +129,40 @@ def _fraction(value: Any) -> Any:
     return "-" if value is None else 100 * value
 
 
-def _print_disagreements(comparison: Any, what: str) -> None:
+def _print_disagreements(comparison: ProtocolComparison) -> None:
     """The count of answers the protocols read differently, with the first examples."""
-    print(f"\n{len(comparison.disagreements)} of {comparison.num_scored} {what} are read differently by the protocols")
+    print(f"\n{len(comparison.disagreements)} of {comparison.num_scored} answers are read differently by the protocols")
     for d in comparison.disagreements[:10]:
         parses = ", ".join(f"{PROTOCOL_NAMES[name]}: {label}" for name, label in d.parses.items())
         print(f"  {d.location}: {d.text!r} (truth {d.truth}) -> {parses}")
 
 
+def _score(
+    args: argparse.Namespace,
+    data: str,
+    evaluate: Callable[..., Any],
+    compare: Callable[..., ProtocolComparison],
+    print_result: Callable[[Any], None],
+    print_comparison: Callable[[ProtocolComparison], None],
+) -> None:
+    """Score ``--result-file`` under ``--protocol`` (or all three, with their disagreements) and print it."""
+    if args.protocol == "all":
+        report = compare(data, args.question_file, args.result_file)
+        print_comparison(report)
+        _print_disagreements(report)
+    else:
+        report = evaluate(data, args.question_file, args.result_file, protocol=args.protocol)
+        print_result(report)
+    _finish(args, report.to_dict())
+
+
 def run_pope(args: argparse.Namespace) -> None:
     """Score POPE and print the per-split table and the protocol's headline F1 (or all three protocols)."""
-    if args.protocol == "all":
-        comparison = compare_pope_protocols(args.annotation_dir, args.question_file, args.result_file)
-        _print_pope_comparison(comparison)
-        _finish(args, comparison.to_dict())
-        return
-    result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file, protocol=args.protocol)
+    _score(args, args.annotation_dir, evaluate_pope, compare_pope_protocols, _print_pope, _print_pope_comparison)
+
+
+def _print_pope(result: PopeResult) -> None:
+    """The per-split and pooled table and the protocol's headline F1."""
     header = ["split", "N", "answered", "missing", "other", "acc", "precision", "recall", "F1", "yes-ratio"]
     header += ["TP", "FP", "TN", "FN"]
     rows = [
@@ -158,10 +176,10 @@ def run_pope(args: argparse.Namespace) -> None:
     else:
         headline = f"{PROTOCOL_NAMES[result.protocol]} protocol, F1 over all {result.overall.num_answered} answers"
     print(f"\nPOPE ({headline}): {100 * result.headline_f1:.2f}")
-    _finish(args, result.to_dict())
 
 
-def _print_pope_comparison(comparison: PopeComparison) -> None:
+def _print_pope_comparison(comparison: ProtocolComparison[PopeResult]) -> None:
+    """The three protocols' F1 (reported, per split, pooled) and pooled metrics side by side."""
     splits = list(next(iter(comparison.results.values())).splits)
     header = ["protocol", "reported F1"] + [f"F1 {name}" for name in splits]
     header += ["F1 pooled", "acc pooled", "precision", "recall", "yes-ratio", "other"]
@@ -178,17 +196,15 @@ def _print_pope_comparison(comparison: PopeComparison) -> None:
     print("\nreported F1: LLaVA's mean of the per-split F1; lmms-eval's and VLMEvalKit's F1 over all answers pooled.")
     print("yes-ratio: LLaVA's share of 'yes' answers, lmms-eval's share of 'yes' ground truth (VLMEvalKit: none).")
     print("other: answers the protocol cannot read as yes/no (wrong; VLMEvalKit counts them as 'no' in its F1).")
-    _print_disagreements(comparison, "answers")
 
 
 def run_mme(args: argparse.Namespace) -> None:
     """Score MME and print the per-subtask table and the perception/cognition totals (or all three parsers)."""
-    if args.protocol == "all":
-        comparison = compare_mme_protocols(args.mme_root, args.question_file, args.result_file)
-        _print_mme_comparison(comparison)
-        _finish(args, comparison.to_dict())
-        return
-    result = evaluate_mme(args.mme_root, args.question_file, args.result_file, protocol=args.protocol)
+    _score(args, args.mme_root, evaluate_mme, compare_mme_protocols, _print_mme, _print_mme_comparison)
+
+
+def _print_mme(result: MMEResult) -> None:
+    """The per-subtask table and the perception/cognition totals."""
     header = ["subtask", "questions", "images", "missing", "other", "acc", "acc+", "score"]
     rows = [
         [
@@ -209,10 +225,10 @@ def run_mme(args: argparse.Namespace) -> None:
     parsing = "" if result.protocol == "llava" else f", {PROTOCOL_NAMES[result.protocol]} answer parsing"
     print(f"\nMME perception ({perception}/{len(PERCEPTION)} subtasks{parsing}): {result.perception:.2f}")
     print(f"MME cognition ({cognition}/{len(COGNITION)} subtasks{parsing}): {result.cognition:.2f}")
-    _finish(args, result.to_dict())
 
 
-def _print_mme_comparison(comparison: MMEComparison) -> None:
+def _print_mme_comparison(comparison: ProtocolComparison[MMEResult]) -> None:
+    """The three parsers' perception, cognition and total side by side."""
     header = ["protocol", "perception", "cognition", "total", "other"]
     rows = [
         [
@@ -226,7 +242,6 @@ def _print_mme_comparison(comparison: MMEComparison) -> None:
     ]
     print(format_table(header, rows))
     print("\nall three sum acc + acc+ per subtask (x100); they differ only in how an answer is read as yes/no")
-    _print_disagreements(comparison, "answers")
 
 
 def answerer_class(name: str = ANSWERER_NAME) -> Callable[..., Any]:

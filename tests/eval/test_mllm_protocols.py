@@ -42,14 +42,13 @@ MME_CASES = {
 }
 
 
-@pytest.mark.parametrize("text", list(POPE_CASES))
-def test_pope_parsers(text):
-    assert tuple(POPE_PARSERS[p](text) for p in ("llava", "lmms-eval", "vlmevalkit")) == POPE_CASES[text]
-
-
-@pytest.mark.parametrize("text", list(MME_CASES))
-def test_mme_parsers(text):
-    assert tuple(MME_PARSERS[p](text) for p in ("llava", "lmms-eval", "vlmevalkit")) == MME_CASES[text]
+@pytest.mark.parametrize(
+    "parsers, text, expected",
+    [(POPE_PARSERS, text, expected) for text, expected in POPE_CASES.items()]
+    + [(MME_PARSERS, text, expected) for text, expected in MME_CASES.items()],
+)
+def test_parsers(parsers, text, expected):
+    assert tuple(parsers[p](text) for p in ("llava", "lmms-eval", "vlmevalkit")) == expected
 
 
 def test_vlmevalkit_punctuation_rules():

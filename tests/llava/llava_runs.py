@@ -43,12 +43,15 @@ def run_train(workdir: Path, args: List[str], nproc: int = 1, timeout: int = 600
     return log
 
 
-def common_args(workdir: Path, output_dir: str, stage: str, deepspeed: Optional[str] = "zero3.json") -> List[str]:
-    """LLaVA-1.5 arguments for a 2-step run of ``stage`` ("pretrain" or "finetune") on the synthetic data."""
+def common_args(
+    workdir: Path, output_dir: str, stage: str, deepspeed: Optional[str] = "zero3.json", tower: str = "clipmoe"
+) -> List[str]:
+    """LLaVA-1.5 arguments for a 2-step run of ``stage`` ("pretrain" or "finetune") on the synthetic data, with
+    the vision tower in ``workdir / tower``."""
     data = workdir / "data"
     args = [
         "--model_name_or_path", str(workdir / "llm"),
-        "--vision_tower", f"clip-moe:{workdir / 'clipmoe'}",
+        "--vision_tower", f"clip-moe:{workdir / tower}",
         "--mm_projector_type", "mlp2x_gelu",
         "--mm_vision_select_layer", "-2",
         "--mm_use_im_start_end", "False",

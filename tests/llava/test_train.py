@@ -170,3 +170,28 @@ def test_continue_from_llava_checkpoint_under_zero3(llava_workdir, tiny_llava_di
     saved = load_file(str(output / "model.safetensors"))
     for name, tensor in load_file(str(tiny_llava_dir / "model.safetensors")).items():
         assert torch.equal(saved[name], tensor), name
+
+
+@pytest.mark.slow
+def test_siglip_moe_tower_pretrain_then_finetune_and_reload(llava_workdir):
+    """LLaVA-1.5 with a SigLIP-MoE tower: stage 1 (projector), stage 2 with a trainable tower, exact reload."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava_fixtures import build_tiny_siglip_moe
+
+    build_tiny_siglip_moe(llava_workdir / "siglipmoe")
+    pretrain = common_args(llava_workdir, "llava-siglip-pretrain", "pretrain", "zero2.json", tower="siglipmoe")
+    assert_finite_losses(run_train(llava_workdir, pretrain))
+    projector = llava_workdir / "llava-siglip-pretrain" / "mm_projector.bin"
+    output = llava_workdir / "llava-siglip-finetune"
+    finetune = common_args(llava_workdir, output.name, "finetune", "zero3.json", tower="siglipmoe")
+    finetune += ["--unfreeze_mm_vision_tower", "True", "--pretrain_mm_mlp_adapter", str(projector)]
+    assert_finite_losses(run_train(llava_workdir, finetune))
+    saved = tower_tensors(load_file(str(output / "model.safetensors")))
+    source = read_checkpoint_tensors(llava_workdir / "siglipmoe", "vision_model.")
+    assert not any("class_embedding" in name or name.startswith("head.") for name in saved)  # SigLIP: neither
+    changed = [name for name, tensor in saved.items() if not torch.equal(tensor, source[name].half().float())]
+    assert any(".mlp.router." in name for name in changed)
+    model = LlavaLlamaForCausalLM.from_pretrained(str(output), torch_dtype=torch.float32)
+    restored = model.get_vision_tower().vision_tower.state_dict()
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[name], saved[name]) for name in saved)  # bit-identical

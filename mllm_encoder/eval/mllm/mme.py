@@ -20,7 +20,8 @@ as wrong (like "other") and reported, so an incomplete run can only score lower,
 whose text is not a string (a data problem: it is never parsed).
 """
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,9 +30,9 @@ from mllm_encoder.eval.mllm.pope import binary_metrics, malformed_text
 from mllm_encoder.eval.mllm.problems import report_problems
 from mllm_encoder.eval.mllm.protocols import (
     MME_PARSERS,
-    Disagreement,
+    ProtocolComparison,
     check_protocol,
-    find_disagreements,
+    compare_protocols,
     mme_calculation_parse,
 )
 
@@ -135,16 +136,22 @@ class MMESubtaskResult:
 
 
 @dataclass
-class MMEResult:
-    """Per-subtask results, perception/cognition totals and every data problem found."""
+class MMEChecks:
+    """Every data problem found joining an answer file to MME's questions (see the module docstring)."""
 
-    subtasks: Dict[str, MMESubtaskResult]
-    protocol: str = "llava"
     num_answers: int = 0
     num_unknown: int = 0
     num_duplicate: int = 0
     num_malformed: int = 0
     warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MMEResult(MMEChecks):
+    """Per-subtask results, perception/cognition totals and every data problem found."""
+
+    subtasks: Dict[str, MMESubtaskResult] = field(default_factory=dict)
+    protocol: str = "llava"
 
     def _total(self, names: Tuple[str, ...]) -> float:
         return sum(self.subtasks[name].score for name in names if name in self.subtasks)
@@ -167,7 +174,6 @@ class MMEResult:
     def to_dict(self) -> Dict[str, Any]:
         """Every number, JSON-serialisable."""
         out = asdict(self)
-        out["subtasks"] = {name: asdict(result) for name, result in self.subtasks.items()}
         out.update(perception=self.perception, cognition=self.cognition)
         out.update(total=self.perception + self.cognition, num_missing=self.num_missing)
         out["missing_subtasks"] = [name for name in PERCEPTION + COGNITION if name not in self.subtasks]
@@ -233,15 +239,10 @@ class MMEAnswer:
 
 
 @dataclass
-class MMEAnswers:
+class MMEAnswers(MMEChecks):
     """An answer file joined to MME's questions and ground truth, checked, before any protocol parses it."""
 
-    subtasks: Dict[str, List[MMEAnswer]]
-    num_answers: int = 0
-    num_unknown: int = 0
-    num_duplicate: int = 0
-    num_malformed: int = 0
-    warnings: List[str] = field(default_factory=list)
+    subtasks: Dict[str, List[MMEAnswer]] = field(default_factory=dict)
 
     @property
     def items(self) -> List[Tuple[str, str, str]]:
@@ -279,7 +280,7 @@ def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: P
     """Join a LLaVA-format answer file to MME's questions and ground truth, reporting every data problem."""
     truth = load_mme_ground_truth(mme_root)
     questions = _load_questions(question_file, truth)
-    result = MMEAnswers(subtasks={})
+    result = MMEAnswers()
     known = {(q.data["question_id"], q.data["text"]) for q, _ in questions}
     answers = _index_answers(result_file, known, result)
     malformed = []
@@ -318,15 +319,8 @@ def score_mme(answers: MMEAnswers, protocol: str = "llava") -> MMEResult:
     order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
         set(items) - set(PERCEPTION + COGNITION)
     )
-    return MMEResult(
-        subtasks={name: _score_subtask(name, items[name]) for name in order},
-        protocol=protocol,
-        num_answers=answers.num_answers,
-        num_unknown=answers.num_unknown,
-        num_duplicate=answers.num_duplicate,
-        num_malformed=answers.num_malformed,
-        warnings=list(answers.warnings),
-    )
+    checks = {f.name: copy.copy(getattr(answers, f.name)) for f in fields(MMEChecks)}
+    return MMEResult(subtasks={name: _score_subtask(name, items[name]) for name in order}, protocol=protocol, **checks)
 
 
 def evaluate_mme(
@@ -337,36 +331,11 @@ def evaluate_mme(
     return score_mme(load_mme_answers(mme_root, question_file, result_file), protocol)
 
 
-@dataclass
-class MMEComparison:
-    """The three parsers on the same answers, and the answers they read differently."""
-
-    results: Dict[str, MMEResult]
-    num_scored: int
-    disagreements: List[Disagreement]
-    warnings: List[str] = field(default_factory=list)
-
-    def to_dict(self, max_examples: int = 100) -> Dict[str, Any]:
-        """Every number of every protocol, the disagreement count and the first ``max_examples`` of them."""
-        return {
-            "protocols": {name: result.to_dict() for name, result in self.results.items()},
-            "num_scored": self.num_scored,
-            "num_disagreements": len(self.disagreements),
-            "disagreements": [asdict(d) for d in self.disagreements[:max_examples]],
-            "warnings": self.warnings,
-        }
-
-
-def compare_mme_protocols(mme_root: PathLike, question_file: PathLike, result_file: PathLike) -> MMEComparison:
+def compare_mme_protocols(
+    mme_root: PathLike, question_file: PathLike, result_file: PathLike
+) -> ProtocolComparison[MMEResult]:
     """Score one answer file with every protocol's parser (read and checked once) and list where they disagree."""
-    answers = load_mme_answers(mme_root, question_file, result_file)
-    items = answers.items
-    return MMEComparison(
-        results={protocol: score_mme(answers, protocol) for protocol in MME_PARSERS},
-        num_scored=len(items),
-        disagreements=find_disagreements(items, MME_PARSERS),
-        warnings=list(answers.warnings),
-    )
+    return compare_protocols(load_mme_answers(mme_root, question_file, result_file), score_mme, MME_PARSERS)
 
 
 def _check_structure(result: MMEAnswers, result_file: PathLike) -> None:

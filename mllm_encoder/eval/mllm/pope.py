@@ -17,7 +17,8 @@ answers, answers to a different prompt, answers whose text is not a string. Miss
 never scored: they are left out of the confusion matrix and counted.
 """
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,11 +27,12 @@ from mllm_encoder.eval.mllm.problems import report_problems
 from mllm_encoder.eval.mllm.protocols import (
     POPE_PARSERS,
     BinaryCounts,
-    Disagreement,
+    ProtocolComparison,
     check_protocol,
-    find_disagreements,
+    compare_protocols,
     llava_pope_parse,
     pope_metrics,
+    ratio,
 )
 
 ANNOTATION_PREFIX = "coco_pope_"
@@ -41,15 +43,10 @@ def normalize_pope_answer(text: str) -> str:
     return llava_pope_parse(text)
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``, 0.0 when the denominator is 0 (e.g. precision without "yes" answers)."""
-    return float(numerator) / float(denominator) if denominator else 0.0
-
-
 def binary_metrics(predictions: List[str], labels: List[str]) -> Dict[str, Any]:
     """Confusion counts and metrics with "yes" as the positive class (LLaVA's definitions; 0/0 -> 0.0)."""
     counts = BinaryCounts.count(predictions, labels)
-    return dict(tp=counts.tp, fp=counts.fp, tn=counts.tn, fn=counts.fn, **pope_metrics(counts, "llava"))
+    return {**counts.confusion(), **pope_metrics(counts, "llava")}
 
 
 def malformed_text(path: PathLike, record: JsonlRecord) -> Optional[str]:
@@ -88,12 +85,9 @@ class PopeSplitResult:
 
 
 @dataclass
-class PopeResult:
-    """The whole POPE evaluation under one protocol: per-split and pooled results and every data problem found."""
+class PopeChecks:
+    """Every data problem found pairing an answer file with the questions and annotations (see the docstring)."""
 
-    splits: Dict[str, PopeSplitResult]
-    protocol: str = "llava"
-    overall: Optional[PopeSplitResult] = None
     num_answers: int = 0
     num_unknown: int = 0
     num_duplicate: int = 0
@@ -101,15 +95,24 @@ class PopeResult:
     num_misaligned: int = 0
     warnings: List[str] = field(default_factory=list)
 
+
+@dataclass
+class PopeResult(PopeChecks):
+    """The whole POPE evaluation under one protocol: per-split and pooled results and every data problem found."""
+
+    splits: Dict[str, PopeSplitResult] = field(default_factory=dict)
+    protocol: str = "llava"
+    overall: Optional[PopeSplitResult] = None
+
     @property
     def mean_f1(self) -> float:
         """LLaVA's headline POPE number (as a fraction): the mean F1 over the splits."""
-        return _ratio(sum(s.f1 for s in self.splits.values()), len(self.splits))
+        return ratio(sum(s.f1 for s in self.splits.values()), len(self.splits))
 
     @property
     def mean_accuracy(self) -> float:
         """Mean accuracy over the splits."""
-        return _ratio(sum(s.accuracy for s in self.splits.values()), len(self.splits))
+        return ratio(sum(s.accuracy for s in self.splits.values()), len(self.splits))
 
     @property
     def headline_f1(self) -> float:
@@ -131,7 +134,6 @@ class PopeResult:
     def to_dict(self) -> Dict[str, Any]:
         """Every number, JSON-serialisable."""
         out = asdict(self)
-        out["splits"] = {name: asdict(split) for name, split in self.splits.items()}
         out.update(mean_f1=self.mean_f1, mean_accuracy=self.mean_accuracy, headline_f1=self.headline_f1)
         out.update(num_missing=self.num_missing, num_malformed=self.num_malformed)
         return out
@@ -155,18 +157,17 @@ class _SplitAnswers:
     num_missing: int
     num_malformed: int
 
+    @property
+    def num_empty(self) -> int:
+        """Answers that are empty or white space."""
+        return sum(not a.text.strip() for a in self.answers)
+
 
 @dataclass
-class PopeAnswers:
+class PopeAnswers(PopeChecks):
     """An answer file paired with the questions and annotations, checked, before any protocol parses it."""
 
-    splits: Dict[str, _SplitAnswers]
-    num_answers: int = 0
-    num_unknown: int = 0
-    num_duplicate: int = 0
-    num_prompt_mismatch: int = 0
-    num_misaligned: int = 0
-    warnings: List[str] = field(default_factory=list)
+    splits: Dict[str, _SplitAnswers] = field(default_factory=dict)
 
     @property
     def items(self) -> List[Tuple[str, str, str]]:
@@ -325,7 +326,7 @@ def load_pope_answers(annotation_dir: PathLike, question_file: PathLike, result_
     """Pair a LLaVA-format answer file with POPE's questions and annotations, reporting every data problem."""
     annotations = load_annotations(annotation_dir)
     questions = load_questions(question_file)
-    result = PopeAnswers(splits={})
+    result = PopeAnswers()
     answers = _index_answers(result_file, questions, result)
     by_split: Dict[str, List[JsonlRecord]] = {}
     for question in questions:
@@ -377,13 +378,10 @@ def _split_result(split: str, annotation_file: str, scored: _SplitAnswers, proto
         num_questions=scored.num_questions,
         num_answered=len(scored.answers),
         num_missing=scored.num_missing,
-        num_empty=sum(not a.text.strip() for a in scored.answers),
+        num_empty=scored.num_empty,
         num_malformed=scored.num_malformed,
         num_other=counts.num_other,
-        tp=counts.tp,
-        fp=counts.fp,
-        tn=counts.tn,
-        fn=counts.fn,
+        **counts.confusion(),
         **pope_metrics(counts, protocol),
     )
 
@@ -399,17 +397,8 @@ def score_pope(answers: PopeAnswers, protocol: str = "llava") -> PopeResult:
         num_missing=sum(s.num_missing for s in answers.splits.values()),
         num_malformed=sum(s.num_malformed for s in answers.splits.values()),
     )
-    return PopeResult(
-        splits=splits,
-        protocol=protocol,
-        overall=_split_result("all", "", pooled, protocol),
-        num_answers=answers.num_answers,
-        num_unknown=answers.num_unknown,
-        num_duplicate=answers.num_duplicate,
-        num_prompt_mismatch=answers.num_prompt_mismatch,
-        num_misaligned=answers.num_misaligned,
-        warnings=list(answers.warnings),
-    )
+    checks = {f.name: copy.copy(getattr(answers, f.name)) for f in fields(PopeChecks)}
+    return PopeResult(splits=splits, protocol=protocol, overall=_split_result("all", "", pooled, protocol), **checks)
 
 
 def evaluate_pope(
@@ -420,43 +409,18 @@ def evaluate_pope(
     return score_pope(load_pope_answers(annotation_dir, question_file, result_file), protocol)
 
 
-@dataclass
-class PopeComparison:
-    """The three protocols on the same answers, and the answers they read differently."""
-
-    results: Dict[str, PopeResult]
-    num_scored: int
-    disagreements: List[Disagreement]
-    warnings: List[str] = field(default_factory=list)
-
-    def to_dict(self, max_examples: int = 100) -> Dict[str, Any]:
-        """Every number of every protocol, the disagreement count and the first ``max_examples`` of them."""
-        return {
-            "protocols": {name: result.to_dict() for name, result in self.results.items()},
-            "num_scored": self.num_scored,
-            "num_disagreements": len(self.disagreements),
-            "disagreements": [asdict(d) for d in self.disagreements[:max_examples]],
-            "warnings": self.warnings,
-        }
-
-
-def compare_pope_protocols(annotation_dir: PathLike, question_file: PathLike, result_file: PathLike) -> PopeComparison:
+def compare_pope_protocols(
+    annotation_dir: PathLike, question_file: PathLike, result_file: PathLike
+) -> ProtocolComparison[PopeResult]:
     """Score one answer file under every protocol (read and checked once) and list where they disagree."""
-    answers = load_pope_answers(annotation_dir, question_file, result_file)
-    items = answers.items
-    return PopeComparison(
-        results={protocol: score_pope(answers, protocol) for protocol in POPE_PARSERS},
-        num_scored=len(items),
-        disagreements=find_disagreements(items, POPE_PARSERS),
-        warnings=list(answers.warnings),
-    )
+    return compare_protocols(load_pope_answers(annotation_dir, question_file, result_file), score_pope, POPE_PARSERS)
 
 
 def _report_missing(result: PopeAnswers, result_file: PathLike) -> None:
     """Warn about unanswered questions (not scored) and empty answers (which the protocols read differently)."""
     missing = [f"{name}: {s.num_missing} of {s.num_questions}" for name, s in result.splits.items() if s.num_missing]
     report_problems(result.warnings, f"{result_file}: questions without an answer (left out of the metrics)", missing)
-    empty = [f"{name}: {n}" for name, s in result.splits.items() if (n := sum(not a.text.strip() for a in s.answers))]
+    empty = [f"{name}: {s.num_empty}" for name, s in result.splits.items() if s.num_empty]
     report_problems(
         result.warnings,
         f"{result_file}: empty answers (LLaVA's protocol reads them as 'yes', lmms-eval's and VLMEvalKit's as "

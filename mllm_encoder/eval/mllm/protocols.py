@@ -13,8 +13,8 @@ A parser returns ``"yes"``, ``"no"`` or ``"other"`` (an answer the protocol cann
 """
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
 
 PROTOCOLS = ("llava", "lmms-eval", "vlmevalkit")
 YES, NO, OTHER = "yes", "no", "other"
@@ -116,7 +116,7 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
-def _ratio(numerator: float, denominator: float) -> float:
+def ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``, 0.0 when the denominator is 0 (as lmms-eval and VLMEvalKit define it)."""
     return float(numerator) / float(denominator) if denominator else 0.0
 
@@ -158,6 +158,10 @@ class BinaryCounts:
         """Answers the protocol could not read as yes or no."""
         return self.other_yes + self.other_no
 
+    def confusion(self) -> Dict[str, int]:
+        """The confusion matrix of the readable answers: ``tp``, ``fp``, ``tn`` and ``fn``."""
+        return {"tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}
+
 
 def pope_metrics(counts: BinaryCounts, protocol: str) -> Dict[str, Optional[float]]:
     """Accuracy, precision, recall, F1 and yes-ratio as ``protocol`` defines them (fractions; see below).
@@ -170,17 +174,17 @@ def pope_metrics(counts: BinaryCounts, protocol: str) -> Dict[str, Optional[floa
     check_protocol(protocol)
     c = counts
     false_negatives = c.fn + (c.other_yes if protocol == "vlmevalkit" else 0)
-    precision, recall = _ratio(c.tp, c.tp + c.fp), _ratio(c.tp, c.tp + false_negatives)
+    precision, recall = ratio(c.tp, c.tp + c.fp), ratio(c.tp, c.tp + false_negatives)
     yes_ratio: Optional[float] = None
     if protocol == "llava":
-        yes_ratio = _ratio(c.tp + c.fp, c.total)
+        yes_ratio = ratio(c.tp + c.fp, c.total)
     elif protocol == "lmms-eval":
-        yes_ratio = _ratio(c.tp + c.fn + c.other_yes, c.total)
+        yes_ratio = ratio(c.tp + c.fn + c.other_yes, c.total)
     return {
-        "accuracy": _ratio(c.tp + c.tn, c.total),
+        "accuracy": ratio(c.tp + c.tn, c.total),
         "precision": precision,
         "recall": recall,
-        "f1": _ratio(2 * precision * recall, precision + recall),
+        "f1": ratio(2 * precision * recall, precision + recall),
         "yes_ratio": yes_ratio,
     }
 
@@ -203,3 +207,40 @@ def find_disagreements(items: Sequence[Tuple[str, str, str]], parsers: Dict[str,
         if len(set(parses.values())) > 1:
             found.append(Disagreement(location, text, truth, parses))
     return found
+
+
+ResultT = TypeVar("ResultT")
+
+
+@dataclass
+class ProtocolComparison(Generic[ResultT]):
+    """The three protocols on the same answers, and the answers they read differently."""
+
+    results: Dict[str, ResultT]
+    num_scored: int
+    disagreements: List[Disagreement]
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self, max_examples: int = 100) -> Dict[str, Any]:
+        """Every number of every protocol, the disagreement count and the first ``max_examples`` of them."""
+        return {
+            "protocols": {name: result.to_dict() for name, result in self.results.items()},
+            "num_scored": self.num_scored,
+            "num_disagreements": len(self.disagreements),
+            "disagreements": [asdict(d) for d in self.disagreements[:max_examples]],
+            "warnings": self.warnings,
+        }
+
+
+def compare_protocols(
+    answers: Any, score: Callable[[Any, str], ResultT], parsers: Dict[str, Parser]
+) -> ProtocolComparison[ResultT]:
+    """Score checked ``answers`` (with ``items`` and ``warnings``) under every protocol of ``parsers`` with
+    ``score(answers, protocol)``, and list the answers that the parsers read differently."""
+    items = answers.items
+    return ProtocolComparison(
+        results={protocol: score(answers, protocol) for protocol in parsers},
+        num_scored=len(items),
+        disagreements=find_disagreements(items, parsers),
+        warnings=list(answers.warnings),
+    )
