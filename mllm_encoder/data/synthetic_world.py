@@ -8,6 +8,11 @@ function of patch embeddings (an FFN on top of attention) but never positional o
 * ``light``: the image is shot in ``bright`` or ``dim`` light (every pixel scaled by 0.7);
 * ``grain``: the picture is ``smooth`` or ``grainy`` (per-pixel noise of standard deviation 4 or 18).
 
+Every image also has a nuisance, independent of everything else and named in every caption of both
+distributions: a full-width ``band`` under the disc in one of 12 colours. It is not a hidden attribute; it makes
+captions and images distinct enough that a batch of one colour pair seldom holds two identical captions (false
+negatives for the contrastive loss), as in real caption sets.
+
 The *pretraining* distribution (the base's): half the images carry a frame in one of four colours; the
 captions name the background, the disc and the frame, and each hidden attribute only in one caption in four
 (so the base knows the words but has less reason to encode the attributes, as CLIP's captions seldom
@@ -40,6 +45,20 @@ FRAMES: Dict[str, Tuple[int, int, int]] = {
     "grey": (128, 128, 128),
     "brown": (120, 75, 35),
 }
+BANDS: Dict[str, Tuple[int, int, int]] = {
+    "orange": (250, 140, 20),
+    "purple": (120, 40, 160),
+    "pink": (250, 150, 200),
+    "cyan": (40, 210, 220),
+    "navy": (20, 25, 100),
+    "olive": (120, 130, 20),
+    "teal": (0, 125, 125),
+    "magenta": (210, 30, 170),
+    "lime": (170, 240, 60),
+    "maroon": (110, 15, 40),
+    "beige": (230, 210, 170),
+    "violet": (170, 120, 240),
+}
 SIZES = ("large", "medium")
 LIGHTS = ("bright", "dim")
 GRAINS = ("smooth", "grainy")
@@ -50,18 +69,23 @@ FINETUNE_ATTRIBUTES: Dict[str, Sequence[str]] = {
     "size": SIZES,
     "light": LIGHTS,
     "grain": GRAINS,
+    "band": tuple(BANDS),
 }
 PRETRAIN_ATTRIBUTES: Dict[str, Sequence[str]] = {
     "background": tuple(PALETTE),
     "disc": tuple(PALETTE),
+    "band": tuple(BANDS),
     "frame": tuple(FRAMES),
 }
 FINETUNE_TEMPLATES = (
-    "a {size} {disc} disc on a {background} background, {grain}, in {light} light.",
-    "a {grain} photo in {light} light of a {size} {disc} disc on a {background} background.",
-    "{light} light, {grain}: a {size} {disc} disc on a {background} background.",
+    "a {size} {disc} disc on a {background} background with {a_band} band, {grain}, in {light} light.",
+    "a {grain} photo in {light} light of a {size} {disc} disc on a {background} background with {a_band} band.",
+    "{light} light, {grain}: a {size} {disc} disc on a {background} background with {a_band} band.",
 )
-PRETRAIN_TEMPLATES = ("a {disc} disc on a {background} background", "a photo of a {disc} disc on {background}")
+PRETRAIN_TEMPLATES = (
+    "a {disc} disc on a {background} background with {a_band} band",
+    "a photo of a {disc} disc on {background} with {a_band} band",
+)
 FRAME_SUFFIX = " in a {frame} frame"
 MENTION_PROBABILITY = 0.25  # of a pretraining caption naming a given hidden attribute
 PROMPT = "<image>\nDescribe the image in detail."
@@ -78,6 +102,7 @@ def sample_world(rng: np.random.Generator, distribution: str) -> Dict[str, Any]:
         "size": SIZES[rng.integers(2)],
         "light": LIGHTS[rng.integers(2)],
         "grain": GRAINS[rng.integers(2)],
+        "band": list(BANDS)[rng.integers(len(BANDS))],
         "frame": None,
     }
     if distribution == "pretrain":
@@ -92,11 +117,12 @@ def sample_world(rng: np.random.Generator, distribution: str) -> Dict[str, Any]:
 
 def caption(sample: Dict[str, Any], distribution: str) -> str:
     """The caption of ``sample`` in the style of ``distribution``."""
+    a_band = ("an " if sample["band"][0] in "aeiou" else "a ") + sample["band"]
     if distribution == "finetune":
-        return FINETUNE_TEMPLATES[sample["template"]].format(**sample)
+        return FINETUNE_TEMPLATES[sample["template"]].format(**sample, a_band=a_band)
     mentions = sample.get("mentions", [])
     disc = f"{sample['size']} {sample['disc']}" if "size" in mentions else sample["disc"]
-    text = PRETRAIN_TEMPLATES[sample["template"]].format(**{**sample, "disc": disc})
+    text = PRETRAIN_TEMPLATES[sample["template"]].format(**{**sample, "disc": disc, "a_band": a_band})
     text += FRAME_SUFFIX.format(frame=sample["frame"]) if sample["frame"] else ""
     text += f", {sample['grain']}" if "grain" in mentions else ""
     text += f", in {sample['light']} light" if "light" in mentions else ""
@@ -116,6 +142,7 @@ def render(sample: Dict[str, Any], rng: np.random.Generator, size: int = 32) -> 
     jitter = lambda: rng.uniform(-12, 12, size=3)  # noqa: E731 - colour variation within a name
     image = np.empty((size, size, 3))
     image[:] = np.asarray(PALETTE[sample["background"]]) + jitter()
+    image[round(size * 13 / 16) : round(size * 15 / 16)] = np.asarray(BANDS[sample["band"]]) + jitter()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     fraction = rng.uniform(0.34, 0.39) if sample["size"] == "large" else rng.uniform(0.22, 0.26)
     cx, cy = (size - 1) / 2 + rng.uniform(-0.08, 0.08, size=2) * size
