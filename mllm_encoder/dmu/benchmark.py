@@ -13,11 +13,12 @@ passes. Metrics, in percent:
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence
 
 import torch
 from PIL import Image
 
+from mllm_encoder.atomic import PathLike
 from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.data.synthetic_world import (
     FINETUNE_ATTRIBUTES,
@@ -32,8 +33,6 @@ from mllm_encoder.eval.caption_swap import caption_swap_accuracy
 from mllm_encoder.eval.linear_probe import linear_probe_accuracy
 from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics
 from mllm_encoder.eval.router_analysis import expert_load
-
-PathLike = Union[str, Path]
 
 
 class _Options:
