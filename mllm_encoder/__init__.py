@@ -15,6 +15,7 @@ from mllm_encoder.configuration_siglip_moe import (
     SiglipMoETextConfig,
     SiglipMoEVisionConfig,
 )
+from mllm_encoder.families import FAMILIES
 from mllm_encoder.modeling_clip_moe import (
     CLIPMoEModel,
     CLIPMoEPreTrainedModel,
@@ -34,19 +35,10 @@ from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling, Sigli
 
 __version__ = "0.1.0"
 
-for _config, _model in (
-    (CLIPMoEConfig, CLIPMoEModel),
-    (CLIPMoEVisionConfig, CLIPMoEVisionModel),
-    (CLIPMoETextConfig, CLIPMoETextModel),
-    (SiglipMoEConfig, SiglipMoEModel),
-    (SiglipMoEVisionConfig, SiglipMoEVisionModel),
-    (SiglipMoETextConfig, SiglipMoETextModel),
-    (Siglip2MoEConfig, Siglip2MoEModel),
-    (Siglip2MoEVisionConfig, Siglip2MoEVisionModel),
-    (Siglip2MoETextConfig, Siglip2MoETextModel),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
+for _family in FAMILIES.values():
+    for _config, _model in _family.pairs():
+        AutoConfig.register(_config.model_type, _config, exist_ok=True)
+        AutoModel.register(_config, _model, exist_ok=True)
 
 __all__ = [
     "CLIPMoEConfig",

@@ -5,7 +5,7 @@ Every field is type- and range-checked when a config is built (from keyword argu
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -31,6 +31,22 @@ def check_number(field: str, value: Any, minimum: float, maximum: float = math.i
         low = "(" if open_minimum else "["
         raise ValueError(f"{field} must be in {low}{minimum}, {maximum}], got {value}")
     return value
+
+
+def check_bool(field: str, value: Any) -> bool:
+    """``value`` when it is a ``bool``; ``ValueError`` naming ``field`` otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def check_patch_grid(image_size: Any, patch_size: Any) -> Tuple[int, int]:
+    """``(image_size, patch_size)``, positive integers with ``image_size`` a multiple of ``patch_size``."""
+    check_int("image_size", image_size, 1)
+    check_int("patch_size", patch_size, 1)
+    if image_size % patch_size:
+        raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+    return image_size, patch_size
 
 
 def _validated_moe_layers(moe_layers: Optional[Sequence[int]], num_hidden_layers: int) -> Optional[List[int]]:
@@ -128,8 +144,7 @@ class _CLIPMoETowerConfig(PretrainedConfig):
         check_int("num_experts", self.num_experts, 1)
         check_int(f"top_k (num_experts={self.num_experts})", self.top_k, 1, self.num_experts)
         check_number("router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        check_bool("norm_topk_prob", self.norm_topk_prob)
         self.moe_layers = _validated_moe_layers(self.moe_layers, self.num_hidden_layers)
 
     def _get_generation_parameters(self) -> Dict[str, Any]:
@@ -168,6 +183,31 @@ class _CLIPMoETowerConfig(PretrainedConfig):
         return cls.from_dict(config_dict, **kwargs)
 
 
+class TextTowerFields:
+    """Mixin of the text-tower configs: ``vocab_size``, ``max_position_embeddings`` and the special token ids
+    (``None`` or >= 0), checked before the shared tower fields."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_position_embeddings: int,
+        pad_token_id: Optional[int],
+        bos_token_id: Optional[int],
+        eos_token_id: Optional[int],
+        **kwargs: Any,
+    ):
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, 1)
+        for field, value in (
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ):
+            if value is not None:
+                check_int(field, value, 0)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+
 class CLIPMoEVisionConfig(_CLIPMoETowerConfig):
     """Configuration of the CLIP-MoE image tower (a ViT).
 
@@ -189,10 +229,7 @@ class CLIPMoEVisionConfig(_CLIPMoETowerConfig):
         **kwargs: Any,
     ):
         self.num_channels = check_int("num_channels", num_channels, 1)
-        self.image_size = check_int("image_size", image_size, 1)
-        self.patch_size = check_int("patch_size", patch_size, 1)
-        if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        self.image_size, self.patch_size = check_patch_grid(image_size, patch_size)
         super().__init__(
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
@@ -201,7 +238,7 @@ class CLIPMoEVisionConfig(_CLIPMoETowerConfig):
         )
 
 
-class CLIPMoETextConfig(_CLIPMoETowerConfig):
+class CLIPMoETextConfig(TextTowerFields, _CLIPMoETowerConfig):
     """Configuration of the CLIP-MoE text tower (a causal transformer).
 
     Takes every field of ``_CLIPMoETowerConfig`` plus ``vocab_size``, ``max_position_embeddings`` (the
@@ -222,51 +259,22 @@ class CLIPMoETextConfig(_CLIPMoETowerConfig):
         eos_token_id: int = 49407,
         **kwargs: Any,
     ):
-        self.vocab_size = check_int("vocab_size", vocab_size, 1)
-        self.max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, 1)
-        for field, value in (
-            ("pad_token_id", pad_token_id),
-            ("bos_token_id", bos_token_id),
-            ("eos_token_id", eos_token_id),
-        ):
-            if value is not None:
-                check_int(field, value, 0)
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        super().__init__(vocab_size, max_position_embeddings, pad_token_id, bos_token_id, eos_token_id, **kwargs)
 
 
-TowerConfig = Union[CLIPMoEVisionConfig, CLIPMoETextConfig, Dict[str, Any], None]
+TowerConfig = Union[PretrainedConfig, Dict[str, Any], None]
 
 
-class CLIPMoEConfig(PretrainedConfig):
-    """Configuration of a two-tower CLIP-MoE.
+class TwoTowerConfig(PretrainedConfig):
+    """Base of the two-tower configs: ``text_config`` and ``vision_config`` (of the classes in ``sub_configs``,
+    built from a config or a dict; a bad field is reported as ``text_config.<field>``), and ``from_pretrained``
+    reading only directories whose ``model_type`` is one of ``hf_model_types``."""
 
-    Args:
-        text_config: a ``CLIPMoETextConfig`` or its dict.
-        vision_config: a ``CLIPMoEVisionConfig`` or its dict.
-        projection_dim: width of the joint embedding space.
-        logit_scale_init_value: initial value of the learnable log temperature (2.6592 = log(1/0.07)).
-    """
-
-    model_type = "clip_moe"
-    sub_configs = {"text_config": CLIPMoETextConfig, "vision_config": CLIPMoEVisionConfig}
-
-    def __init__(
-        self,
-        text_config: TowerConfig = None,
-        vision_config: TowerConfig = None,
-        projection_dim: int = 512,
-        logit_scale_init_value: float = 2.6592,
-        **kwargs: Any,
-    ):
+    def __init__(self, text_config: TowerConfig = None, vision_config: TowerConfig = None, **kwargs: Any):
         kwargs.pop("model_type", None)
-        for key in ("text_config_dict", "vision_config_dict"):
-            kwargs.pop(key, None)
         super().__init__(**kwargs)
-        self.text_config = self._tower(CLIPMoETextConfig, text_config, "text_config")
-        self.vision_config = self._tower(CLIPMoEVisionConfig, vision_config, "vision_config")
-        self.projection_dim = check_int("projection_dim", projection_dim, 1)
-        self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
-        self.initializer_factor = 1.0
+        self.text_config = self._tower(self.sub_configs["text_config"], text_config, "text_config")
+        self.vision_config = self._tower(self.sub_configs["vision_config"], vision_config, "vision_config")
 
     @staticmethod
     def _tower(config_class, value: TowerConfig, field: str):
@@ -284,9 +292,9 @@ class CLIPMoEConfig(PretrainedConfig):
 
     @classmethod
     def from_text_vision_configs(
-        cls, text_config: CLIPMoETextConfig, vision_config: CLIPMoEVisionConfig, **kwargs: Any
-    ) -> "CLIPMoEConfig":
-        """Build a two-tower config from the tower configs (HF CLIP's constructor of the same name)."""
+        cls, text_config: PretrainedConfig, vision_config: PretrainedConfig, **kwargs: Any
+    ) -> "TwoTowerConfig":
+        """Build a two-tower config from the tower configs (HF CLIP's and SigLIP's constructor of the same name)."""
         return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -297,11 +305,41 @@ class CLIPMoEConfig(PretrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
-        """Load from a CLIP-MoE or an HF CLIP directory (an HF CLIP config is read as a dense CLIP-MoE)."""
+        """Load from a directory of this family, ours or HF's (an HF config is read as a dense MoE config)."""
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") not in HF_CLIP_MODEL_TYPES:
+        if config_dict.get("model_type") not in cls.hf_model_types:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: config model_type is {config_dict.get('model_type')!r}, "
-                f"expected one of {sorted(HF_CLIP_MODEL_TYPES)}"
+                f"expected one of {sorted(cls.hf_model_types)}"
             )
         return cls.from_dict(config_dict, **kwargs)
+
+
+class CLIPMoEConfig(TwoTowerConfig):
+    """Configuration of a two-tower CLIP-MoE.
+
+    Args:
+        text_config: a ``CLIPMoETextConfig`` or its dict.
+        vision_config: a ``CLIPMoEVisionConfig`` or its dict.
+        projection_dim: width of the joint embedding space.
+        logit_scale_init_value: initial value of the learnable log temperature (2.6592 = log(1/0.07)).
+    """
+
+    model_type = "clip_moe"
+    sub_configs = {"text_config": CLIPMoETextConfig, "vision_config": CLIPMoEVisionConfig}
+    hf_model_types = HF_CLIP_MODEL_TYPES
+
+    def __init__(
+        self,
+        text_config: TowerConfig = None,
+        vision_config: TowerConfig = None,
+        projection_dim: int = 512,
+        logit_scale_init_value: float = 2.6592,
+        **kwargs: Any,
+    ):
+        for key in ("text_config_dict", "vision_config_dict"):
+            kwargs.pop(key, None)
+        super().__init__(text_config, vision_config, **kwargs)
+        self.projection_dim = check_int("projection_dim", projection_dim, 1)
+        self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
+        self.initializer_factor = 1.0

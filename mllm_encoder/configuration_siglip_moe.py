@@ -7,11 +7,18 @@ type- and range-checked as in the CLIP-MoE configs.
 """
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
-from transformers import PretrainedConfig
-
-from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, _CLIPMoETowerConfig, check_int, check_number
+from mllm_encoder.configuration_clip_moe import (
+    TextTowerFields,
+    TowerConfig,
+    TwoTowerConfig,
+    _CLIPMoETowerConfig,
+    check_bool,
+    check_int,
+    check_number,
+    check_patch_grid,
+)
 
 HF_SIGLIP_MODEL_TYPES = {"siglip", "siglip_moe"}
 HF_SIGLIP2_MODEL_TYPES = {"siglip2", "siglip2_moe"}
@@ -67,17 +74,12 @@ class SiglipMoEVisionConfig(_SiglipMoETowerConfig):
         **kwargs: Any,
     ):
         self.num_channels = check_int("num_channels", num_channels, 1)
-        self.image_size = check_int("image_size", image_size, 1)
-        self.patch_size = check_int("patch_size", patch_size, 1)
-        if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
-        if not isinstance(vision_use_head, bool):
-            raise ValueError(f"vision_use_head must be true or false, got {vision_use_head!r}")
-        self.vision_use_head = vision_use_head
+        self.image_size, self.patch_size = check_patch_grid(image_size, patch_size)
+        self.vision_use_head = check_bool("vision_use_head", vision_use_head)
         super().__init__(**kwargs)
 
 
-class SiglipMoETextConfig(_SiglipMoETowerConfig):
+class SiglipMoETextConfig(TextTowerFields, _SiglipMoETowerConfig):
     """Configuration of the SigLIP-MoE text tower (bidirectional; pooled from the last token through ``head``).
 
     Takes the shared tower fields plus ``vocab_size``, ``max_position_embeddings``, the special token ids and
@@ -97,22 +99,13 @@ class SiglipMoETextConfig(_SiglipMoETowerConfig):
         projection_size: Optional[int] = None,
         **kwargs: Any,
     ):
-        self.vocab_size = check_int("vocab_size", vocab_size, 1)
-        self.max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, 1)
-        for field, value in (
-            ("pad_token_id", pad_token_id),
-            ("bos_token_id", bos_token_id),
-            ("eos_token_id", eos_token_id),
-        ):
-            if value is not None:
-                check_int(field, value, 0)
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        super().__init__(vocab_size, max_position_embeddings, pad_token_id, bos_token_id, eos_token_id, **kwargs)
         self.projection_size = check_int(
             "projection_size", self.hidden_size if projection_size is None else projection_size, 1
         )
 
 
-class SiglipMoEConfig(PretrainedConfig):
+class SiglipMoEConfig(TwoTowerConfig):
     """Configuration of a two-tower SigLIP-MoE.
 
     Args:
@@ -124,47 +117,22 @@ class SiglipMoEConfig(PretrainedConfig):
 
     model_type = "siglip_moe"
     sub_configs = {"text_config": SiglipMoETextConfig, "vision_config": SiglipMoEVisionConfig}
-    hf_model_types = HF_SIGLIP_MODEL_TYPES  # the model_type of the directories from_pretrained reads
+    hf_model_types = HF_SIGLIP_MODEL_TYPES
 
     def __init__(
         self,
-        text_config: Any = None,
-        vision_config: Any = None,
+        text_config: TowerConfig = None,
+        vision_config: TowerConfig = None,
         logit_scale_init_value: float = DEFAULT_LOGIT_SCALE,
         logit_bias_init_value: float = DEFAULT_LOGIT_BIAS,
         **kwargs: Any,
     ):
-        kwargs.pop("model_type", None)
-        super().__init__(**kwargs)
-        self.text_config = CLIPMoEConfig._tower(self.sub_configs["text_config"], text_config, "text_config")
-        self.vision_config = CLIPMoEConfig._tower(self.sub_configs["vision_config"], vision_config, "vision_config")
+        super().__init__(text_config, vision_config, **kwargs)
         if not self.vision_config.vision_use_head:
             raise ValueError("vision_config.vision_use_head must be true: the image embedding is the pooling head's")
         self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
         self.logit_bias_init_value = check_number("logit_bias_init_value", logit_bias_init_value, -math.inf)
         self.initializer_factor = kwargs.get("initializer_factor", 1.0)
-
-    @classmethod
-    def from_text_vision_configs(cls, text_config: PretrainedConfig, vision_config: PretrainedConfig, **kwargs: Any):
-        """Build a two-tower config from the tower configs (HF SigLIP's constructor of the same name)."""
-        return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
-
-    def to_dict(self) -> Dict[str, Any]:
-        output = super().to_dict()
-        output["text_config"] = self.text_config.to_dict()
-        output["vision_config"] = self.vision_config.to_dict()
-        return output
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> "PretrainedConfig":
-        """Load from a SigLIP-MoE or an HF SigLIP directory (an HF SigLIP config is read as a dense SigLIP-MoE)."""
-        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") not in cls.hf_model_types:
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: config model_type is {config_dict.get('model_type')!r}, "
-                f"expected one of {sorted(cls.hf_model_types)}"
-            )
-        return cls.from_dict(config_dict, **kwargs)
 
 
 class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):
@@ -192,9 +160,7 @@ class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):
         self.num_patches = check_int("num_patches", num_patches, 1)
         if math.isqrt(num_patches) ** 2 != num_patches:
             raise ValueError(f"num_patches must be a square number (a square position grid), got {num_patches}")
-        if not isinstance(vision_use_head, bool):
-            raise ValueError(f"vision_use_head must be true or false, got {vision_use_head!r}")
-        self.vision_use_head = vision_use_head
+        self.vision_use_head = check_bool("vision_use_head", vision_use_head)
         super().__init__(**kwargs)
 
 
@@ -215,6 +181,6 @@ class Siglip2MoEConfig(SiglipMoEConfig):
     sub_configs = {"text_config": Siglip2MoETextConfig, "vision_config": Siglip2MoEVisionConfig}
     hf_model_types = HF_SIGLIP2_MODEL_TYPES
 
-    def __init__(self, text_config: Any = None, vision_config: Any = None, **kwargs: Any):
+    def __init__(self, text_config: TowerConfig = None, vision_config: TowerConfig = None, **kwargs: Any):
         # Explicit: transformers 5.x would otherwise generate an __init__ for a config class without one.
         super().__init__(text_config=text_config, vision_config=vision_config, **kwargs)

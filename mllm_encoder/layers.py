@@ -9,7 +9,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mllm_encoder.configuration_clip_moe import CLIPMoETextConfig, CLIPMoEVisionConfig
-from mllm_encoder.moe import SparseMoE
+from mllm_encoder.moe import SparseMoE, mean_load_balancing_loss
+from mllm_encoder.outputs import MoEModelOutputWithPooling
 
 LayerOutput = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -228,6 +229,26 @@ class EncoderOutput(NamedTuple):
     last_hidden_state: torch.Tensor
     hidden_states: Optional[Tuple[torch.Tensor, ...]]
     router_logits: Tuple[torch.Tensor, ...]
+
+    def tower_output(
+        self,
+        last_hidden_state: torch.Tensor,
+        pooler_output: Optional[torch.Tensor],
+        top_k: int,
+        token_mask: Optional[torch.Tensor] = None,
+    ) -> MoEModelOutputWithPooling:
+        """A tower's output: its ``last_hidden_state`` (this one after the tower's final LayerNorm, if any) and
+        ``pooler_output``, these states and router logits, and the layer-mean load-balancing loss over the
+        tokens of ``token_mask`` (1 = a real token; ``None``: all)."""
+        return MoEModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=self.hidden_states,
+            router_logits=self.router_logits,
+            aux_loss=mean_load_balancing_loss(
+                self.router_logits, top_k, token_mask=token_mask, device=last_hidden_state.device
+            ),
+        )
 
 
 class Encoder(nn.Module):

@@ -19,82 +19,26 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from mllm_encoder.checkpoint import check_weight_files, read_model_type
-from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from mllm_encoder.configuration_siglip_moe import (
-    Siglip2MoEConfig,
-    Siglip2MoETextConfig,
-    Siglip2MoEVisionConfig,
-    SiglipMoEConfig,
-    SiglipMoETextConfig,
-    SiglipMoEVisionConfig,
-)
-from mllm_encoder.modeling_clip_moe import (
-    CLIPMoEModel,
-    CLIPMoEPreTrainedModel,
-    CLIPMoETextModel,
-    CLIPMoEVisionModel,
-)
-from mllm_encoder.modeling_siglip_moe import (
-    Siglip2MoEModel,
-    Siglip2MoETextModel,
-    Siglip2MoEVisionModel,
-    SiglipMoEModel,
-    SiglipMoEPreTrainedModel,
-    SiglipMoETextModel,
-    SiglipMoEVisionModel,
-)
+from mllm_encoder.families import FAMILIES
+from mllm_encoder.modeling_clip_moe import CLIPMoEPreTrainedModel
+from mllm_encoder.modeling_siglip_moe import SiglipMoEPreTrainedModel
 from mllm_encoder.towers import TEXT, VISION
 
 ModelSource = Union[str, os.PathLike, PreTrainedModel]
 
 MODEL_CLASS_BY_TYPE: Dict[str, Type[CLIPMoEPreTrainedModel]] = {
-    "clip": CLIPMoEModel,
-    "clip_moe": CLIPMoEModel,
-    "clip_vision_model": CLIPMoEVisionModel,
-    "clip_moe_vision_model": CLIPMoEVisionModel,
-    "clip_text_model": CLIPMoETextModel,
-    "clip_moe_text_model": CLIPMoETextModel,
-    "siglip": SiglipMoEModel,
-    "siglip_moe": SiglipMoEModel,
-    "siglip_vision_model": SiglipMoEVisionModel,
-    "siglip_moe_vision_model": SiglipMoEVisionModel,
-    "siglip_text_model": SiglipMoETextModel,
-    "siglip_moe_text_model": SiglipMoETextModel,
-    "siglip2": Siglip2MoEModel,
-    "siglip2_moe": Siglip2MoEModel,
-    "siglip2_vision_model": Siglip2MoEVisionModel,
-    "siglip2_moe_vision_model": Siglip2MoEVisionModel,
-    "siglip2_text_model": Siglip2MoETextModel,
-    "siglip2_moe_text_model": Siglip2MoETextModel,
+    model_type: model for family in FAMILIES.values() for model_type, model in family.model_types().items()
 }
 # The base classes of both families, and the two-tower model each tower class can be read out of.
 OUR_MODEL_CLASSES = (CLIPMoEPreTrainedModel, SiglipMoEPreTrainedModel)
 TWO_TOWER_CLASS = {
-    CLIPMoEVisionModel: CLIPMoEModel,
-    CLIPMoETextModel: CLIPMoEModel,
-    SiglipMoEVisionModel: SiglipMoEModel,
-    SiglipMoETextModel: SiglipMoEModel,
-    Siglip2MoEVisionModel: Siglip2MoEModel,
-    Siglip2MoETextModel: Siglip2MoEModel,
+    tower: family.model for family in FAMILIES.values() for tower in (family.vision_model, family.text_model)
 }
-CONFIG_CLASS_BY_MODEL = {
-    CLIPMoEModel: CLIPMoEConfig,
-    CLIPMoEVisionModel: CLIPMoEVisionConfig,
-    CLIPMoETextModel: CLIPMoETextConfig,
-    SiglipMoEModel: SiglipMoEConfig,
-    SiglipMoEVisionModel: SiglipMoEVisionConfig,
-    SiglipMoETextModel: SiglipMoETextConfig,
-    Siglip2MoEModel: Siglip2MoEConfig,
-    Siglip2MoEVisionModel: Siglip2MoEVisionConfig,
-    Siglip2MoETextModel: Siglip2MoETextConfig,
-}
+CONFIG_CLASS_BY_MODEL = {model: config for family in FAMILIES.values() for config, model in family.pairs()}
 TOWER_PREFIX = {
-    CLIPMoEVisionModel: f"{VISION.module}.",
-    CLIPMoETextModel: f"{TEXT.module}.",
-    SiglipMoEVisionModel: f"{VISION.module}.",
-    SiglipMoETextModel: f"{TEXT.module}.",
-    Siglip2MoEVisionModel: f"{VISION.module}.",
-    Siglip2MoETextModel: f"{TEXT.module}.",
+    model: f"{tower.module}."
+    for family in FAMILIES.values()
+    for tower, model in ((VISION, family.vision_model), (TEXT, family.text_model))
 }
 
 

@@ -1,16 +1,17 @@
 """CLIP-MoE models: HF CLIP's towers with sparse Mixture-of-Experts FFNs, as ``PreTrainedModel``s."""
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings
 from mllm_encoder.losses import clip_contrastive_loss
-from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss, two_tower_aux_losses
+from mllm_encoder.moe import StackedExperts, TopKRouter, two_tower_aux_losses
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
+from mllm_encoder.towers import TEXT, VISION
 
 LEGACY_EOS_TOKEN_ID = 2
 
@@ -67,6 +68,8 @@ class CLIPMoEPreTrainedModel(PreTrainedModel):
 class VisionTransformer(nn.Module):
     """The image tower: embeddings, ``pre_layrnorm``, encoder, ``post_layernorm`` on the class token."""
 
+    extra_inputs = ()  # image inputs besides pixel_values (see SiglipVisionTransformer)
+
     def __init__(self, config: CLIPMoEVisionConfig):
         super().__init__()
         self.config = config
@@ -84,13 +87,7 @@ class VisionTransformer(nn.Module):
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         encoded = self.encoder(hidden_states, None, output_hidden_states)
         last = encoded.last_hidden_state
-        return MoEModelOutputWithPooling(
-            last_hidden_state=last,
-            pooler_output=self.post_layernorm(last[:, 0, :]),
-            hidden_states=encoded.hidden_states,
-            router_logits=encoded.router_logits,
-            aux_loss=mean_load_balancing_loss(encoded.router_logits, self.config.top_k, device=last.device),
-        )
+        return encoded.tower_output(last, self.post_layernorm(last[:, 0, :]), self.config.top_k)
 
 
 def causal_padding_mask(attention_mask: Optional[torch.Tensor], length: int, dtype, device) -> torch.Tensor:
@@ -103,9 +100,10 @@ def causal_padding_mask(attention_mask: Optional[torch.Tensor], length: int, dty
 
 
 class TextTransformer(nn.Module):
-    """The causal text tower; the pooled token is the end-of-text token (HF CLIP's rule)."""
+    """The text tower: embeddings, encoder, ``final_layer_norm``. CLIP's is causal and pools the end-of-text
+    token (HF CLIP's rule); a family changes that in ``attention_bias`` and ``pool``."""
 
-    def __init__(self, config: CLIPMoETextConfig):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.config = config
         self.embeddings = TextEmbeddings(config)
@@ -118,6 +116,17 @@ class TextTransformer(nn.Module):
             return input_ids.to(torch.int).argmax(dim=-1)
         return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
 
+    def attention_bias(
+        self, attention_mask: Optional[torch.Tensor], hidden_states: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The additive attention mask of the encoder (``attention_mask``: 1 = a real token)."""
+        return causal_padding_mask(attention_mask, hidden_states.shape[1], hidden_states.dtype, hidden_states.device)
+
+    def pool(self, last: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``pooler_output`` from the normalised last hidden state."""
+        rows = torch.arange(last.shape[0], device=last.device)
+        return last[rows, self.pooled_positions(input_ids).to(last.device)]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -125,35 +134,25 @@ class TextTransformer(nn.Module):
         output_hidden_states: bool = False,
     ) -> MoEModelOutputWithPooling:
         hidden_states = self.embeddings(input_ids)
-        mask = causal_padding_mask(attention_mask, input_ids.shape[-1], hidden_states.dtype, hidden_states.device)
-        encoded = self.encoder(hidden_states, mask, output_hidden_states)
+        encoded = self.encoder(hidden_states, self.attention_bias(attention_mask, hidden_states), output_hidden_states)
         last = self.final_layer_norm(encoded.last_hidden_state)
-        rows = torch.arange(last.shape[0], device=last.device)
-        return MoEModelOutputWithPooling(
-            last_hidden_state=last,
-            pooler_output=last[rows, self.pooled_positions(input_ids).to(last.device)],
-            hidden_states=encoded.hidden_states,
-            router_logits=encoded.router_logits,
-            aux_loss=mean_load_balancing_loss(
-                encoded.router_logits, self.config.top_k, token_mask=attention_mask, device=last.device
-            ),
-        )
+        return encoded.tower_output(last, self.pool(last, input_ids), self.config.top_k, attention_mask)
 
 
-class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
-    """The image tower alone (``vision_model.*`` parameters), like HF ``CLIPVisionModel``.
+class VisionTowerModel:
+    """Mixin of the image-tower models: one tower transformer (``tower_class``) under ``vision_model``.
 
-    ``from_pretrained`` accepts a vision-tower directory or a full CLIP / CLIP-MoE directory.
+    ``forward`` passes the tower's ``extra_inputs`` (SigLIP 2 NaFlex's ``pixel_attention_mask`` and
+    ``spatial_shapes``) on by keyword and ignores other keyword arguments, as HF towers do.
     """
 
-    config_class = CLIPMoEVisionConfig
-    base_model_prefix = "vision_model"
-    main_input_name = "pixel_values"
-    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^(visual|text)_projection\.", r"^logit_scale"]
+    base_model_prefix = VISION.module
+    main_input_name = VISION.input_name
+    tower_class: Type[nn.Module]
 
-    def __init__(self, config: CLIPMoEVisionConfig):
+    def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.vision_model = VisionTransformer(config)
+        self.vision_model = self.tower_class(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -170,24 +169,24 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         """Encode images.
 
         Args:
-            pixel_values: ``[batch, channels, height, width]``.
+            pixel_values: ``[batch, channels, height, width]`` (SigLIP 2 NaFlex: see ``SiglipVisionTransformer``).
             output_hidden_states: also return every layer's output (index 0 = embeddings).
             interpolate_pos_encoding: resize the position grid for other image sizes.
         """
-        output = self.vision_model(pixel_values, bool(output_hidden_states), interpolate_pos_encoding)
+        extra = {name: kwargs.get(name) for name in self.vision_model.extra_inputs}
+        output = self.vision_model(pixel_values, bool(output_hidden_states), interpolate_pos_encoding, **extra)
         return output if return_dict is not False else output.to_tuple()
 
 
-class CLIPMoETextModel(CLIPMoEPreTrainedModel):
-    """The text tower alone (``text_model.*`` parameters), like HF ``CLIPTextModel``."""
+class TextTowerModel:
+    """Mixin of the text-tower models: one tower transformer (``tower_class``) under ``text_model``."""
 
-    config_class = CLIPMoETextConfig
-    base_model_prefix = "text_model"
-    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^(visual|text)_projection\.", r"^logit_scale"]
+    base_model_prefix = TEXT.module
+    tower_class: Type[nn.Module]
 
-    def __init__(self, config: CLIPMoETextConfig):
+    def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.text_model = TextTransformer(config)
+        self.text_model = self.tower_class(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -209,40 +208,49 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-class CLIPMoEModel(CLIPMoEPreTrainedModel):
-    """Both towers, their projections and the learnable temperature, like HF ``CLIPModel``."""
+class TwoTowerModel:
+    """Mixin of the two-tower models: ``text_model`` and ``vision_model``, their embeddings (``text_embedding``,
+    ``image_embedding``: identity unless overridden), the similarity logits and the family's ``contrastive_loss``.
+    """
 
-    config_class = CLIPMoEConfig
-
-    def __init__(self, config: CLIPMoEConfig):
-        super().__init__(config)
-        self.projection_dim = config.projection_dim
-        self.text_embed_dim = config.text_config.hidden_size
-        self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_model = TextTransformer(config.text_config)
-        self.vision_model = VisionTransformer(config.vision_config)
-        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
-        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self.post_init()
+    output_class: Type[CLIPMoEOutput]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.token_embedding
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """Projected, unnormalised text embeddings ``[batch, projection_dim]``."""
-        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+    def text_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The text embedding of the text tower's pooled output."""
+        return pooled
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
-        """Projected, unnormalised image embeddings ``[batch, projection_dim]``."""
-        pooled = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
-        return self.visual_projection(pooled)
+    def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The image embedding of the image tower's pooled output."""
+        return pooled
+
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The family's image-text loss of normalised embeddings."""
+        raise NotImplementedError
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """Unnormalised text embeddings ``[batch, embedding width]``."""
+        return self.text_embedding(self.text_model(input_ids, attention_mask).pooler_output)
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **naflex):
+        """Unnormalised image embeddings ``[batch, embedding width]`` (``naflex``: SigLIP 2 NaFlex's
+        ``pixel_attention_mask`` and ``spatial_shapes``)."""
+        pooled = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **naflex
+        ).pooler_output
+        return self.image_embedding(pooled)
 
     def similarity_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Normalise both embeddings and return ``(logits_per_image, logits_per_text, images, texts)``."""
+        """Normalise both embeddings and return ``(logits_per_image, logits_per_text, images, texts)``: scaled
+        cosine similarities, plus ``logit_bias`` where the model has one (SigLIP)."""
         image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device) * self.logit_scale.exp()
+        bias = getattr(self, "logit_bias", None)
+        if bias is not None:
+            logits_per_text = logits_per_text + bias
         return logits_per_text.t(), logits_per_text, image_embeds, text_embeds
 
     def forward(
@@ -256,12 +264,17 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> CLIPMoEOutput:
-        """Contrastive forward pass; ``loss`` = CLIP loss + ``router_aux_loss_coef`` x load balancing."""
+        """Forward pass; ``loss`` = ``contrastive_loss`` + ``router_aux_loss_coef`` x load balancing (layer mean).
+
+        Image-tower ``extra_inputs`` (SigLIP 2 NaFlex's ``pixel_attention_mask`` and ``spatial_shapes``) are
+        passed on by keyword.
+        """
         hidden = bool(output_hidden_states)
-        vision = self.vision_model(pixel_values, hidden, interpolate_pos_encoding)
+        extra = {name: kwargs.get(name) for name in self.vision_model.extra_inputs}
+        vision = self.vision_model(pixel_values, hidden, interpolate_pos_encoding, **extra)
         text = self.text_model(input_ids, attention_mask, hidden)
         per_image, per_text, image_embeds, text_embeds = self.similarity_logits(
-            self.visual_projection(vision.pooler_output), self.text_projection(text.pooler_output)
+            self.image_embedding(vision.pooler_output), self.text_embedding(text.pooler_output)
         )
         aux_loss, weighted_aux_loss = two_tower_aux_losses(
             text.aux_loss,
@@ -273,8 +286,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         )
         loss = None
         if return_loss:
-            loss = clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp()) + weighted_aux_loss
-        output = CLIPMoEOutput(
+            loss = self.contrastive_loss(image_embeds, text_embeds) + weighted_aux_loss
+        output = self.output_class(
             loss=loss,
             logits_per_image=per_image,
             logits_per_text=per_text,
@@ -286,3 +299,51 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             vision_model_output=vision,
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+class CLIPMoEVisionModel(VisionTowerModel, CLIPMoEPreTrainedModel):
+    """The image tower alone (``vision_model.*`` parameters), like HF ``CLIPVisionModel``.
+
+    ``from_pretrained`` accepts a vision-tower directory or a full CLIP / CLIP-MoE directory.
+    """
+
+    config_class = CLIPMoEVisionConfig
+    tower_class = VisionTransformer
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^(visual|text)_projection\.", r"^logit_scale"]
+
+
+class CLIPMoETextModel(TextTowerModel, CLIPMoEPreTrainedModel):
+    """The text tower alone (``text_model.*`` parameters), like HF ``CLIPTextModel``."""
+
+    config_class = CLIPMoETextConfig
+    tower_class = TextTransformer
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^(visual|text)_projection\.", r"^logit_scale"]
+
+
+class CLIPMoEModel(TwoTowerModel, CLIPMoEPreTrainedModel):
+    """Both towers, their projections and the learnable temperature, like HF ``CLIPModel``; the loss is the
+    symmetric contrastive loss."""
+
+    config_class = CLIPMoEConfig
+    output_class = CLIPMoEOutput
+
+    def __init__(self, config: CLIPMoEConfig):
+        super().__init__(config)
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = TextTransformer(config.text_config)
+        self.vision_model = VisionTransformer(config.vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def text_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(pooled)
+
+    def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(pooled)
+
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())

@@ -36,7 +36,8 @@ from mllm_encoder.layers import (
     key_padding_mask,
 )
 from mllm_encoder.losses import siglip_sigmoid_loss
-from mllm_encoder.moe import StackedExperts, TopKRouter, mean_load_balancing_loss, two_tower_aux_losses
+from mllm_encoder.modeling_clip_moe import TextTowerModel, TextTransformer, TwoTowerModel, VisionTowerModel
+from mllm_encoder.moe import StackedExperts, TopKRouter
 from mllm_encoder.outputs import MoEModelOutputWithPooling, SiglipMoEOutput
 
 # Initialisers act on the parameters themselves, never on views: transformers 5.x skips parameters it has
@@ -112,6 +113,8 @@ class SiglipVisionTransformer(nn.Module):
     patch grid) and ``pixel_attention_mask`` ``[batch, patches]`` (1 = a real patch).
     """
 
+    extra_inputs = ("pixel_attention_mask", "spatial_shapes")
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -148,124 +151,55 @@ class SiglipVisionTransformer(nn.Module):
         mask = key_padding_mask(pixel_attention_mask, hidden_states.dtype)
         encoded = self.encoder(hidden_states, mask, output_hidden_states)
         last = self.post_layernorm(encoded.last_hidden_state)
-        return MoEModelOutputWithPooling(
-            last_hidden_state=last,
-            pooler_output=self.head(last, pixel_attention_mask) if self.head is not None else None,
-            hidden_states=encoded.hidden_states,
-            router_logits=encoded.router_logits,
-            aux_loss=mean_load_balancing_loss(
-                encoded.router_logits, self.config.top_k, token_mask=pixel_attention_mask, device=last.device
-            ),
-        )
+        pooled = self.head(last, pixel_attention_mask) if self.head is not None else None
+        return encoded.tower_output(last, pooled, self.config.top_k, pixel_attention_mask)
 
 
-class SiglipTextTransformer(nn.Module):
-    """The bidirectional text tower; the pooled token is the last one (SigLIP pads to a fixed length)."""
+class SiglipTextTransformer(TextTransformer):
+    """The bidirectional text tower (padding mask only); the pooled token is the last one (SigLIP pads to a
+    fixed length), through a linear ``head``."""
 
     def __init__(self, config: SiglipMoETextConfig):
-        super().__init__()
-        self.config = config
-        self.embeddings = TextEmbeddings(config)
-        self.encoder = Encoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        super().__init__(config)
         self.head = nn.Linear(config.hidden_size, config.projection_size)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        output_hidden_states: bool = False,
-    ) -> MoEModelOutputWithPooling:
-        hidden_states = self.embeddings(input_ids)
-        encoded = self.encoder(
-            hidden_states, key_padding_mask(attention_mask, hidden_states.dtype), output_hidden_states
-        )
-        last = self.final_layer_norm(encoded.last_hidden_state)
-        return MoEModelOutputWithPooling(
-            last_hidden_state=last,
-            pooler_output=self.head(last[:, -1, :]),
-            hidden_states=encoded.hidden_states,
-            router_logits=encoded.router_logits,
-            aux_loss=mean_load_balancing_loss(
-                encoded.router_logits, self.config.top_k, token_mask=attention_mask, device=last.device
-            ),
-        )
+    def attention_bias(
+        self, attention_mask: Optional[torch.Tensor], hidden_states: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        return key_padding_mask(attention_mask, hidden_states.dtype)
+
+    def pool(self, last: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(last[:, -1, :])
 
 
-class SiglipMoEVisionModel(SiglipMoEPreTrainedModel):
+class SiglipMoEVisionModel(VisionTowerModel, SiglipMoEPreTrainedModel):
     """The image tower alone (``vision_model.*`` parameters), like HF ``SiglipVisionModel``.
 
     ``from_pretrained`` accepts a vision-tower directory or a full SigLIP / SigLIP-MoE directory.
     """
 
     config_class = SiglipMoEVisionConfig
-    base_model_prefix = "vision_model"
-    main_input_name = "pixel_values"
+    tower_class = SiglipVisionTransformer
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_(scale|bias)"]
 
-    def __init__(self, config: SiglipMoEVisionConfig):
-        super().__init__(config)
-        self.vision_model = SiglipVisionTransformer(config)
-        self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: Optional[bool] = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: Optional[bool] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        spatial_shapes: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> MoEModelOutputWithPooling:
-        """Encode images (arguments as ``CLIPMoEVisionModel.forward``; NaFlex inputs as ``SiglipVisionTransformer``)."""
-        output = self.vision_model(
-            pixel_values, bool(output_hidden_states), interpolate_pos_encoding, pixel_attention_mask, spatial_shapes
-        )
-        return output if return_dict is not False else output.to_tuple()
-
-
-class SiglipMoETextModel(SiglipMoEPreTrainedModel):
+class SiglipMoETextModel(TextTowerModel, SiglipMoEPreTrainedModel):
     """The text tower alone (``text_model.*`` parameters), like HF ``SiglipTextModel``."""
 
     config_class = SiglipMoETextConfig
-    base_model_prefix = "text_model"
+    tower_class = SiglipTextTransformer
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^logit_(scale|bias)"]
 
-    def __init__(self, config: SiglipMoETextConfig):
-        super().__init__(config)
-        self.text_model = SiglipTextTransformer(config)
-        self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.embeddings.token_embedding = value
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> MoEModelOutputWithPooling:
-        """Encode token ids ``[batch, length]`` (``attention_mask`` 1 = real token)."""
-        output = self.text_model(input_ids, attention_mask, bool(output_hidden_states))
-        return output if return_dict is not False else output.to_tuple()
-
-
-class SiglipMoEModel(SiglipMoEPreTrainedModel):
+class SiglipMoEModel(TwoTowerModel, SiglipMoEPreTrainedModel):
     """Both towers and the sigmoid loss's learnable ``logit_scale`` and ``logit_bias``, like HF ``SiglipModel``.
 
-    The image embedding is the vision head's output, the text embedding the text ``head``'s (no projections).
+    The image embedding is the vision head's output, the text embedding the text ``head``'s (no projections);
+    ``forward`` also takes SigLIP 2 NaFlex's ``pixel_attention_mask`` and ``spatial_shapes``.
     """
 
     config_class = SiglipMoEConfig
+    output_class = SiglipMoEOutput
 
     def __init__(self, config: SiglipMoEConfig):
         super().__init__(config)
@@ -275,67 +209,8 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
         self.logit_bias = nn.Parameter(torch.full((1,), config.logit_bias_init_value))
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """Unnormalised text embeddings ``[batch, projection_size]``."""
-        return self.text_model(input_ids, attention_mask).pooler_output
-
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **naflex):
-        """Unnormalised image embeddings ``[batch, hidden_size]`` (``naflex``: ``pixel_attention_mask``,
-        ``spatial_shapes``)."""
-        return self.vision_model(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **naflex
-        ).pooler_output
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        return_loss: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: Optional[bool] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        spatial_shapes: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> SiglipMoEOutput:
-        """Forward pass; ``loss`` = sigmoid loss + ``router_aux_loss_coef`` x load balancing (layer mean).
-
-        ``pixel_attention_mask`` and ``spatial_shapes``: SigLIP 2 NaFlex image inputs (see ``SiglipVisionTransformer``).
-        """
-        hidden = bool(output_hidden_states)
-        vision = self.vision_model(pixel_values, hidden, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
-        text = self.text_model(input_ids, attention_mask, hidden)
-        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
-        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
-        scale, bias = self.logit_scale.exp(), self.logit_bias
-        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device) * scale + bias
-        aux_loss, weighted_aux_loss = two_tower_aux_losses(
-            text.aux_loss,
-            len(text.router_logits),
-            self.config.text_config.router_aux_loss_coef,
-            vision.aux_loss,
-            len(vision.router_logits),
-            self.config.vision_config.router_aux_loss_coef,
-        )
-        loss = None
-        if return_loss:
-            loss = siglip_sigmoid_loss(image_embeds, text_embeds, scale, bias) + weighted_aux_loss
-        output = SiglipMoEOutput(
-            loss=loss,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            aux_loss=aux_loss,
-            router_logits=text.router_logits + vision.router_logits,
-            text_model_output=text,
-            vision_model_output=vision,
-        )
-        return output if return_dict is not False else output.to_tuple()
+    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return siglip_sigmoid_loss(image_embeds, text_embeds, self.logit_scale.exp(), self.logit_bias)
 
 
 class Siglip2MoEVisionModel(SiglipMoEVisionModel):

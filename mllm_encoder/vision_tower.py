@@ -28,16 +28,14 @@ from mllm_encoder.checkpoint import (
 )
 from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
 from mllm_encoder.configuration_siglip_moe import SiglipMoEVisionConfig
-from mllm_encoder.modeling_clip_moe import CLIPMoEVisionModel
-from mllm_encoder.modeling_siglip_moe import SiglipMoEVisionModel
+from mllm_encoder.families import FAMILIES
 from mllm_encoder.towers import VISION
 
 logger = logging.getLogger(__name__)
 
 # The image tower's family comes from its config's model_type (CLIP when there is none): config and model class.
 TOWER_FAMILIES = {
-    "clip": (CLIPMoEVisionConfig, CLIPMoEVisionModel),
-    "siglip": (SiglipMoEVisionConfig, SiglipMoEVisionModel),
+    name: (FAMILIES[name].vision_model.config_class, FAMILIES[name].vision_model) for name in ("clip", "siglip")
 }
 
 

@@ -22,9 +22,7 @@ class QuickGELU(nn.Module):
 
 def mlp(width):
     return nn.Sequential(
-        collections.OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
-        )
+        collections.OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width))
     )
 
 
@@ -84,9 +82,7 @@ class ReferenceOpenAICLIPMoE(nn.Module):
         if long_clip:
             self.positional_embedding_res = nn.Parameter(torch.randn(context, WIDTH) * 0.1)
         self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList(
-            [ReferenceBlock(WIDTH, e, causal_length=context) for e in experts]
-        )
+        self.transformer.resblocks = nn.ModuleList([ReferenceBlock(WIDTH, e, causal_length=context) for e in experts])
         self.ln_final = nn.LayerNorm(WIDTH)
         self.text_projection = nn.Parameter(torch.randn(WIDTH, EMBED) * 0.1)
         self.logit_scale = nn.Parameter(torch.tensor(4.6))
@@ -139,9 +135,7 @@ def test_official_clip_moe_conversion_reproduces_the_reference(long_clip):
         torch.testing.assert_close(
             model.get_image_features(pixel_values), reference.encode_image(pixel_values), atol=1e-4, rtol=0
         )
-        torch.testing.assert_close(
-            model.get_text_features(text), reference.encode_text(text), atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(model.get_text_features(text), reference.encode_text(text), atol=1e-4, rtol=0)
 
 
 def test_conversion_rejects_unconverted_tensors():
@@ -157,14 +151,10 @@ def test_open_clip_model_converts_exactly(tmp_path):
     reference = open_clip.model.CLIP(
         embed_dim=EMBED,
         vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=WIDTH, patch_size=8, image_size=32),
-        text_cfg=open_clip.model.CLIPTextCfg(
-            context_length=16, vocab_size=49408, width=WIDTH, heads=HEADS, layers=2
-        ),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=16, vocab_size=49408, width=WIDTH, heads=HEADS, layers=2),
         quick_gelu=True,
     ).eval()
-    torch.save(
-        {"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}}, tmp_path / "oc.pt"
-    )
+    torch.save({"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}}, tmp_path / "oc.pt")
     convert_checkpoint(tmp_path / "oc.pt", tmp_path / "converted", "openai")
     model = load_clip_moe(tmp_path / "converted").eval()
     assert isinstance(model, CLIPMoEModel) and model.config.vision_config.num_experts == 1
@@ -174,15 +164,11 @@ def test_open_clip_model_converts_exactly(tmp_path):
         torch.testing.assert_close(
             model.get_image_features(pixel_values), reference.encode_image(pixel_values), atol=1e-4, rtol=0
         )
-        torch.testing.assert_close(
-            model.get_text_features(text), reference.encode_text(text), atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(model.get_text_features(text), reference.encode_text(text), atol=1e-4, rtol=0)
     from mllm_encoder.checkpoint import load_processors
 
     _, tokenizer = load_processors(tmp_path / "converted")
-    ids = tokenizer(
-        ["a striped red circle"], padding="max_length", max_length=16, return_tensors="pt"
-    ).input_ids
+    ids = tokenizer(["a striped red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
     assert ids[0, :6].tolist() == text[0, :6].tolist()
 
 
@@ -214,9 +200,7 @@ def test_timm_clip_vit_converts_exactly(tmp_path):
         pooled = reference.forward_head(features, pre_logits=True)
         ours = model(pixel_values, output_hidden_states=True)
         torch.testing.assert_close(ours.pooler_output, pooled, atol=1e-4, rtol=0)
-        block_out = reference.blocks[0](
-            reference.norm_pre(reference._pos_embed(reference.patch_embed(pixel_values)))
-        )
+        block_out = reference.blocks[0](reference.norm_pre(reference._pos_embed(reference.patch_embed(pixel_values))))
         torch.testing.assert_close(ours.hidden_states[1], block_out, atol=1e-4, rtol=0)
 
 

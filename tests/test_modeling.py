@@ -47,21 +47,10 @@ def test_dense_clip_moe_model_equals_hf_clip(eos_token_id):
     hf, ours = hf_and_ours(eos_token_id=eos_token_id)
     input_ids, attention_mask = text_inputs(49407)
     pixel_values = torch.randn(3, 3, 32, 32)
+    kwargs = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
     with torch.no_grad():
-        expected = hf(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            output_hidden_states=True,
-            return_loss=True,
-        )
-        actual = ours(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            output_hidden_states=True,
-            return_loss=True,
-        )
+        expected = hf(**kwargs, output_hidden_states=True)
+        actual = ours(**kwargs, output_hidden_states=True)
     torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.text_embeds, expected.text_embeds, atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.image_embeds, expected.image_embeds, atol=ATOL, rtol=0)

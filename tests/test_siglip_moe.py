@@ -43,6 +43,14 @@ def hf_and_ours(seed: int = 0):
     return hf, ours
 
 
+def hf_and_ours_vision():
+    torch.manual_seed(0)
+    hf = SiglipVisionModel(SiglipVisionConfig(**tiny_siglip_vision_config())).eval()
+    ours = SiglipMoEVisionModel(SiglipMoEVisionConfig(**tiny_siglip_vision_config())).eval()
+    ours.load_state_dict(hf_state(hf, "vision_model."))
+    return hf, ours
+
+
 def text_inputs():
     torch.manual_seed(3)
     input_ids = torch.randint(3, 256, (3, 12))
@@ -94,10 +102,7 @@ def test_dense_siglip_moe_model_equals_hf_siglip(masked):
 
 
 def test_dense_vision_model_equals_hf_siglip_vision_model():
-    torch.manual_seed(0)
-    hf = SiglipVisionModel(SiglipVisionConfig(**tiny_siglip_vision_config())).eval()
-    ours = SiglipMoEVisionModel(SiglipMoEVisionConfig(**tiny_siglip_vision_config())).eval()
-    ours.load_state_dict(hf_state(hf, "vision_model."))
+    hf, ours = hf_and_ours_vision()
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = hf(pixel_values, output_hidden_states=True)
@@ -112,10 +117,7 @@ def test_dense_vision_model_equals_hf_siglip_vision_model():
 
 @needs_hf5
 def test_interpolated_positions_equal_hf():
-    torch.manual_seed(0)
-    hf = SiglipVisionModel(SiglipVisionConfig(**tiny_siglip_vision_config())).eval()
-    ours = SiglipMoEVisionModel(SiglipMoEVisionConfig(**tiny_siglip_vision_config())).eval()
-    ours.load_state_dict(hf_state(hf, "vision_model."))
+    hf, ours = hf_and_ours_vision()
     pixel_values = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         expected = hf(pixel_values, interpolate_pos_encoding=True)

@@ -1,12 +1,12 @@
 """The sigmoid loss on 2 gloo processes equals the single-process loss and gradients; the loss of a model's family."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_helpers import free_port
 from tiny_models import tiny_clip_moe_config, tiny_siglip_moe_config
 
 from mllm_encoder import CLIPMoEModel, SiglipMoEModel
@@ -50,19 +50,13 @@ def _worker(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_gloo_ranks_match_single_process():
     params, images, texts = _towers_and_data()
     reference = _loss(params, images, texts)
     reference.backward()
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_worker, args=(_free_port(), queue), nprocs=2, join=False, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), queue), nprocs=2, join=False, start_method="spawn")
     loss, grads = map(torch.from_numpy, queue.get(timeout=60))
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads, _grads(params), rtol=1e-4, atol=1e-6)

@@ -1,34 +1,32 @@
 """Tiny CLIP / CLIP-MoE configurations for tests (importable from any test directory)."""
 
+# The shape every tiny tower shares: width 32, FFN 64, 4 heads; images 32x32 in 8x8 patches, texts of 16 tokens.
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16
+)
+
 
 def tiny_vision_config(**overrides) -> dict:
     """A 3-layer ViT on 32x32 images with 8x8 patches (16 patches + CLS)."""
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        hidden_act="quick_gelu",
-    )
-    config.update(overrides)
-    return config
+    return {**TINY_VISION, "hidden_act": "quick_gelu", **overrides}
 
 
 def tiny_text_config(**overrides) -> dict:
     """A 2-layer causal text tower over the real CLIP vocabulary, context 16."""
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=49408,
-        max_position_embeddings=16,
-        hidden_act="quick_gelu",
-    )
-    config.update(overrides)
-    return config
+    return {**TINY_TEXT, "vocab_size": 49408, "hidden_act": "quick_gelu", **overrides}
+
+
+def tiny_siglip_vision_config(**overrides) -> dict:
+    """A 3-layer SigLIP ViT on 32x32 images with 8x8 patches (16 patches, no class token)."""
+    return {**TINY_VISION, **overrides}
+
+
+def tiny_siglip_text_config(**overrides) -> dict:
+    """A 2-layer bidirectional SigLIP text tower over 256 token ids, context 16."""
+    return {**TINY_TEXT, "vocab_size": 256, "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 2, **overrides}
 
 
 def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, **overrides):
@@ -37,42 +35,8 @@ def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, **overrides):
 
     moe = dict(num_experts=num_experts, top_k=top_k)
     return CLIPMoEConfig(
-        vision_config=tiny_vision_config(**moe),
-        text_config=tiny_text_config(**moe),
-        projection_dim=16,
-        **overrides,
+        vision_config=tiny_vision_config(**moe), text_config=tiny_text_config(**moe), projection_dim=16, **overrides
     )
-
-
-def tiny_siglip_vision_config(**overrides) -> dict:
-    """A 3-layer SigLIP ViT on 32x32 images with 8x8 patches (16 patches, no class token)."""
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    config.update(overrides)
-    return config
-
-
-def tiny_siglip_text_config(**overrides) -> dict:
-    """A 2-layer bidirectional SigLIP text tower over 256 token ids, context 16."""
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=256,
-        max_position_embeddings=16,
-        pad_token_id=1,
-        bos_token_id=None,
-        eos_token_id=2,
-    )
-    config.update(overrides)
-    return config
 
 
 def tiny_siglip_moe_config(num_experts: int = 4, top_k: int = 2, **overrides):

@@ -1,12 +1,12 @@
 """The all-gathered contrastive loss on 2 gloo processes equals the single-process loss, gradients too."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_helpers import free_port
 
 from mllm_encoder.distributed import DistState, all_gather_with_grad
 from mllm_encoder.losses import clip_contrastive_loss
@@ -51,12 +51,6 @@ def _uneven_gather(rank: int):
     return gathered.detach(), mine.grad
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_gloo_ranks_match_single_process():
     image_tower, text_tower, images, texts = _towers_and_data()
@@ -64,7 +58,7 @@ def test_two_gloo_ranks_match_single_process():
     reference.backward()
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(_worker, args=(_free_port(), queue), nprocs=2, join=False, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), queue), nprocs=2, join=False, start_method="spawn")
     loss, grads, gathered, rank0_grad = map(torch.from_numpy, queue.get(timeout=60))
     torch.testing.assert_close(gathered, torch.arange(16.0).reshape(8, 2))
     torch.testing.assert_close(rank0_grad, 2 * torch.arange(6.0).reshape(3, 2))

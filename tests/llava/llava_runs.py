@@ -2,19 +2,14 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from process_helpers import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_train(workdir: Path, args: List[str], nproc: int = 1, timeout: int = 600) -> str:
@@ -28,7 +23,7 @@ def run_train(workdir: Path, args: List[str], nproc: int = 1, timeout: int = 600
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
     )
-    port = str(_free_port())
+    port = str(free_port())
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         command = [sys.executable, "-m", "llava_patch.train"]
