@@ -1,6 +1,7 @@
 """Helpers shared by the data and zero-shot evaluation tests (imported by module name)."""
 
 import gzip
+import hashlib
 import io
 import json
 import tarfile
@@ -61,3 +62,12 @@ def tar_bytes(members) -> bytes:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file's relative path and bytes, in sorted order: equal digests = identical trees."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -1,10 +1,10 @@
 """The synthetic shapes set: deterministic, loadable by the ShareGPT4V loader, captions match attributes."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+from data_helpers import folder_digest
 from PIL import Image
 
 from mllm_encoder.data import load_image_text_dataset
@@ -20,19 +20,11 @@ from mllm_encoder.data.synthetic import (
 )
 
 
-def _digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
 def test_deterministic_by_seed(tmp_path):
     first = write_shapes_dataset(tmp_path / "a", 40, 10, seed=3, progress=False)
     write_shapes_dataset(tmp_path / "b", 40, 10, seed=3, progress=False)
     write_shapes_dataset(tmp_path / "c", 40, 10, seed=4, progress=False)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    assert folder_digest(tmp_path / "a") == folder_digest(tmp_path / "b") != folder_digest(tmp_path / "c")
     assert set(first) == {"train", "eval", "train_attributes", "eval_attributes", "image_root"}
 
 

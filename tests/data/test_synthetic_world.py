@@ -1,10 +1,8 @@
 """The DMU benchmark's synthetic world: deterministic, captions match attributes, hidden attributes render."""
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import pytest
+from data_helpers import folder_digest
 
 from mllm_encoder.data import load_image_text_dataset
 from mllm_encoder.data.synthetic_world import (
@@ -22,20 +20,12 @@ from mllm_encoder.data.synthetic_world import (
 )
 
 
-def _digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
 def test_world_is_deterministic_and_loadable(tmp_path, image_processor, clip_tokenizer):
     first = write_world_dataset(tmp_path / "a", 12, 10, 6, progress=False)
     write_world_dataset(tmp_path / "b", 12, 10, 6, progress=False)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert folder_digest(tmp_path / "a") == folder_digest(tmp_path / "b")
     write_world_dataset(tmp_path / "c", 12, 10, 6, seed=1, progress=False)
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert folder_digest(tmp_path / "a") != folder_digest(tmp_path / "c")
     dataset = load_image_text_dataset(
         first["finetune_train"], image_processor=image_processor, tokenizer=clip_tokenizer
     )
