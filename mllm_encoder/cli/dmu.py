@@ -214,6 +214,12 @@ def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.report import format_demo_table
 
     _log_to_file(Path(args.out) / "demo.log", True)
+    if args.replication:
+        from mllm_encoder.dmu.replication import run_replication
+
+        print("\n".join(run_replication(args.out, quick=args.quick)["verdict"]))
+        print(f"\nresults: {Path(args.out) / 'replication' / 'replication.json'}")
+        return
     results = demo(args.out, quick=args.quick)
     print(format_demo_table(results))
     print("\n".join(results["verdict"]))
@@ -297,4 +303,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic data (CPU)")
     demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument(
+        "--replication",
+        action="store_true",
+        help="only the audit's stage-level control in the audit's world, into OUT/replication (docs/dmu.md)",
+    )
     demo.set_defaults(func=run_demo)

@@ -46,30 +46,14 @@ class _Options:
         self.rows = torch.tensor([s["index"] for s in self.samples])
 
 
-class WorldEvaluator:
-    """Every benchmark metric of a model, from the world's files and the base's processors."""
+class Encoder:
+    """Preprocessed images and tokenised captions (the base's processors), and their embeddings by a model."""
 
-    def __init__(self, paths: Dict[str, str], processors_dir: PathLike, probe_train: int, batch_size: int = 256):
+    def __init__(self, processors_dir: PathLike, batch_size: int = 256):
         image_processor, tokenizer = processors(processors_dir)
         self.transform, self.text_tokenizer = build_transforms(image_processor, tokenizer)
         self.batch_size = batch_size
-        root = Path(paths["image_root"])
-        self.data = {
-            split: load_world_attributes(paths[f"{split}_attributes"])
-            for split in ("finetune_eval", "pretrain_eval", "finetune_train")
-        }
-        self.data["finetune_train"]["samples"] = self.data["finetune_train"]["samples"][:probe_train]
-        self.pixels = {split: self._load_images(root, data["samples"]) for split, data in self.data.items()}
-        self.tokens = {
-            split: self.text_tokenizer(
-                [caption(s, self.data[split]["distribution"]) for s in self.data[split]["samples"]]
-            )
-            for split in ("finetune_eval", "pretrain_eval")
-        }
-        finetune, pretrain = self.data["finetune_eval"]["samples"], self.data["pretrain_eval"]["samples"]
-        self.options = {f"swap_{a}": _Options(finetune, a, FINETUNE_ATTRIBUTES[a], "finetune") for a in HIDDEN}
-        self.options["retain_swap_frame"] = _Options(pretrain, "frame", PRETRAIN_ATTRIBUTES["frame"], "pretrain")
-        self.option_tokens = {name: self.text_tokenizer(options.captions) for name, options in self.options.items()}
+        self.pixels: Dict[str, torch.Tensor] = {}
 
     def _load_images(self, root: Path, samples: List[Dict[str, Any]]) -> torch.Tensor:
         images = []
@@ -94,6 +78,30 @@ class WorldEvaluator:
             output = model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device))
             chunks.append(torch.nn.functional.normalize(_features(output).float(), dim=-1).cpu())
         return torch.cat(chunks)
+
+
+class WorldEvaluator(Encoder):
+    """Every benchmark metric of a model, from the world's files and the base's processors."""
+
+    def __init__(self, paths: Dict[str, str], processors_dir: PathLike, probe_train: int, batch_size: int = 256):
+        super().__init__(processors_dir, batch_size)
+        root = Path(paths["image_root"])
+        self.data = {
+            split: load_world_attributes(paths[f"{split}_attributes"])
+            for split in ("finetune_eval", "pretrain_eval", "finetune_train")
+        }
+        self.data["finetune_train"]["samples"] = self.data["finetune_train"]["samples"][:probe_train]
+        self.pixels = {split: self._load_images(root, data["samples"]) for split, data in self.data.items()}
+        self.tokens = {
+            split: self.text_tokenizer(
+                [caption(s, self.data[split]["distribution"]) for s in self.data[split]["samples"]]
+            )
+            for split in ("finetune_eval", "pretrain_eval")
+        }
+        finetune, pretrain = self.data["finetune_eval"]["samples"], self.data["pretrain_eval"]["samples"]
+        self.options = {f"swap_{a}": _Options(finetune, a, FINETUNE_ATTRIBUTES[a], "finetune") for a in HIDDEN}
+        self.options["retain_swap_frame"] = _Options(pretrain, "frame", PRETRAIN_ATTRIBUTES["frame"], "pretrain")
+        self.option_tokens = {name: self.text_tokenizer(options.captions) for name, options in self.options.items()}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:

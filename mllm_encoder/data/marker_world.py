@@ -1,0 +1,94 @@
+"""The audit's world for the DMU control replication (``docs/dmu.md``, "Control replication"), in ShareGPT4V JSON.
+
+Every image is a plain background in one of 10 named colours with a ``large`` or ``medium`` disc of another of
+them near the centre and one 8 x 8-pixel square marker in one of 4 colours at a random position; the caption
+names all of them. With 90 colour pairs a random batch seldom holds two images that only the disc's size tells
+apart, so a CLIP trained on these captions has little reason to encode the size: the suppressed attribute.
+Everything is deterministic given the seed.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.data.synthetic_world import BANDS, FRAMES, PALETTE, PROMPT, SIZES
+
+COLOURS = {**PALETTE, **dict(list(BANDS.items())[:6])}  # red ... yellow, orange, purple, pink, cyan, navy, olive
+MARKERS = FRAMES  # white, black, grey, brown
+MARKER_PIXELS = 8
+ATTRIBUTES = {"background": tuple(COLOURS), "disc": tuple(COLOURS), "size": SIZES, "marker": tuple(MARKERS)}
+TEMPLATE = "a {size} {disc} disc on a {background} background with a {marker} marker."
+
+
+def sample_marker_world(rng: np.random.Generator) -> Dict[str, Any]:
+    """Random attributes of one image."""
+    names = list(COLOURS)
+    background, disc = rng.choice(len(names), size=2, replace=False)
+    return {
+        "background": names[background],
+        "disc": names[disc],
+        "size": SIZES[rng.integers(len(SIZES))],
+        "marker": list(MARKERS)[rng.integers(len(MARKERS))],
+    }
+
+
+def marker_caption(sample: Dict[str, Any]) -> str:
+    """The caption of ``sample``."""
+    return TEMPLATE.format(**sample)
+
+
+def render_marker_world(sample: Dict[str, Any], rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """A ``size`` x ``size`` RGB image of ``sample``."""
+    if size < 2 * MARKER_PIXELS:
+        raise ValueError(f"image size must be at least {2 * MARKER_PIXELS}, got {size}")
+    jitter = lambda: rng.uniform(-12, 12, size=3)  # noqa: E731 - colour variation within a name
+    image = np.empty((size, size, 3))
+    image[:] = np.asarray(COLOURS[sample["background"]]) + jitter()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    fraction = rng.uniform(0.34, 0.39) if sample["size"] == "large" else rng.uniform(0.22, 0.26)
+    cx, cy = (size - 1) / 2 + rng.uniform(-0.08, 0.08, size=2) * size
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 <= (fraction * size) ** 2] = np.asarray(COLOURS[sample["disc"]]) + jitter()
+    top, left = rng.integers(0, size - MARKER_PIXELS + 1, size=2)
+    image[top : top + MARKER_PIXELS, left : left + MARKER_PIXELS] = np.asarray(MARKERS[sample["marker"]]) + jitter()
+    image += rng.normal(0.0, 4.0, size=image.shape)
+    return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def write_marker_world(
+    out_dir: Union[str, os.PathLike], num_train: int, num_eval: int, image_size: int = 48, seed: int = 0
+) -> Dict[str, str]:
+    """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images.
+
+    Returns the paths keyed ``train``, ``eval``, ``train_attributes``, ``eval_attributes`` and ``image_root``
+    (``out_dir``, which the image paths are relative to).
+    """
+    for name, value in (("num_train", num_train), ("num_eval", num_eval)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    out = Path(out_dir)
+    paths = {"image_root": str(out)}
+    for split, count in (("train", num_train), ("eval", num_eval)):
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        conversations, samples = [], []
+        for index in tqdm(range(count), desc=f"marker world {split}", leave=False):
+            sample = sample_marker_world(rng)
+            relative = f"images/{split}/{index:06d}.png"
+            render_marker_world(sample, rng, image_size).save(out / relative, compress_level=1)
+            text = marker_caption(sample)
+            turns = [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": text}]
+            conversations.append({"id": f"{split}_{index:06d}", "image": relative, "conversations": turns})
+            samples.append({"index": index, "image": relative, "caption": text, **sample})
+        attributes = {k: list(v) for k, v in ATTRIBUTES.items()}
+        atomic_write_json(out / f"{split}.json", conversations)
+        atomic_write_json(
+            out / f"{split}_attributes.json",
+            {"attributes": attributes, "samples": samples},
+        )
+        paths[split], paths[f"{split}_attributes"] = str(out / f"{split}.json"), str(out / f"{split}_attributes.json")
+    return paths
