@@ -99,14 +99,12 @@ def _try_config_dict(directory: PathLike) -> Optional[Dict[str, Any]]:
 
 
 def is_clip_moe_dir(directory: PathLike) -> bool:
-    """Whether ``directory`` holds a CLIP-MoE model (``model_type`` ``clip_moe*`` or experts in the config)."""
+    """Whether ``directory`` holds one of our models (a ``model_type`` of ours, or experts in the config)."""
     config = _try_config_dict(directory)
     if config is None:
         return False
     vision = config.get("vision_config") or {}
-    return (
-        str(config.get("model_type", "")).startswith("clip_moe") or "num_experts" in vision or "num_experts" in config
-    )
+    return config.get("model_type") in CLIP_MOE_MODEL_TYPES or "num_experts" in vision or "num_experts" in config
 
 
 def is_clip_moe_checkpoint(directory: PathLike) -> bool:

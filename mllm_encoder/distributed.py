@@ -45,12 +45,13 @@ class DistState:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def gather_sizes(batch: int, state: DistState) -> List[int]:
-    """Every rank's number of rows (ranks may hold fewer after dropping bad samples)."""
+def gather_sizes(batch: int, state: DistState, device: Optional[torch.device] = None) -> List[int]:
+    """Every rank's number of rows (ranks may hold fewer after dropping bad samples), exchanged as tensors on
+    ``device``: the embeddings' device, since NCCL gathers only CUDA tensors."""
     if state.world_size == 1:
         return [batch]
-    chunks = [torch.zeros(1, dtype=torch.long) for _ in range(state.world_size)]
-    state.gather_into(chunks, torch.tensor([batch], dtype=torch.long))
+    chunks = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(state.world_size)]
+    state.gather_into(chunks, torch.tensor([batch], dtype=torch.long, device=device))
     return [int(chunk.item()) for chunk in chunks]
 
 
@@ -83,5 +84,5 @@ def all_gather_with_grad(tensor: torch.Tensor, state: DistState, sizes: Optional
     """
     if state.world_size == 1:
         return tensor
-    sizes = sizes if sizes is not None else gather_sizes(tensor.shape[0], state)
+    sizes = sizes if sizes is not None else gather_sizes(tensor.shape[0], state, tensor.device)
     return _AllGatherWithGrad.apply(tensor, state, sizes)

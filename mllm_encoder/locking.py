@@ -69,9 +69,7 @@ def _read_holder(path: Path) -> Optional[LockHolder]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return LockHolder(**{key: data[key] for key in ("pid", "host", "started", "command", "token")})
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # gone, being written, or not a lock of ours
         return None
 
 

@@ -29,7 +29,7 @@ def _normalise_and_gather(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
         )
     image = F.normalize(image_embeds.float(), dim=-1)
     text = F.normalize(text_embeds.float(), dim=-1)
-    sizes = gather_sizes(image.shape[0], state)
+    sizes = gather_sizes(image.shape[0], state, image.device)
     return image, text, sizes, all_gather_with_grad(image, state, sizes)
 
 

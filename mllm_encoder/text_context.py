@@ -8,9 +8,14 @@ original position the slope of the last pair is continued (the table has no late
 
 import copy
 import logging
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from mllm_encoder.atomic import PathLike
+from mllm_encoder.checkpoint import load_processors, save_checkpoint
+from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel
 
 logger = logging.getLogger(__name__)
@@ -65,3 +70,21 @@ def stretch_tokenizer(tokenizer, positions: int):
     stretched.model_max_length = positions
     stretched.init_kwargs["model_max_length"] = positions
     return stretched
+
+
+def stretch_checkpoint(
+    source: PathLike,
+    out_dir: PathLike,
+    positions: int,
+    keep: int = DEFAULT_KEEP,
+    overwrite: bool = False,
+    inputs: Sequence[PathLike] = (),
+) -> Path:
+    """Write a complete stretched copy of the checkpoint ``source`` (HF CLIP or CLIP-MoE, with its tokenizer) to
+    ``out_dir``: weights, config ``max_position_embeddings`` and tokenizer ``model_max_length``."""
+    image_processor, tokenizer = load_processors(source)
+    if tokenizer is None:
+        raise ValueError(f"{source}: no tokenizer files; a stretched checkpoint needs one (model_max_length)")
+    model = stretch_text_context(load_clip_moe(source), positions, keep)
+    tokenizer = stretch_tokenizer(tokenizer, positions)
+    return save_checkpoint(model, out_dir, image_processor, tokenizer, overwrite=overwrite, inputs=inputs)

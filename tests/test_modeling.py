@@ -212,3 +212,22 @@ def test_moe_layers_subset_and_dense_towers():
     assert model.vision_model.encoder.layers[1].mlp.experts.fc1.weight.shape == (4, 64, 32)
     assert CLIPMoEVisionConfig(**tiny_vision_config(num_experts=4, top_k=2, moe_layers=[])).moe_layer_indices == []
     assert CLIPMoEVisionConfig(**tiny_vision_config()).moe_layer_indices == []
+
+
+def test_each_towers_coefficient_weighs_its_own_layers():
+    moe = dict(num_experts=4, top_k=2)
+    config = CLIPMoEConfig(
+        vision_config=tiny_vision_config(router_aux_loss_coef=0.1, **moe),
+        text_config=tiny_text_config(router_aux_loss_coef=0.0, **moe),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPMoEModel(config).eval()
+    input_ids, attention_mask = text_inputs()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=torch.randn(3, 3, 32, 32), attention_mask=attention_mask,
+                    return_loss=True)  # fmt: skip
+    targets = torch.arange(3)
+    contrastive = (F.cross_entropy(out.logits_per_text, targets) + F.cross_entropy(out.logits_per_image, targets)) / 2
+    vision_aux = out.vision_model_output.aux_loss  # 3 vision MoE layers of 5; the text tower's weight is 0
+    torch.testing.assert_close(out.loss, contrastive + 0.1 * 3 * vision_aux / 5)

@@ -13,7 +13,7 @@ from mllm_encoder.checkpoint import check_output_dir, load_processors, save_chec
 from mllm_encoder.conversion.convert import convert_checkpoint
 from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.model_summary import summarize_model
-from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
+from mllm_encoder.text_context import stretch_checkpoint
 from mllm_encoder.upcycle import assemble_experts, sparse_upcycle
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,7 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def run_stretch_text(args: argparse.Namespace) -> None:
     check_output_dir(args.out, [args.source], args.overwrite)
-    image_processor, tokenizer = load_processors(args.source)
-    if tokenizer is None:
-        raise ValueError(f"{args.source}: no tokenizer files; a stretched checkpoint needs one (model_max_length)")
-    model = stretch_text_context(load_clip_moe(args.source), args.positions, args.keep)
-    tokenizer = stretch_tokenizer(tokenizer, args.positions)
-    save_checkpoint(model, args.out, image_processor, tokenizer, overwrite=args.overwrite, inputs=[args.source])
+    stretch_checkpoint(args.source, args.out, args.positions, args.keep, args.overwrite, inputs=[args.source])
     logger.info("saved %s (text context %d)", args.out, args.positions)
 
 

@@ -129,7 +129,6 @@ class _SampleDecoder(BadSampleLog):
     def __init__(self, transform: Callable, text_tokenizer: ClipTextTokenizer) -> None:
         BadSampleLog.__init__(self)
         self.transform, self.text_tokenizer = transform, text_tokenizer
-        self.lost_shards: List[Tuple[str, str]] = []
 
     def decode(self, index: int, source: str, parts: Dict[str, bytes]) -> Optional[Sample]:
         caption_key, image_key = _pick(parts, CAPTION_KEYS), _pick(parts, IMAGE_KEYS)

@@ -142,7 +142,8 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
 def _extract_stage(ctx: RunContext, model_dir: Path, out: Path):
     def run() -> Dict[str, Any]:
         cfg = ctx.config
-        return {"features": str(run_extract(model_dir, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size))}
+        features = run_extract(model_dir, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size, ctx.base_model)
+        return {"features": str(features)}
 
     return run
 

@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
-from mllm_encoder.checkpoint import save_checkpoint
 from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.features import extract_features, load_features
-from mllm_encoder.dmu.resources import load_model, load_training_data, processors, save_model
+from mllm_encoder.dmu.resources import load_model, load_training_data, save_model
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, train
-from mllm_encoder.text_context import stretch_text_context, stretch_tokenizer
+from mllm_encoder.text_context import stretch_checkpoint
 from mllm_encoder.upcycle import assemble_experts
 
 logger = logging.getLogger(__name__)
@@ -53,8 +52,18 @@ def train_config(
     return TrainConfig(dataclasses.replace(section, **overrides), steps, seed, runtime, num_workers)
 
 
-def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accelerator, batch_size: int = 256) -> Path:
+def run_extract(
+    model_dir: PathLike,
+    data: DataSection,
+    out_dir: PathLike,
+    accelerator,
+    batch_size: int = 256,
+    processors_dir: Optional[PathLike] = None,
+) -> Path:
     """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``.
+
+    Samples are preprocessed with the processors of ``processors_dir`` (default ``model_dir``'s): the pipeline
+    passes the base, whose processors every stage's checkpoint carries, so the training set is built once.
 
     Shards of an earlier, interrupted extraction (possibly with another number of processes) are removed
     first by the main process, so the directory ends with exactly one shard per rank of this run.
@@ -65,7 +74,7 @@ def run_extract(model_dir: PathLike, data: DataSection, out_dir: PathLike, accel
             stale.unlink()
     accelerator.wait_for_everyone()
     model = load_model(model_dir).to(accelerator.device)
-    dataset, collator = load_training_data(data, model_dir)
+    dataset, collator = load_training_data(data, processors_dir or model_dir)
     state = DistState(accelerator.num_processes, accelerator.process_index)
     with accelerator.autocast():
         extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
@@ -181,12 +190,7 @@ def _tensorboard_writer(log_dir: Path):
 
 def run_stretch(model_dir: PathLike, positions: int, out_dir: PathLike) -> Path:
     """Stage ``stretch``: the base with its text context stretched to ``positions`` (Long-CLIP), tokenizer too."""
-    image_processor, tokenizer = processors(model_dir)
-    if tokenizer is None:
-        raise ValueError(f"{model_dir}: the checkpoint has no tokenizer files, needed to stretch the text context")
-    model = stretch_text_context(load_model(model_dir), positions)
-    tokenizer = stretch_tokenizer(tokenizer, positions)
-    return save_checkpoint(model, out_dir, image_processor, tokenizer, overwrite=True)  # a rerun of the stage
+    return stretch_checkpoint(model_dir, out_dir, positions, overwrite=True)  # a rerun replaces its own output
 
 
 def run_assemble(

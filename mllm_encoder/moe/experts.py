@@ -168,7 +168,6 @@ class StackedExperts(nn.Module):
             hidden = self._act(self.fc1(rows, plan, s, s))
             return self.fc2(hidden, plan, 1 / s)
         # One slice per expert: fc1 -> activation -> fc2 stay per slice, only the outputs are concatenated.
-        ends = plan.offsets.tolist()
-        pieces = list(rows.split([end - start for start, end in zip([0] + ends[:-1], ends)]))
+        pieces = list(rows.split(plan.counts.tolist()))
         hidden = [self._act(piece) for piece in self.fc1(pieces, plan, s, s)]
         return torch.cat(self.fc2(hidden, plan, 1 / s))

@@ -21,7 +21,7 @@ def load_balancing_loss(
         token_mask: optional ``[T]`` (bool or 0/1) marking the tokens that count (text padding does not).
     """
     num_experts = router_logits.shape[-1]
-    probs, _, selected = route(router_logits, top_k)
+    probs, _, selected = route(router_logits, top_k, norm_topk_prob=False)
     routed = torch.zeros_like(probs).scatter_(1, selected, 1.0)
     if token_mask is None:
         token_weight = torch.ones_like(probs[:, 0])
