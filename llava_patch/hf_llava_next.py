@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 from llava_patch.hf_llava import llava_vision_tower
 from mllm_encoder import CLIPMoEVisionModel
 from mllm_encoder.atomic import PathLike
+from mllm_encoder.checkpoint import read_vision_config_dict
 from mllm_encoder.loading import load_clip_moe
+from mllm_encoder.vision_tower import tower_family
 
 # kind -> (config, model, image processor, processor) class names in transformers
 KINDS = {
@@ -141,6 +143,9 @@ def build_anyres_llava(
             f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}"
         )
     config_class, model_class, _, _ = anyres_classes(kind)
+    family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
+    if family != "clip":
+        raise ValueError(f"{clip_moe_dir}: anyres LLaVA-NeXT/OneVision builds take a CLIP-MoE tower, not {family}")
     vision = load_clip_moe(clip_moe_dir, CLIPMoEVisionModel)
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     special = [image_token] + (["<video>"] if kind == "llava_onevision" else [])
