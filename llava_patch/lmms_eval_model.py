@@ -183,7 +183,7 @@ class CLIPMoELlava(lmms):
             raise ValueError(f"{MODEL_ID} answers one request at a time: batch_size must be 1, got {batch_size}")
         self.pretrained = pretrained
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or ("float16" if self._device.type == "cuda" else "float32")
+        requested, dtype = dtype, dtype or ("float16" if self._device.type == "cuda" else "float32")
         if dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"{MODEL_ID}: dtype must be float16, bfloat16 or float32, got {dtype!r}")
         config = read_checkpoint_config(pretrained)
@@ -193,6 +193,8 @@ class CLIPMoELlava(lmms):
                 pretrained, model_type, self._device, getattr(torch, dtype), trust_remote_code
             )
         elif "mm_vision_tower" in config:
+            if requested is not None and requested != dtype:  # LLaVA's loader picks fp16 on GPU, fp32 on CPU
+                raise ValueError(f"{MODEL_ID}: LLaVA-1.5 checkpoints run in {dtype} here; dtype={requested} applies to HF")
             self.backend = _LlavaBackend(pretrained, model_base, conv_template, self._device, trust_remote_code)
         else:
             raise ValueError(
