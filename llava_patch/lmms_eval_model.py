@@ -194,7 +194,7 @@ class CLIPMoELlava(lmms):
             )
         elif "mm_vision_tower" in config:
             if requested is not None and requested != dtype:  # LLaVA's loader picks fp16 on GPU, fp32 on CPU
-                raise ValueError(f"{MODEL_ID}: LLaVA-1.5 checkpoints run in {dtype} here; dtype={requested} applies to HF")
+                raise ValueError(f"{MODEL_ID}: LLaVA-1.5 checkpoints run in {dtype} here, not {requested}")
             self.backend = _LlavaBackend(pretrained, model_base, conv_template, self._device, trust_remote_code)
         else:
             raise ValueError(
