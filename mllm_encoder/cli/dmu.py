@@ -214,11 +214,11 @@ def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.report import format_demo_table
 
     _log_to_file(Path(args.out) / "demo.log", True)
-    if args.replication:
-        from mllm_encoder.dmu.replication import run_replication
+    if args.control_world:
+        from mllm_encoder.dmu.control_world import run_control_world
 
-        print("\n".join(run_replication(args.out, quick=args.quick)["verdict"]))
-        print(f"\nresults: {Path(args.out) / 'replication' / 'replication.json'}")
+        print("\n".join(run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]))
+        print(f"\nresults: {Path(args.out) / f'control_{args.control_world}' / 'control.json'}")
         return
     results = demo(args.out, quick=args.quick)
     print(format_demo_table(results))
@@ -304,8 +304,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument(
-        "--replication",
-        action="store_true",
-        help="only the audit's stage-level control in the audit's world, into OUT/replication (docs/dmu.md)",
+        "--control-world",
+        choices=("audit", "suppressed"),
+        help="only the stage-level control, in a pre-registered marker world, into OUT/control_WORLD (docs/dmu.md)",
     )
     demo.set_defaults(func=run_demo)

@@ -4,7 +4,8 @@ Every image is a plain background in one of 10 named colours with a ``large`` or
 them near the centre and one 8 x 8-pixel square marker in one of 4 colours at a random position; the caption
 names all of them. With 90 colour pairs a random batch seldom holds two images that only the disc's size tells
 apart, so a CLIP trained on these captions has little reason to encode the size: the suppressed attribute.
-Everything is deterministic given the seed.
+An optional *pretraining* split draws more images from the same generator with captions that omit the size
+(the "suppressed-size" control world). Everything is deterministic given the seed.
 """
 
 import os
@@ -13,16 +14,17 @@ from typing import Any, Dict, Union
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from mllm_encoder.atomic import atomic_write_json
-from mllm_encoder.data.synthetic_world import BANDS, FRAMES, PALETTE, PROMPT, SIZES
+from mllm_encoder.data.generated_split import write_generated_split
+from mllm_encoder.data.synthetic_world import BANDS, FRAMES, PALETTE, SIZES
 
 COLOURS = {**PALETTE, **dict(list(BANDS.items())[:6])}  # red ... yellow, orange, purple, pink, cyan, navy, olive
 MARKERS = FRAMES  # white, black, grey, brown
 MARKER_PIXELS = 8
 ATTRIBUTES = {"background": tuple(COLOURS), "disc": tuple(COLOURS), "size": SIZES, "marker": tuple(MARKERS)}
 TEMPLATE = "a {size} {disc} disc on a {background} background with a {marker} marker."
+TEMPLATE_WITHOUT_SIZE = "a {disc} disc on a {background} background with a {marker} marker."
+SPLITS = ("train", "eval", "pretrain")  # the index of a split is its random stream
 
 
 def sample_marker_world(rng: np.random.Generator) -> Dict[str, Any]:
@@ -37,9 +39,9 @@ def sample_marker_world(rng: np.random.Generator) -> Dict[str, Any]:
     }
 
 
-def marker_caption(sample: Dict[str, Any]) -> str:
-    """The caption of ``sample``."""
-    return TEMPLATE.format(**sample)
+def marker_caption(sample: Dict[str, Any], with_size: bool = True) -> str:
+    """The caption of ``sample`` (``with_size=False``: the pretraining split's, which omits the disc's size)."""
+    return (TEMPLATE if with_size else TEMPLATE_WITHOUT_SIZE).format(**sample)
 
 
 def render_marker_world(sample: Dict[str, Any], rng: np.random.Generator, size: int = 48) -> Image.Image:
@@ -60,35 +62,36 @@ def render_marker_world(sample: Dict[str, Any], rng: np.random.Generator, size: 
 
 
 def write_marker_world(
-    out_dir: Union[str, os.PathLike], num_train: int, num_eval: int, image_size: int = 48, seed: int = 0
+    out_dir: Union[str, os.PathLike],
+    num_train: int,
+    num_eval: int,
+    image_size: int = 48,
+    seed: int = 0,
+    num_pretrain: int = 0,
 ) -> Dict[str, str]:
-    """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images.
+    """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images; with
+    ``num_pretrain`` > 0 also ``pretrain.json`` and ``pretrain_attributes.json`` (captions without the size).
 
-    Returns the paths keyed ``train``, ``eval``, ``train_attributes``, ``eval_attributes`` and ``image_root``
-    (``out_dir``, which the image paths are relative to).
+    Returns the paths keyed by split and ``{split}_attributes``, and ``image_root`` (``out_dir``, which the
+    image paths are relative to). Each split has its own random stream, so adding the pretraining split
+    changes nothing in the others.
     """
     for name, value in (("num_train", num_train), ("num_eval", num_eval)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
+    if num_pretrain < 0:
+        raise ValueError(f"num_pretrain must be 0 or positive, got {num_pretrain}")
     out = Path(out_dir)
     paths = {"image_root": str(out)}
-    for split, count in (("train", num_train), ("eval", num_eval)):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        conversations, samples = [], []
-        for index in tqdm(range(count), desc=f"marker world {split}", leave=False):
+    header = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}}
+    for split, count in (("train", num_train), ("eval", num_eval), ("pretrain", num_pretrain)):
+        if count == 0:
+            continue
+        rng = np.random.default_rng([seed, SPLITS.index(split)])
+
+        def draw(rng=rng, with_size=split != "pretrain"):
             sample = sample_marker_world(rng)
-            relative = f"images/{split}/{index:06d}.png"
-            render_marker_world(sample, rng, image_size).save(out / relative, compress_level=1)
-            text = marker_caption(sample)
-            turns = [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": text}]
-            conversations.append({"id": f"{split}_{index:06d}", "image": relative, "conversations": turns})
-            samples.append({"index": index, "image": relative, "caption": text, **sample})
-        attributes = {k: list(v) for k, v in ATTRIBUTES.items()}
-        atomic_write_json(out / f"{split}.json", conversations)
-        atomic_write_json(
-            out / f"{split}_attributes.json",
-            {"attributes": attributes, "samples": samples},
-        )
-        paths[split], paths[f"{split}_attributes"] = str(out / f"{split}.json"), str(out / f"{split}_attributes.json")
+            return render_marker_world(sample, rng, image_size), marker_caption(sample, with_size), sample
+
+        paths.update(write_generated_split(out, split, count, draw, {**header, "with_size": split != "pretrain"}))
     return paths

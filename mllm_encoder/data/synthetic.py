@@ -14,9 +14,8 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.data.generated_split import write_generated_split
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -59,7 +58,6 @@ PAIR_TEMPLATES = (
     "{0} and {1}, on a {bg} background.",
     "a {bg} background with {0} and {1}.",
 )
-PROMPT = "<image>\nDescribe the image in detail."
 
 
 def describe_object(obj: Dict[str, str]) -> str:
@@ -148,26 +146,15 @@ def render_image(objects: Sequence[Dict[str, str]], background: str, rng: np.ran
 
 def _write_split(out_dir: Path, split: str, count: int, seed: int, image_size: int, image_format: str, progress):
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-    conversations, samples = [], []
-    for index in tqdm(range(count), desc=f"synthetic {split}", disable=not progress, leave=False):
+
+    def draw():
         objects, background, template = sample_attributes(rng)
-        relative = f"images/{split}/{index:06d}.{image_format}"
-        save_options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
-        render_image(objects, background, rng, image_size).save(out_dir / relative, **save_options)
-        caption = describe(objects, background, template)
-        conversations.append(
-            {
-                "id": f"{split}_{index:06d}",
-                "image": relative,
-                "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": caption}],
-            }
-        )
-        sample = {"index": index, "image": relative, "background": background, "objects": objects}
-        samples.append({**sample, "template": template, "caption": caption})
-    atomic_write_json(out_dir / f"{split}.json", conversations)
-    attributes = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, "prompts": ATTRIBUTE_PROMPTS}
-    atomic_write_json(out_dir / f"{split}_attributes.json", {**attributes, "samples": samples})
+        image = render_image(objects, background, rng, image_size)
+        attributes = {"background": background, "objects": objects, "template": template}
+        return image, describe(objects, background, template), attributes
+
+    header = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, "prompts": ATTRIBUTE_PROMPTS}
+    write_generated_split(out_dir, split, count, draw, header, image_format, progress)
 
 
 def write_shapes_dataset(

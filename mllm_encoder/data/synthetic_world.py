@@ -29,9 +29,8 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.data.generated_split import write_generated_split
 
 PALETTE: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 50, 50),
@@ -88,7 +87,6 @@ PRETRAIN_TEMPLATES = (
 )
 FRAME_SUFFIX = " in a {frame} frame"
 MENTION_PROBABILITY = 0.25  # of a pretraining caption naming a given hidden attribute
-PROMPT = "<image>\nDescribe the image in detail."
 DISTRIBUTIONS = ("pretrain", "finetune")
 
 
@@ -161,27 +159,14 @@ def render(sample: Dict[str, Any], rng: np.random.Generator, size: int = 32) -> 
 
 def _write_split(out: Path, name: str, distribution: str, count: int, seed: int, image_size: int, progress: bool):
     rng = np.random.default_rng([seed, DISTRIBUTIONS.index(distribution), 0 if name.endswith("train") else 1])
-    (out / "images" / name).mkdir(parents=True, exist_ok=True)
-    conversations, samples = [], []
-    for index in tqdm(range(count), desc=f"world {name}", disable=not progress, leave=False):
+
+    def draw():
         sample = sample_world(rng, distribution)
-        relative = f"images/{name}/{index:06d}.png"
-        render(sample, rng, image_size).save(out / relative, compress_level=1)
-        text = caption(sample, distribution)
-        conversations.append(
-            {
-                "id": f"{name}_{index:06d}",
-                "image": relative,
-                "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": text}],
-            }
-        )
-        samples.append({"index": index, "image": relative, "caption": text, **sample})
+        return render(sample, rng, image_size), caption(sample, distribution), sample
+
     attributes = FINETUNE_ATTRIBUTES if distribution == "finetune" else PRETRAIN_ATTRIBUTES
-    atomic_write_json(out / f"{name}.json", conversations)
-    atomic_write_json(
-        out / f"{name}_attributes.json",
-        {"distribution": distribution, "attributes": {k: list(v) for k, v in attributes.items()}, "samples": samples},
-    )
+    header = {"distribution": distribution, "attributes": {k: list(v) for k, v in attributes.items()}}
+    return write_generated_split(out, name, count, draw, header, progress=progress)
 
 
 def write_world_dataset(
@@ -211,8 +196,7 @@ def write_world_dataset(
     for distribution in DISTRIBUTIONS:
         for split in ("train", "eval"):
             name = f"{distribution}_{split}"
-            _write_split(out, name, distribution, counts[split][distribution], seed, image_size, progress)
-            paths[name], paths[f"{name}_attributes"] = str(out / f"{name}.json"), str(out / f"{name}_attributes.json")
+            paths.update(_write_split(out, name, distribution, counts[split][distribution], seed, image_size, progress))
     return paths
 
 

@@ -117,7 +117,7 @@ def _write_untrained_base(out_dir: Path, settings: DemoSettings) -> Path:
     )
 
 
-def _train_base(out_dir: Path, data: Dict[str, str], settings: DemoSettings, accelerator) -> Path:
+def train_base(out_dir: Path, data: Dict[str, str], settings: DemoSettings, accelerator) -> Path:
     """A tiny CLIP trained from scratch on the pretraining distribution: the dense base of every method."""
     from mllm_encoder import CLIPMoEModel
 
@@ -178,12 +178,12 @@ def run_config(run_dir: Path, base_dir: Path, data: Dict[str, str], settings: De
     }
 
 
-def _run_method(config, method: str, accelerator) -> Dict[str, Any]:
+def run_method(config, method: str, accelerator) -> Dict[str, Any]:
     """One method through the resumable pipeline; returns the run manifest's stages so far."""
     return {"stages": run_pipeline(config, method, accelerator)}
 
 
-def _control_random(config, seed_dir: Path, accelerator) -> Dict[str, Any]:
+def control_random(config, seed_dir: Path, accelerator) -> Dict[str, Any]:
     """The stage-level control: MCL stage 1's recipe, seed and step count, on random batches."""
     steps = config.mcl.steps
     set_seed(config.seed + 1)
@@ -201,7 +201,7 @@ def _control_random(config, seed_dir: Path, accelerator) -> Dict[str, Any]:
     return {"model": str(model_dir), "steps": steps}
 
 
-class _Steps:
+class Steps:
     """Runs the demo's steps once each, recording their results and wall time in the manifest."""
 
     def __init__(self, manifest: Manifest) -> None:
@@ -226,7 +226,7 @@ def _models_of_seed(stages: Dict[str, Any], control: Dict[str, Any], num_experts
 
 
 @contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
+def single_threaded() -> Iterator[None]:
     """Torch on one thread for the block: a width-64 model gains nothing from intra-op threads, and on a shared
     2-core machine two-thread processes spin-wait (the base trained 10x slower under load, measured)."""
     previous = torch.get_num_threads()
@@ -239,12 +239,12 @@ def _single_threaded() -> Iterator[None]:
 
 def run_demo(out_dir: Union[str, Path], quick: bool = False, settings: Optional[DemoSettings] = None) -> Dict:
     """Run (or resume) the whole demo into ``out_dir``; returns ``results.json``'s content."""
-    with _single_threaded():
+    with single_threaded():
         return _run_demo(Path(out_dir), settings or (QUICK if quick else DEFAULT))
 
 
 def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
-    step = _Steps(Manifest(out_dir / "demo_manifest.json"))
+    step = Steps(Manifest(out_dir / "demo_manifest.json"))
     accelerator = build_accelerator("no")
     data = step(
         "data",
@@ -258,7 +258,7 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
         ),
     )
     base = Path(
-        step("base", lambda: {"model": str(_train_base(out_dir / "base", data, settings, accelerator))})["model"]
+        step("base", lambda: {"model": str(train_base(out_dir / "base", data, settings, accelerator))})["model"]
     )
     models: Dict[int, Dict[str, str]] = {}
     for seed in settings.seeds:
@@ -267,8 +267,8 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
         atomic_write_json(seed_dir / "run_config.json", values)
         config = config_from_dict(values, f"demo config (seed {seed})")
         for method in METHODS:
-            stages = step(f"seed_{seed}/{method}", functools.partial(_run_method, config, method, accelerator))
-        control = step(f"seed_{seed}/control_random", functools.partial(_control_random, config, seed_dir, accelerator))
+            stages = step(f"seed_{seed}/{method}", functools.partial(run_method, config, method, accelerator))
+        control = step(f"seed_{seed}/control_random", functools.partial(control_random, config, seed_dir, accelerator))
         models[seed] = _models_of_seed(stages["stages"], control, settings.num_experts)
     metrics, loads = _evaluate_all(step, data, base, models, settings)
     results = aggregate_results(list(settings.seeds), metrics, settings.num_experts)
@@ -282,7 +282,7 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
     return results
 
 
-def _evaluate_all(step: _Steps, data, base: Path, models: Dict[int, Dict[str, str]], settings: DemoSettings):
+def _evaluate_all(step: Steps, data, base: Path, models: Dict[int, Dict[str, str]], settings: DemoSettings):
     """Metrics of the base (once) and of every model of every seed: ``({seed: {name: metrics}}, loads)``."""
     evaluator: List[WorldEvaluator] = []  # built only when something is left to evaluate
 
