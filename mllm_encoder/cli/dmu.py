@@ -305,7 +305,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument(
         "--control-world",
-        choices=("audit", "suppressed"),
+        choices=("audit", "suppressed", "seldom"),
         help="only the stage-level control, in a pre-registered marker world, into OUT/control_WORLD (docs/dmu.md)",
     )
     demo.set_defaults(func=run_demo)

@@ -4,13 +4,14 @@ Every image is a plain background in one of 10 named colours with a ``large`` or
 them near the centre and one 8 x 8-pixel square marker in one of 4 colours at a random position; the caption
 names all of them. With 90 colour pairs a random batch seldom holds two images that only the disc's size tells
 apart, so a CLIP trained on these captions has little reason to encode the size: the suppressed attribute.
-An optional *pretraining* split draws more images from the same generator with captions that omit the size
-(the "suppressed-size" control world). Everything is deterministic given the seed.
+An optional *pretraining* split draws more images from the same generator with captions that name the size
+only with a given probability (never: the "suppressed-size" control world; seldom: the "seldom-named" one).
+Everything is deterministic given the seed.
 """
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,7 @@ ATTRIBUTES = {"background": tuple(COLOURS), "disc": tuple(COLOURS), "size": SIZE
 TEMPLATE = "a {size} {disc} disc on a {background} background with a {marker} marker."
 TEMPLATE_WITHOUT_SIZE = "a {disc} disc on a {background} background with a {marker} marker."
 SPLITS = ("train", "eval", "pretrain")  # the index of a split is its random stream
+MENTION_STREAM = len(SPLITS)  # the random stream of the pretraining captions' size mentions
 
 
 def sample_marker_world(rng: np.random.Generator) -> Dict[str, Any]:
@@ -61,6 +63,38 @@ def render_marker_world(sample: Dict[str, Any], rng: np.random.Generator, size: 
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), mode="RGB")
 
 
+def write_marker_split(
+    out_dir: Union[str, os.PathLike],
+    split: str,
+    count: int,
+    image_size: int = 48,
+    seed: int = 0,
+    size_mention: float = 1.0,
+    name: Optional[str] = None,
+) -> Dict[str, str]:
+    """Write ``count`` samples of ``split``'s random stream as ``{name}.json`` and ``{name}_attributes.json``
+    (``name`` defaults to ``split``); each caption names the size with probability ``size_mention``.
+
+    The coin of each caption comes from a stream of its own, so the images are the same for every
+    ``size_mention``. Returns the paths keyed ``name`` and ``{name}_attributes``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if count < 1:
+        raise ValueError(f"count of {split!r} must be positive, got {count}")
+    if not 0.0 <= size_mention <= 1.0:
+        raise ValueError(f"size_mention must be in [0, 1], got {size_mention}")
+    rng, coins = np.random.default_rng([seed, SPLITS.index(split)]), np.random.default_rng([seed, MENTION_STREAM])
+
+    def draw():
+        sample = sample_marker_world(rng)
+        with_size = size_mention == 1.0 or (size_mention > 0.0 and coins.random() < size_mention)
+        return render_marker_world(sample, rng, image_size), marker_caption(sample, with_size), sample
+
+    header = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, "size_mention": size_mention}
+    return write_generated_split(Path(out_dir), name or split, count, draw, header)
+
+
 def write_marker_world(
     out_dir: Union[str, os.PathLike],
     num_train: int,
@@ -68,30 +102,26 @@ def write_marker_world(
     image_size: int = 48,
     seed: int = 0,
     num_pretrain: int = 0,
+    size_mention: float = 0.0,
 ) -> Dict[str, str]:
     """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images; with
-    ``num_pretrain`` > 0 also ``pretrain.json`` and ``pretrain_attributes.json`` (captions without the size).
+    ``num_pretrain`` > 0 also ``pretrain.json`` and ``pretrain_attributes.json``, whose captions name the size
+    with probability ``size_mention`` (default never).
 
     Returns the paths keyed by split and ``{split}_attributes``, and ``image_root`` (``out_dir``, which the
     image paths are relative to). Each split has its own random stream, so adding the pretraining split
     changes nothing in the others.
     """
-    for name, value in (("num_train", num_train), ("num_eval", num_eval)):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if num_pretrain < 0:
-        raise ValueError(f"num_pretrain must be 0 or positive, got {num_pretrain}")
-    out = Path(out_dir)
-    paths = {"image_root": str(out)}
-    header = {"attributes": {k: list(v) for k, v in ATTRIBUTES.items()}}
-    for split, count in (("train", num_train), ("eval", num_eval), ("pretrain", num_pretrain)):
-        if count == 0:
-            continue
-        rng = np.random.default_rng([seed, SPLITS.index(split)])
-
-        def draw(rng=rng, with_size=split != "pretrain"):
-            sample = sample_marker_world(rng)
-            return render_marker_world(sample, rng, image_size), marker_caption(sample, with_size), sample
-
-        paths.update(write_generated_split(out, split, count, draw, {**header, "with_size": split != "pretrain"}))
+    for name, value, least in (
+        ("num_train", num_train, 1),
+        ("num_eval", num_eval, 1),
+        ("num_pretrain", num_pretrain, 0),
+    ):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    paths = {"image_root": str(Path(out_dir))}
+    paths.update(write_marker_split(out_dir, "train", num_train, image_size, seed))
+    paths.update(write_marker_split(out_dir, "eval", num_eval, image_size, seed))
+    if num_pretrain:
+        paths.update(write_marker_split(out_dir, "pretrain", num_pretrain, image_size, seed, size_mention))
     return paths
