@@ -23,6 +23,8 @@ See ``docs/llava.md``.
 """
 
 import logging
+import runpy
+import sys
 
 from llava_patch import forward, loading, lora, mm_config, registry, trainer_compat, zero3
 
@@ -43,3 +45,12 @@ def apply() -> None:
     zero3.apply()
     lora.apply()
     logger.debug("llava patched for CLIP-MoE vision towers")
+
+
+def run_llava_script(module: str) -> None:
+    """Patch LLaVA, then run its script ``module`` as ``__main__`` with this process's arguments, less
+    ``--trust-remote-code``, which says whether checkpoint folders may run their own code (off by default)."""
+    apply()
+    sys.argv[1:], trusted = loading.pop_trust_remote_code_flag(sys.argv[1:])
+    with loading.trust_remote_code(trusted):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)

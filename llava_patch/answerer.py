@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
+from PIL import Image
 
 import llava_patch
 from mllm_encoder.eval.mllm.answering import load_question_image
@@ -77,7 +78,6 @@ class LlavaAnswerer:
             top_p=top_p,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
-            use_cache=True,
         )
 
     def build_prompt(self, question_text: str) -> str:
@@ -93,18 +93,23 @@ class LlavaAnswerer:
         return conv.get_prompt()
 
     @torch.inference_mode()
-    def __call__(self, question: Dict[str, Any]) -> str:
-        """Answer one question (a question-file record with ``image`` and ``text``)."""
-        image = load_question_image(self.image_folder, question["image"], self.allow_absolute_image_paths)
-        images = self.mm_utils.process_images([image], self.image_processor, self.model.config)
-        prompt = self.build_prompt(question["text"])
+    def answer(self, question_text: str, image: Image.Image, generation: Optional[Dict[str, Any]] = None) -> str:
+        """The stripped answer to ``question_text`` about ``image``: LLaVA's prompt, ``process_images``, then
+        ``generate`` with ``generation`` (default: this answerer's settings) and the KV cache."""
+        pixels = self.mm_utils.process_images([image], self.image_processor, self.model.config)
         input_ids = self.mm_utils.tokenizer_image_token(
-            prompt, self.tokenizer, self.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
+            self.build_prompt(question_text), self.tokenizer, self.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
         ).unsqueeze(0)
         output_ids = self.model.generate(
             input_ids.to(self.model.device),
-            images=images.to(dtype=self.model.dtype, device=self.model.device),
+            images=pixels.to(dtype=self.model.dtype, device=self.model.device),
             image_sizes=[image.size],
-            **self.generation,
+            use_cache=True,
+            **(self.generation if generation is None else generation),
         )
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
+
+    def __call__(self, question: Dict[str, Any]) -> str:
+        """Answer one question (a question-file record with ``image`` and ``text``)."""
+        image = load_question_image(self.image_folder, question["image"], self.allow_absolute_image_paths)
+        return self.answer(question["text"], image)

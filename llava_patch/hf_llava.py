@@ -6,7 +6,7 @@ The projector starts random (train it like LLaVA's stage 1). The vision tower is
 The checkpoint is loaded strictly; the language model runs no code from its folder unless ``trust_remote_code=True``.
 """
 
-from typing import Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Type
 
 from torch import nn
 from transformers import (
@@ -14,6 +14,8 @@ from transformers import (
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.image_processing_utils import BaseImageProcessor
@@ -32,6 +34,55 @@ def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:
     return model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
 
 
+class LlavaParts(NamedTuple):
+    """What every Llava* build starts from: the tower's family and model, the tokenizer and the causal LM."""
+
+    family: str
+    vision: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    language_model: PreTrainedModel
+
+    def assemble(self, config_class: Type[PretrainedConfig], model_class: Type[PreTrainedModel], **config: Any):
+        """A ``model_class`` of ``config_class(vision_config=..., text_config=..., **config)`` holding the tower's
+        and the LM's weights (the projector, and whatever else the model adds, stay as initialised)."""
+        model = model_class(
+            config_class(vision_config=self.vision.config, text_config=self.language_model.config, **config)
+        )
+        llava_vision_tower(model).load_state_dict(self.vision.state_dict())
+        model.get_decoder().load_state_dict(self.language_model.get_decoder().state_dict())
+        model.get_output_embeddings().load_state_dict(self.language_model.get_output_embeddings().state_dict())
+        return model
+
+
+def load_llava_parts(
+    clip_moe_dir: PathLike,
+    llm_dir: PathLike,
+    special_tokens: Sequence[str],
+    trust_remote_code: bool = False,
+    towers: Optional[Sequence[Type[PreTrainedModel]]] = None,
+) -> LlavaParts:
+    """The tower of ``clip_moe_dir`` (loaded strictly) and the tokenizer and LM of ``llm_dir``, with the
+    ``special_tokens`` the tokenizer lacks added (the LM's embeddings grow with them).
+
+    Raises:
+        ValueError: before anything is loaded, when ``towers`` (default: every LLaVA tower class) lacks the
+            checkpoint's tower class.
+    """
+    family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
+    tower_class = TOWER_FAMILIES[family][1]
+    if towers is not None and tower_class not in towers:
+        accepted = " or ".join(tower.__name__ for tower in towers)
+        raise ValueError(f"{clip_moe_dir}: holds a {tower_class.__name__} tower; this build takes only {accepted}")
+    vision = load_clip_moe(clip_moe_dir, tower_class)
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
+    new_tokens = [token for token in special_tokens if token not in tokenizer.get_vocab()]
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
+    language_model.resize_token_embeddings(len(tokenizer))
+    return LlavaParts(family, vision, tokenizer, language_model)
+
+
 def build_hf_llava(
     clip_moe_dir: PathLike,
     llm_dir: PathLike,
@@ -47,23 +98,13 @@ def build_hf_llava(
     (class token dropped) for CLIP, ``full`` for SigLIP. ``trust_remote_code`` lets the language model's
     folder run its own Python code (off by default).
     """
-    family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
-    vision = load_clip_moe(clip_moe_dir, TOWER_FAMILIES[family][1])
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([image_token], special_tokens=True)
-    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
-    language_model.resize_token_embeddings(len(tokenizer))
-    config = LlavaConfig(
-        vision_config=vision.config,
-        text_config=language_model.config,
+    parts = load_llava_parts(clip_moe_dir, llm_dir, [image_token], trust_remote_code)
+    model = parts.assemble(
+        LlavaConfig,
+        LlavaForConditionalGeneration,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=FEATURE_STRATEGY[family],
-        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        vision_feature_select_strategy=FEATURE_STRATEGY[parts.family],
+        image_token_index=parts.tokenizer.convert_tokens_to_ids(image_token),
         projector_hidden_act=projector_hidden_act,
     )
-    model = LlavaForConditionalGeneration(config)
-    llava_vision_tower(model).load_state_dict(vision.state_dict())
-    model.get_decoder().load_state_dict(language_model.get_decoder().state_dict())
-    model.get_output_embeddings().load_state_dict(language_model.get_output_embeddings().state_dict())
-    return model, tokenizer, load_image_processor(clip_moe_dir)
+    return model, parts.tokenizer, load_image_processor(clip_moe_dir)

@@ -10,19 +10,16 @@ CLIP-MoE checkpoint and a causal LM, with the matching processor; the result sav
 tower is trained. LLaVA-NeXT needs transformers >= 4.39 and OneVision >= 4.45.
 """
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, PreTrainedModel
+from transformers import CLIPImageProcessor, PreTrainedModel
 
-from llava_patch.hf_llava import llava_vision_tower
+from llava_patch.hf_llava import llava_vision_tower, load_llava_parts
 from mllm_encoder import CLIPMoEVisionModel
 from mllm_encoder.atomic import PathLike
-from mllm_encoder.checkpoint import read_vision_config_dict
-from mllm_encoder.loading import load_clip_moe
-from mllm_encoder.vision_tower import tower_family
 
 # kind -> (config, model, image processor, processor) class names in transformers
 KINDS = {
@@ -143,35 +140,23 @@ def build_anyres_llava(
             f"vision_feature_select_strategy must be 'default' or 'full', got {vision_feature_select_strategy!r}"
         )
     config_class, model_class, _, _ = anyres_classes(kind)
-    family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
-    if family != "clip":
-        raise ValueError(f"{clip_moe_dir}: anyres LLaVA-NeXT/OneVision builds take a CLIP-MoE tower, not {family}")
-    vision = load_clip_moe(clip_moe_dir, CLIPMoEVisionModel)
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
     special = [image_token] + (["<video>"] if kind == "llava_onevision" else [])
-    new_tokens = [token for token in special if token not in tokenizer.get_vocab()]
-    if new_tokens:
-        tokenizer.add_tokens(new_tokens, special_tokens=True)
-    language_model = AutoModelForCausalLM.from_pretrained(str(llm_dir), trust_remote_code=trust_remote_code)
-    language_model.resize_token_embeddings(len(tokenizer))
+    parts = load_llava_parts(clip_moe_dir, llm_dir, special, trust_remote_code, towers=[CLIPMoEVisionModel])
+    vision, tokenizer = parts.vision, parts.tokenizer
     image_size = vision.config.image_size
     pinpoints = image_grid_pinpoints or anyres_grid_pinpoints(image_size, kind)
     token_ids = dict(image_token_index=tokenizer.convert_tokens_to_ids(image_token))
     if kind == "llava_onevision":
         token_ids["video_token_index"] = tokenizer.convert_tokens_to_ids("<video>")
-    config = config_class(
-        vision_config=vision.config,
-        text_config=language_model.config,
+    model = parts.assemble(
+        config_class,
+        model_class,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_grid_pinpoints=pinpoints,
         projector_hidden_act=projector_hidden_act,
         **token_ids,
     )
-    model = model_class(config)
-    llava_vision_tower(model).load_state_dict(vision.state_dict())
-    model.get_decoder().load_state_dict(language_model.get_decoder().state_dict())
-    model.get_output_embeddings().load_state_dict(language_model.get_output_embeddings().state_dict())
     clip_processor = CLIPImageProcessor.from_pretrained(str(clip_moe_dir))
     image_processor = build_anyres_image_processor(clip_processor, image_size, kind, pinpoints)
     processor = build_anyres_processor(
@@ -194,7 +179,16 @@ class TowerAuxLoss:
         self.coef = float(tower.config.router_aux_loss_coef)
         self.last_aux_loss: Optional[torch.Tensor] = None
         self._pending: List[torch.Tensor] = []
-        self._handles = [tower.register_forward_hook(self._record), model.register_forward_hook(self._add)]
+        self._handles = [
+            tower.register_forward_pre_hook(self._ask, with_kwargs=True),
+            tower.register_forward_hook(self._record),
+            model.register_forward_hook(self._add),
+        ]
+
+    @staticmethod
+    def _ask(module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """The tower computes its aux loss only when asked (or recording gradients): ask, so eval losses match."""
+        return args, {**kwargs, "output_aux_loss": True}
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         self._pending.append(output.aux_loss)

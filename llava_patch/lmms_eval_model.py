@@ -14,10 +14,8 @@ lmms-eval (0.7.x) finds the class through this package's ``lmms_eval.models`` en
 the project imports this module. Requests are answered one at a time (``batch_size=1``) in one process.
 """
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +28,7 @@ from tqdm import tqdm
 
 import mllm_encoder  # noqa: F401  (registers the CLIP-MoE tower with transformers' Auto classes)
 from llava_patch.answerer import LlavaAnswerer
+from mllm_encoder.checkpoint import read_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +72,6 @@ def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
         if stop:
             text = text.split(stop)[0]
     return text
-
-
-def read_checkpoint_config(pretrained: str) -> Dict[str, Any]:
-    """The ``config.json`` of a checkpoint directory (a ValueError naming the path when there is none)."""
-    path = Path(os.path.expanduser(pretrained)) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; clip_moe_llava needs a local checkpoint directory as pretrained=")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 class _HFBackend:
@@ -132,24 +120,10 @@ class _LlavaBackend:
             trust_remote_code=trust,
         )
 
-    @torch.inference_mode()
     def generate(self, context: str, images: List[Image.Image], settings: Dict[str, Any]) -> str:
         if len(images) != 1:
             raise ValueError(f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(images)}")
-        answerer = self.answerer
-        model, constants = answerer.model, answerer.constants
-        pixels = answerer.mm_utils.process_images(images, answerer.image_processor, model.config)
-        input_ids = answerer.mm_utils.tokenizer_image_token(
-            answerer.build_prompt(context), answerer.tokenizer, constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
-        ).unsqueeze(0)
-        output = model.generate(
-            input_ids.to(model.device),
-            images=pixels.to(dtype=model.dtype, device=model.device),
-            image_sizes=[image.size for image in images],
-            use_cache=True,
-            **settings,
-        )
-        return answerer.tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
+        return self.answerer.answer(context, images[0], settings)
 
 
 class CLIPMoELlava(lmms):
@@ -186,7 +160,9 @@ class CLIPMoELlava(lmms):
         requested, dtype = dtype, dtype or ("float16" if self._device.type == "cuda" else "float32")
         if dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"{MODEL_ID}: dtype must be float16, bfloat16 or float32, got {dtype!r}")
-        config = read_checkpoint_config(pretrained)
+        config = read_config_dict(
+            os.path.expanduser(pretrained), expected=f"a local checkpoint directory as {MODEL_ID}'s pretrained="
+        )
         model_type = config.get("model_type")
         if model_type in HF_MODEL_CLASSES:
             self.backend: Any = _HFBackend(

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
 from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
+from mllm_encoder.families import family_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,17 @@ def default_image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
-def read_config_dict(directory: PathLike) -> Dict[str, Any]:
-    """``directory/config.json`` as a dict; ``ValueError`` naming the path when it is missing or not a JSON object."""
+def read_config_dict(directory: PathLike, expected: str = "a CLIP or CLIP-MoE checkpoint directory") -> Dict[str, Any]:
+    """``directory/config.json`` as a dict; ``ValueError`` naming the path when it is missing or not a JSON object.
+
+    ``expected`` says, in the error of a missing directory or file, what the caller wanted there.
+    """
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"{directory}: no such directory (expected a CLIP or CLIP-MoE checkpoint directory)")
+        raise ValueError(f"{directory}: no such directory (expected {expected})")
     path = directory / "config.json"
     if not path.is_file():
-        raise ValueError(f"{directory}: no config.json (expected a CLIP or CLIP-MoE checkpoint directory)")
+        raise ValueError(f"{directory}: no config.json (expected {expected})")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -186,10 +190,11 @@ def _family_image_processor(model: PreTrainedModel):
     """The default preprocessing of ``model``'s family: SigLIP 2 NaFlex's (patches up to the position grid's
     count), SigLIP's (square bicubic resize, mean = std = 0.5, no crop), else OpenAI CLIP's."""
     vision = getattr(model.config, "vision_config", model.config)
-    if model.config.model_type.startswith("siglip2"):
+    family = family_name(model.config.model_type)
+    if family == "siglip2":
         processor_class = image_processor_class("Siglip2ImageProcessor", f"saving a {type(model).__name__}")
         return processor_class(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
-    if model.config.model_type.startswith("siglip"):
+    if family == "siglip":
         return SiglipImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
     return default_image_processor(vision.image_size)
 

@@ -268,11 +268,17 @@ TowerConfig = Union[PretrainedConfig, Dict[str, Any], None]
 class TwoTowerConfig(PretrainedConfig):
     """Base of the two-tower configs: ``text_config`` and ``vision_config`` (of the classes in ``sub_configs``,
     built from a config or a dict; a bad field is reported as ``text_config.<field>``), and ``from_pretrained``
-    reading only directories whose ``model_type`` is one of ``hf_model_types``."""
+    reading only directories whose ``model_type`` is one of ``hf_model_types``.
+
+    ``initializer_factor`` is 1.0 whatever the input, as in HF ``CLIPConfig`` and ``SiglipConfig``: each tower
+    config carries its own (used by the tower-alone models); SigLIP's initialisation uses none.
+    """
 
     def __init__(self, text_config: TowerConfig = None, vision_config: TowerConfig = None, **kwargs: Any):
         kwargs.pop("model_type", None)
+        kwargs.pop("initializer_factor", None)
         super().__init__(**kwargs)
+        self.initializer_factor = 1.0
         self.text_config = self._tower(self.sub_configs["text_config"], text_config, "text_config")
         self.vision_config = self._tower(self.sub_configs["vision_config"], vision_config, "vision_config")
 
@@ -342,4 +348,3 @@ class CLIPMoEConfig(TwoTowerConfig):
         super().__init__(text_config, vision_config, **kwargs)
         self.projection_dim = check_int("projection_dim", projection_dim, 1)
         self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
-        self.initializer_factor = 1.0

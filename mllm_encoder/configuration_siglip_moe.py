@@ -132,7 +132,6 @@ class SiglipMoEConfig(TwoTowerConfig):
             raise ValueError("vision_config.vision_use_head must be true: the image embedding is the pooling head's")
         self.logit_scale_init_value = check_number("logit_scale_init_value", logit_scale_init_value, -math.inf)
         self.logit_bias_init_value = check_number("logit_bias_init_value", logit_bias_init_value, -math.inf)
-        self.initializer_factor = kwargs.get("initializer_factor", 1.0)
 
 
 class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):

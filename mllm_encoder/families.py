@@ -2,11 +2,11 @@
 ``model_type``s it reads.
 
 ``import mllm_encoder`` registers every config/model pair with ``AutoConfig``/``AutoModel``,
-``mllm_encoder.loading`` maps every ``model_type`` to its class, and the LLaVA vision tower picks its family's
-image tower here.
+``mllm_encoder.loading`` maps every ``model_type`` to its class, the LLaVA vision tower picks its family's
+image tower here, and :func:`family_name` tells the family of any ``model_type`` (the one place that does).
 """
 
-from typing import Dict, NamedTuple, Tuple, Type
+from typing import Dict, NamedTuple, Optional, Tuple, Type
 
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -59,3 +59,10 @@ FAMILIES: Dict[str, Family] = {
         Family("siglip2", Siglip2MoEModel, Siglip2MoEVisionModel, Siglip2MoETextModel),
     )
 }
+
+
+def family_name(model_type: Optional[str]) -> str:
+    """The family of a ``model_type``, ours or HF's: the longest family name it starts with (``siglip2_moe`` ->
+    ``siglip2``, ``siglip_vision_model`` -> ``siglip``), and ``clip`` for any other or no ``model_type``."""
+    model_type = model_type or ""
+    return max((name for name in FAMILIES if model_type.startswith(name)), key=len, default="clip")

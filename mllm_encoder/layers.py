@@ -236,19 +236,30 @@ class EncoderOutput(NamedTuple):
         pooler_output: Optional[torch.Tensor],
         top_k: int,
         token_mask: Optional[torch.Tensor] = None,
+        output_aux_loss: Optional[bool] = None,
     ) -> MoEModelOutputWithPooling:
         """A tower's output: its ``last_hidden_state`` (this one after the tower's final LayerNorm, if any) and
-        ``pooler_output``, these states and router logits, and the layer-mean load-balancing loss over the
-        tokens of ``token_mask`` (1 = a real token; ``None``: all)."""
+        ``pooler_output``, these states and router logits, and, when :func:`wants_aux_loss`, the layer-mean
+        load-balancing loss over the tokens of ``token_mask`` (1 = a real token; ``None``: all)."""
+        aux_loss = None
+        if wants_aux_loss(output_aux_loss):
+            aux_loss = mean_load_balancing_loss(
+                self.router_logits, top_k, token_mask=token_mask, device=last_hidden_state.device
+            )
         return MoEModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
             hidden_states=self.hidden_states,
             router_logits=self.router_logits,
-            aux_loss=mean_load_balancing_loss(
-                self.router_logits, top_k, token_mask=token_mask, device=last_hidden_state.device
-            ),
+            aux_loss=aux_loss,
         )
+
+
+def wants_aux_loss(output_aux_loss: Optional[bool]) -> bool:
+    """Whether a tower computes its load-balancing loss: ``output_aux_loss`` when given, else whenever autograd
+    records (a loss there may be backpropagated); under ``torch.no_grad`` / ``torch.inference_mode`` it is
+    skipped and ``aux_loss`` is ``None``."""
+    return torch.is_grad_enabled() if output_aux_loss is None else bool(output_aux_loss)
 
 
 class Encoder(nn.Module):

@@ -9,6 +9,9 @@
   in chunks as the SigLIP paper does: the same loss and gradients, one collective per step through the same
   injectable :class:`DistState`, at the memory cost of a ``[local, global]`` logit matrix (small next to the
   towers' activations at MLLM-encoder batch sizes).
+* :func:`clip_loss_of_logits`, :func:`siglip_loss_of_logits`: the same losses of one process's logit matrix,
+  as the models' ``forward(return_loss=True)`` computes them from the logits it returns (no second
+  normalisation or matmul).
 * :func:`contrastive_loss_for`: the family's loss for a model, as the DMU trainer calls it.
 """
 
@@ -33,6 +36,50 @@ def _normalise_and_gather(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     return image, text, sizes, all_gather_with_grad(image, state, sizes)
 
 
+def _softmax_pair_loss(
+    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies (``labels``: each row's matching column)."""
+    loss_i2t = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+    loss_t2i = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    return (loss_i2t + loss_t2i) / 2
+
+
+def _sigmoid_pair_loss(logits: torch.Tensor, first_match: int) -> torch.Tensor:
+    """``-sum log sigmoid(label * logits)`` per text row, averaged; text row i matches column ``first_match + i``."""
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    labels[rows, rows + first_match] = 1.0
+    return -F.logsigmoid(labels * logits).sum(dim=-1).mean()
+
+
+def _square_logits(logits_per_text: torch.Tensor) -> torch.Tensor:
+    if logits_per_text.ndim != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
+        raise ValueError(
+            f"the loss needs as many texts as images (pair i = text i, image i); got logits "
+            f"{tuple(logits_per_text.shape)}"
+        )
+    return logits_per_text.float()
+
+
+def clip_loss_of_logits(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE of scaled ``[texts, images]`` cosine logits (text i matches image i), in float32.
+
+    The loss of ``CLIPMoEModel(return_loss=True)``, as HF ``CLIPModel`` computes it; equal to
+    :func:`clip_contrastive_loss` of the embeddings on one process.
+    """
+    logits = _square_logits(logits_per_text)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return _softmax_pair_loss(logits.t(), logits, labels, 0.0)
+
+
+def siglip_loss_of_logits(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """SigLIP's sigmoid loss of ``[texts, images]`` logits (scale and bias applied; text i matches image i), in
+    float32: the loss of ``SiglipMoEModel(return_loss=True)``, equal to :func:`siglip_sigmoid_loss` of the
+    embeddings on one process."""
+    return _sigmoid_pair_loss(_square_logits(logits_per_text), 0)
+
+
 def clip_contrastive_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -55,9 +102,7 @@ def clip_contrastive_loss(
     logits_per_image = scale * image @ all_text.t()
     logits_per_text = scale * text @ all_image.t()
     labels = torch.arange(image.shape[0], device=image.device) + sum(sizes[: state.rank])
-    loss_i2t = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
-    loss_t2i = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
-    return (loss_i2t + loss_t2i) / 2
+    return _softmax_pair_loss(logits_per_image, logits_per_text, labels, label_smoothing)
 
 
 def siglip_sigmoid_loss(
@@ -77,11 +122,7 @@ def siglip_sigmoid_loss(
     """
     state = state or DistState()
     image, text, sizes, all_image = _normalise_and_gather(image_embeds, text_embeds, state)
-    logits = scale * text @ all_image.t() + bias
-    labels = -torch.ones_like(logits)
-    rows = torch.arange(text.shape[0], device=text.device)
-    labels[rows, rows + sum(sizes[: state.rank])] = 1.0
-    return -F.logsigmoid(labels * logits).sum(dim=-1).mean()
+    return _sigmoid_pair_loss(scale * text @ all_image.t() + bias, sum(sizes[: state.rank]))
 
 
 ContrastiveLoss = Callable[[torch.Tensor, torch.Tensor, Optional[DistState]], torch.Tensor]

@@ -7,8 +7,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings
-from mllm_encoder.losses import clip_contrastive_loss
+from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings, wants_aux_loss
+from mllm_encoder.losses import clip_loss_of_logits
 from mllm_encoder.moe import StackedExperts, TopKRouter, two_tower_aux_losses
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
 from mllm_encoder.towers import TEXT, VISION
@@ -66,9 +66,12 @@ class CLIPMoEPreTrainedModel(PreTrainedModel):
 
 
 class VisionTransformer(nn.Module):
-    """The image tower: embeddings, ``pre_layrnorm``, encoder, ``post_layernorm`` on the class token."""
+    """The image tower: embeddings, ``pre_layrnorm``, encoder, ``post_layernorm`` on the class token.
 
-    extra_inputs = ()  # image inputs besides pixel_values (see SiglipVisionTransformer)
+    ``forward`` takes the arguments of every image tower of the project; SigLIP 2 NaFlex's
+    ``pixel_attention_mask`` and ``spatial_shapes`` are refused here (see ``SiglipVisionTransformer``).
+    ``output_aux_loss``: see :func:`mllm_encoder.layers.wants_aux_loss`.
+    """
 
     def __init__(self, config: CLIPMoEVisionConfig):
         super().__init__()
@@ -83,11 +86,17 @@ class VisionTransformer(nn.Module):
         pixel_values: torch.Tensor,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        spatial_shapes: Optional[torch.Tensor] = None,
+        output_aux_loss: Optional[bool] = None,
     ) -> MoEModelOutputWithPooling:
+        if pixel_attention_mask is not None or spatial_shapes is not None:
+            raise ValueError("spatial_shapes / pixel_attention_mask are SigLIP 2 NaFlex inputs; this is CLIP")
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         encoded = self.encoder(hidden_states, None, output_hidden_states)
         last = encoded.last_hidden_state
-        return encoded.tower_output(last, self.post_layernorm(last[:, 0, :]), self.config.top_k)
+        pooled = self.post_layernorm(last[:, 0, :])
+        return encoded.tower_output(last, pooled, self.config.top_k, output_aux_loss=output_aux_loss)
 
 
 def causal_padding_mask(attention_mask: Optional[torch.Tensor], length: int, dtype, device) -> torch.Tensor:
@@ -132,18 +141,20 @@ class TextTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
+        output_aux_loss: Optional[bool] = None,
     ) -> MoEModelOutputWithPooling:
+        """``output_aux_loss``: see :func:`mllm_encoder.layers.wants_aux_loss`."""
         hidden_states = self.embeddings(input_ids)
         encoded = self.encoder(hidden_states, self.attention_bias(attention_mask, hidden_states), output_hidden_states)
         last = self.final_layer_norm(encoded.last_hidden_state)
-        return encoded.tower_output(last, self.pool(last, input_ids), self.config.top_k, attention_mask)
+        pooled = self.pool(last, input_ids)
+        return encoded.tower_output(last, pooled, self.config.top_k, attention_mask, output_aux_loss)
 
 
 class VisionTowerModel:
     """Mixin of the image-tower models: one tower transformer (``tower_class``) under ``vision_model``.
 
-    ``forward`` passes the tower's ``extra_inputs`` (SigLIP 2 NaFlex's ``pixel_attention_mask`` and
-    ``spatial_shapes``) on by keyword and ignores other keyword arguments, as HF towers do.
+    ``forward`` ignores keyword arguments it does not know, as HF towers do.
     """
 
     base_model_prefix = VISION.module
@@ -164,6 +175,9 @@ class VisionTowerModel:
         output_hidden_states: Optional[bool] = None,
         interpolate_pos_encoding: bool = False,
         return_dict: Optional[bool] = None,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        spatial_shapes: Optional[torch.Tensor] = None,
+        output_aux_loss: Optional[bool] = None,
         **kwargs,
     ) -> MoEModelOutputWithPooling:
         """Encode images.
@@ -172,9 +186,18 @@ class VisionTowerModel:
             pixel_values: ``[batch, channels, height, width]`` (SigLIP 2 NaFlex: see ``SiglipVisionTransformer``).
             output_hidden_states: also return every layer's output (index 0 = embeddings).
             interpolate_pos_encoding: resize the position grid for other image sizes.
+            pixel_attention_mask, spatial_shapes: SigLIP 2 NaFlex's patch mask and patch grids (NaFlex only).
+            output_aux_loss: compute ``aux_loss``; default: when autograd records
+                (:func:`mllm_encoder.layers.wants_aux_loss`), else it is ``None``.
         """
-        extra = {name: kwargs.get(name) for name in self.vision_model.extra_inputs}
-        output = self.vision_model(pixel_values, bool(output_hidden_states), interpolate_pos_encoding, **extra)
+        output = self.vision_model(
+            pixel_values,
+            bool(output_hidden_states),
+            interpolate_pos_encoding,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            output_aux_loss=output_aux_loss,
+        )
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -201,16 +224,19 @@ class TextTowerModel:
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        output_aux_loss: Optional[bool] = None,
         **kwargs,
     ) -> MoEModelOutputWithPooling:
-        """Encode token ids ``[batch, length]`` (``attention_mask`` 1 = real token)."""
-        output = self.text_model(input_ids, attention_mask, bool(output_hidden_states))
+        """Encode token ids ``[batch, length]`` (``attention_mask`` 1 = real token); ``output_aux_loss``: compute
+        ``aux_loss`` (default: when autograd records, :func:`mllm_encoder.layers.wants_aux_loss`)."""
+        output = self.text_model(input_ids, attention_mask, bool(output_hidden_states), output_aux_loss)
         return output if return_dict is not False else output.to_tuple()
 
 
 class TwoTowerModel:
     """Mixin of the two-tower models: ``text_model`` and ``vision_model``, their embeddings (``text_embedding``,
-    ``image_embedding``: identity unless overridden), the similarity logits and the family's ``contrastive_loss``.
+    ``image_embedding``: identity unless overridden), the similarity logits and the family's ``contrastive_loss``
+    of those logits.
     """
 
     output_class: Type[CLIPMoEOutput]
@@ -226,32 +252,43 @@ class TwoTowerModel:
         """The image embedding of the image tower's pooled output."""
         return pooled
 
-    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """The family's image-text loss of normalised embeddings."""
+    def contrastive_loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        """The family's image-text loss of the float32 ``[texts, images]`` logits of :meth:`similarity_logits`."""
         raise NotImplementedError
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Unnormalised text embeddings ``[batch, embedding width]``."""
-        return self.text_embedding(self.text_model(input_ids, attention_mask).pooler_output)
+        return self.text_embedding(self.text_model(input_ids, attention_mask, output_aux_loss=False).pooler_output)
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **naflex):
-        """Unnormalised image embeddings ``[batch, embedding width]`` (``naflex``: SigLIP 2 NaFlex's
-        ``pixel_attention_mask`` and ``spatial_shapes``)."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        spatial_shapes: Optional[torch.Tensor] = None,
+    ):
+        """Unnormalised image embeddings ``[batch, embedding width]`` (``pixel_attention_mask``,
+        ``spatial_shapes``: SigLIP 2 NaFlex's inputs)."""
         pooled = self.vision_model(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **naflex
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            output_aux_loss=False,
         ).pooler_output
         return self.image_embedding(pooled)
 
     def similarity_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Normalise both embeddings and return ``(logits_per_image, logits_per_text, images, texts)``: scaled
-        cosine similarities, plus ``logit_bias`` where the model has one (SigLIP)."""
-        image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
-        text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
-        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device) * self.logit_scale.exp()
+        """Normalise both embeddings in float32 and return ``(logits_per_text, images, texts)``: the float32
+        ``[texts, images]`` scaled cosine similarities, plus ``logit_bias`` where the model has one (SigLIP),
+        computed once for the outputs and the loss; the normalised embeddings in the input's dtype."""
+        image = nn.functional.normalize(image_embeds.float(), dim=-1)
+        text = nn.functional.normalize(text_embeds.float(), dim=-1)
+        logits_per_text = text @ image.t().to(text.device) * self.logit_scale.exp().float()
         bias = getattr(self, "logit_bias", None)
         if bias is not None:
-            logits_per_text = logits_per_text + bias
-        return logits_per_text.t(), logits_per_text, image_embeds, text_embeds
+            logits_per_text = logits_per_text + bias.float()
+        return logits_per_text, image.to(image_embeds.dtype), text.to(text_embeds.dtype)
 
     def forward(
         self,
@@ -262,35 +299,48 @@ class TwoTowerModel:
         output_hidden_states: Optional[bool] = None,
         interpolate_pos_encoding: bool = False,
         return_dict: Optional[bool] = None,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        spatial_shapes: Optional[torch.Tensor] = None,
+        output_aux_loss: Optional[bool] = None,
         **kwargs,
     ) -> CLIPMoEOutput:
         """Forward pass; ``loss`` = ``contrastive_loss`` + ``router_aux_loss_coef`` x load balancing (layer mean).
 
-        Image-tower ``extra_inputs`` (SigLIP 2 NaFlex's ``pixel_attention_mask`` and ``spatial_shapes``) are
-        passed on by keyword.
+        ``pixel_attention_mask`` and ``spatial_shapes`` are SigLIP 2 NaFlex's image inputs. ``aux_loss`` is
+        computed when ``return_loss`` or ``output_aux_loss`` asks for it, by default when autograd records
+        (:func:`mllm_encoder.layers.wants_aux_loss`); otherwise it is ``None``.
         """
         hidden = bool(output_hidden_states)
-        extra = {name: kwargs.get(name) for name in self.vision_model.extra_inputs}
-        vision = self.vision_model(pixel_values, hidden, interpolate_pos_encoding, **extra)
-        text = self.text_model(input_ids, attention_mask, hidden)
-        per_image, per_text, image_embeds, text_embeds = self.similarity_logits(
+        output_aux_loss = bool(return_loss) or wants_aux_loss(output_aux_loss)  # the same for both towers
+        vision = self.vision_model(
+            pixel_values,
+            hidden,
+            interpolate_pos_encoding,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            output_aux_loss=output_aux_loss,
+        )
+        text = self.text_model(input_ids, attention_mask, hidden, output_aux_loss)
+        logits_per_text, image_embeds, text_embeds = self.similarity_logits(
             self.image_embedding(vision.pooler_output), self.text_embedding(text.pooler_output)
         )
-        aux_loss, weighted_aux_loss = two_tower_aux_losses(
-            text.aux_loss,
-            len(text.router_logits),
-            self.config.text_config.router_aux_loss_coef,
-            vision.aux_loss,
-            len(vision.router_logits),
-            self.config.vision_config.router_aux_loss_coef,
-        )
-        loss = None
+        aux_loss = loss = None
+        if text.aux_loss is not None:
+            aux_loss, weighted_aux_loss = two_tower_aux_losses(
+                text.aux_loss,
+                len(text.router_logits),
+                self.config.text_config.router_aux_loss_coef,
+                vision.aux_loss,
+                len(vision.router_logits),
+                self.config.vision_config.router_aux_loss_coef,
+            )
         if return_loss:
-            loss = self.contrastive_loss(image_embeds, text_embeds) + weighted_aux_loss
+            loss = self.contrastive_loss(logits_per_text) + weighted_aux_loss
+        dtype = text_embeds.dtype
         output = self.output_class(
             loss=loss,
-            logits_per_image=per_image,
-            logits_per_text=per_text,
+            logits_per_image=logits_per_text.t().to(dtype),
+            logits_per_text=logits_per_text.to(dtype),
             text_embeds=text_embeds,
             image_embeds=image_embeds,
             aux_loss=aux_loss,
@@ -345,5 +395,5 @@ class CLIPMoEModel(TwoTowerModel, CLIPMoEPreTrainedModel):
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(pooled)
 
-    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return clip_contrastive_loss(image_embeds, text_embeds, self.logit_scale.exp())
+    def contrastive_loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        return clip_loss_of_logits(logits_per_text)

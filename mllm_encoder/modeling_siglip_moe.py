@@ -35,7 +35,7 @@ from mllm_encoder.layers import (
     VisionEmbeddings,
     key_padding_mask,
 )
-from mllm_encoder.losses import siglip_sigmoid_loss
+from mllm_encoder.losses import siglip_loss_of_logits
 from mllm_encoder.modeling_clip_moe import TextTowerModel, TextTransformer, TwoTowerModel, VisionTowerModel
 from mllm_encoder.moe import StackedExperts, TopKRouter
 from mllm_encoder.outputs import MoEModelOutputWithPooling, SiglipMoEOutput
@@ -110,10 +110,9 @@ class SiglipVisionTransformer(nn.Module):
 
     SigLIP reads images ``[batch, channels, height, width]``; SigLIP 2 NaFlex (``config.naflex``) reads flattened
     patches ``[batch, patches, channels * patch_size**2]`` with ``spatial_shapes`` ``[batch, 2]`` (each image's
-    patch grid) and ``pixel_attention_mask`` ``[batch, patches]`` (1 = a real patch).
+    patch grid) and ``pixel_attention_mask`` ``[batch, patches]`` (1 = a real patch). ``output_aux_loss``: see
+    :func:`mllm_encoder.layers.wants_aux_loss`.
     """
-
-    extra_inputs = ("pixel_attention_mask", "spatial_shapes")
 
     def __init__(self, config):
         super().__init__()
@@ -146,13 +145,14 @@ class SiglipVisionTransformer(nn.Module):
         interpolate_pos_encoding: bool = False,
         pixel_attention_mask: Optional[torch.Tensor] = None,
         spatial_shapes: Optional[torch.Tensor] = None,
+        output_aux_loss: Optional[bool] = None,
     ) -> MoEModelOutputWithPooling:
         hidden_states = self._embed(pixel_values, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
         mask = key_padding_mask(pixel_attention_mask, hidden_states.dtype)
         encoded = self.encoder(hidden_states, mask, output_hidden_states)
         last = self.post_layernorm(encoded.last_hidden_state)
         pooled = self.head(last, pixel_attention_mask) if self.head is not None else None
-        return encoded.tower_output(last, pooled, self.config.top_k, pixel_attention_mask)
+        return encoded.tower_output(last, pooled, self.config.top_k, pixel_attention_mask, output_aux_loss)
 
 
 class SiglipTextTransformer(TextTransformer):
@@ -209,8 +209,8 @@ class SiglipMoEModel(TwoTowerModel, SiglipMoEPreTrainedModel):
         self.logit_bias = nn.Parameter(torch.full((1,), config.logit_bias_init_value))
         self.post_init()
 
-    def contrastive_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return siglip_sigmoid_loss(image_embeds, text_embeds, self.logit_scale.exp(), self.logit_bias)
+    def contrastive_loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        return siglip_loss_of_logits(logits_per_text)
 
 
 class Siglip2MoEVisionModel(SiglipMoEVisionModel):

@@ -19,7 +19,7 @@ class MoEModelOutputWithPooling(ModelOutput):
             the output of layer i.
         router_logits: one ``[tokens, num_experts]`` tensor per MoE layer (empty for a dense tower).
         aux_loss: the unweighted load-balancing loss averaged over the MoE layers (0 for a dense tower; 1 when
-            routing is uniform).
+            routing is uniform); ``None`` when not computed (see ``mllm_encoder.layers.wants_aux_loss``).
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
@@ -38,7 +38,8 @@ class CLIPMoEOutput(ModelOutput):
         logits_per_image: ``[images, texts]`` scaled cosine similarities; ``logits_per_text`` its transpose.
         text_embeds, image_embeds: normalised projected embeddings.
         aux_loss: the unweighted load-balancing loss averaged over the MoE layers of both towers (the paper's
-            ``1 / (A + B)`` weighting).
+            ``1 / (A + B)`` weighting); ``None`` when not computed (no ``return_loss``, no ``output_aux_loss``,
+            autograd off).
         router_logits: the router logits of the text tower's MoE layers, then the image tower's.
         text_model_output, vision_model_output: the towers' own outputs.
     """

@@ -28,7 +28,7 @@ from mllm_encoder.checkpoint import (
 )
 from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
 from mllm_encoder.configuration_siglip_moe import SiglipMoEVisionConfig
-from mllm_encoder.families import FAMILIES
+from mllm_encoder.families import FAMILIES, family_name
 from mllm_encoder.towers import VISION
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ TOWER_FAMILIES = {
 def tower_family(config: Dict[str, Any], where: str) -> str:
     """``"clip"`` or ``"siglip"`` for a vision config dict (SigLIP 2 FixRes checkpoints are ``siglip``)."""
     model_type = str(config.get("model_type") or "clip")
-    if model_type.startswith("siglip2"):
+    if family_name(model_type) == "siglip2":
         raise ValueError(
             f"{where}: a SigLIP 2 NaFlex tower ({model_type}) cannot serve as a LLaVA tower (fixed-size patch "
             "grids only); use a SigLIP 2 FixRes checkpoint (model_type siglip)"
         )
-    return "siglip" if model_type.startswith("siglip") else "clip"
+    return family_name(model_type)
 
 
 def resolve_select_layer(select_layer: int, num_hidden_layers: int) -> int:
@@ -175,9 +175,12 @@ class CLIPMoEVisionTower(nn.Module):
         return hidden_state[:, prefix:] if self.select_feature == "patch" else hidden_state
 
     def _encode(self, pixel_values: torch.Tensor, trainable: bool):
+        # The load-balancing loss is computed only when trainable: a frozen tower's has no gradient to give.
         with torch.set_grad_enabled(trainable):
             outputs = self.vision_tower(
-                pixel_values.to(device=self.device, dtype=self.dtype), output_hidden_states=True
+                pixel_values.to(device=self.device, dtype=self.dtype),
+                output_hidden_states=True,
+                output_aux_loss=trainable,
             )
         features = self.feature_select(outputs.hidden_states[-1]).to(pixel_values.dtype)
         return features, getattr(outputs, "aux_loss", None)

@@ -109,3 +109,23 @@ def test_the_format_functions_read_configs_and_tensor_names(tiny_clip_moe_dir, t
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json: expected a JSON object, found list"):
         read_model_type(tmp_path)
+
+
+def test_family_name_and_the_image_processor_a_checkpoint_gets_by_default(tiny_clip_moe_dir, tmp_path):
+    from tiny_models import tiny_siglip_vision_config
+
+    from mllm_encoder import SiglipMoEVisionConfig, SiglipMoEVisionModel
+    from mllm_encoder.checkpoint import load_image_processor, save_checkpoint
+    from mllm_encoder.families import family_name
+
+    names = {
+        "clip": "clip", "clip_vision_model": "clip", "clip_moe_text_model": "clip", None: "clip", "": "clip",
+        "siglip": "siglip", "siglip_moe_vision_model": "siglip", "siglip2": "siglip2", "siglip2_moe": "siglip2",
+        "siglip2_vision_model": "siglip2", "llava": "clip",
+    }  # fmt: skip
+    assert {model_type: family_name(model_type) for model_type in names} == names
+    save_checkpoint(CLIPMoEModel.from_pretrained(tiny_clip_moe_dir), tmp_path / "clip")
+    assert type(load_image_processor(tmp_path / "clip")).__name__ == "CLIPImageProcessor"
+    save_checkpoint(SiglipMoEVisionModel(SiglipMoEVisionConfig(**tiny_siglip_vision_config())), tmp_path / "siglip")
+    processor = load_image_processor(tmp_path / "siglip")
+    assert type(processor).__name__ == "SiglipImageProcessor" and processor.size == {"height": 32, "width": 32}

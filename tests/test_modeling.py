@@ -146,7 +146,12 @@ def test_aux_loss_is_one_under_uniform_routing_whatever_the_depth(text_layers, v
             torch.nn.init.zeros_(param)  # equal logits: every expert has probability 1/4
     input_ids, attention_mask = text_inputs()
     with torch.no_grad():
-        out = model(input_ids=input_ids, pixel_values=torch.randn(3, 3, 32, 32), attention_mask=attention_mask)
+        out = model(
+            input_ids=input_ids,
+            pixel_values=torch.randn(3, 3, 32, 32),
+            attention_mask=attention_mask,
+            output_aux_loss=True,
+        )
     assert len(out.router_logits) == text_layers + vision_layers
     for aux in (out.aux_loss, out.text_model_output.aux_loss, out.vision_model_output.aux_loss):
         assert aux.item() == pytest.approx(1.0, abs=1e-6)
@@ -157,8 +162,8 @@ def test_text_aux_loss_counts_only_real_tokens():
     model = CLIPMoEModel(tiny_clip_moe_config()).eval()
     input_ids, attention_mask = text_inputs()
     with torch.no_grad():
-        masked = model.text_model(input_ids, attention_mask).aux_loss
-        unmasked = model.text_model(input_ids, None).aux_loss
+        masked = model.text_model(input_ids, attention_mask, output_aux_loss=True).aux_loss
+        unmasked = model.text_model(input_ids, None, output_aux_loss=True).aux_loss
         lengths = attention_mask.sum(1).tolist()
         per_sequence = [model.text_model(input_ids[i : i + 1, :n]).router_logits for i, n in enumerate(lengths)]
     real_token_logits = [torch.cat(layer) for layer in zip(*per_sequence)]

@@ -115,10 +115,10 @@ def test_upcycled_siglip2_equals_dense_and_padding_does_not_route():
     pixel_values, mask, shapes = naflex_inputs()
     with torch.no_grad():
         expected = dense(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
-        out = moe(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
+        out = moe(pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes, output_aux_loss=True)
         padded = pixel_values.clone()
         padded[mask == 0] = 100.0  # what sits in the padding changes nothing
-        again = moe(padded, pixel_attention_mask=mask, spatial_shapes=shapes)
+        again = moe(padded, pixel_attention_mask=mask, spatial_shapes=shapes, output_aux_loss=True)
     torch.testing.assert_close(out.pooler_output, expected, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(again.pooler_output, out.pooler_output, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(again.aux_loss, out.aux_loss)  # padding rows do not count in the balance

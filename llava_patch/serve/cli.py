@@ -4,19 +4,12 @@ Same arguments plus ``--trust-remote-code``: without it, no Python file of a che
 (see :mod:`llava_patch.loading`).
 """
 
-import runpy
-import sys
-
 import llava_patch
-from llava_patch.loading import pop_trust_remote_code_flag, trust_remote_code
 
 
 def main() -> None:
-    """Patch LLaVA, then run its script as ``__main__`` under the user's remote-code choice."""
-    llava_patch.apply()
-    sys.argv[1:], trusted = pop_trust_remote_code_flag(sys.argv[1:])
-    with trust_remote_code(trusted):
-        runpy.run_module("llava.serve.cli", run_name="__main__", alter_sys=True)
+    """Run LLaVA's ``llava.serve.cli`` patched (:func:`llava_patch.run_llava_script`)."""
+    llava_patch.run_llava_script("llava.serve.cli")
 
 
 if __name__ == "__main__":

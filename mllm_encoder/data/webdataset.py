@@ -20,6 +20,7 @@ it, such a shard counts one bad sample and is listed in ``lost_shards`` ("unknow
 """
 
 import bisect
+import collections
 import functools
 import glob
 import io
@@ -29,7 +30,7 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -396,7 +397,13 @@ class TarShardDataset(_DecodedShards, Dataset):
     include the lost samples of damaged shards (always ``None``, counted and named when fetched; a damaged
     shard of unknown size has one such entry), so ``len()`` counts every sample the shards should hold.
     ``pipe:``/URL shards need streaming (:class:`WebDatasetImageText`) or a local copy.
+
+    Each process keeps its shard files open between reads (the ``MAX_OPEN_SHARDS`` most recently read): they
+    open on first use, a forked or spawned data-loader worker opens its own, and :meth:`close` (or garbage
+    collection) closes them. One object reads from one thread at a time, as a data-loader worker does.
     """
+
+    MAX_OPEN_SHARDS = 64
 
     def __init__(
         self,
@@ -427,9 +434,40 @@ class TarShardDataset(_DecodedShards, Dataset):
                 expected = found + 1
             lengths.append(max(found, expected or 0))
         self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
+        self._open_files: collections.OrderedDict[int, BinaryIO] = collections.OrderedDict()
+        self._owner_pid = os.getpid()
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def _file(self, number: int) -> BinaryIO:
+        """This process's open file of shard ``number``, opened on first use and kept (least recently read
+        closed first). Files inherited through ``fork`` are closed here, never read: their offset is shared."""
+        if self._owner_pid != os.getpid():
+            self.close()
+            self._owner_pid = os.getpid()
+        handle = self._open_files.pop(number, None)
+        if handle is None:
+            if len(self._open_files) >= self.MAX_OPEN_SHARDS:
+                self._open_files.popitem(last=False)[1].close()
+            handle = open(self.shards[number], "rb")
+        self._open_files[number] = handle
+        return handle
+
+    def close(self) -> None:
+        """Close the shard files this process has open (a later read opens them again)."""
+        open_files, self._open_files = self._open_files, collections.OrderedDict()
+        for handle in open_files.values():
+            handle.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_open_files"):  # not when __init__ failed
+            self.close()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open_files"] = collections.OrderedDict()  # a spawned worker opens its own files
+        return state
 
     def _locate(self, index: int) -> Tuple[int, int]:
         if not 0 <= index < len(self):
@@ -450,12 +488,12 @@ class TarShardDataset(_DecodedShards, Dataset):
             self.decoder.mark_lost(index, shard, position, reason, self.sizes_known[number])
             return None
         parts = {}
-        with open(shard, "rb") as handle:
-            for key, (offset, size) in (
-                (IMAGE_KEYS[0], shard_index.image[position]),
-                (CAPTION_KEYS[0], shard_index.caption[position]),
-            ):
-                if offset >= 0:
-                    handle.seek(offset)
-                    parts[key] = handle.read(size)
+        handle = self._file(number)
+        for key, (offset, size) in (
+            (IMAGE_KEYS[0], shard_index.image[position]),
+            (CAPTION_KEYS[0], shard_index.caption[position]),
+        ):
+            if offset >= 0:
+                handle.seek(offset)
+                parts[key] = handle.read(size)
         return self.decoder.decode(index, f"{shard}: {shard_index.keys[position]}", parts)

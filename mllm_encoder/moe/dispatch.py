@@ -20,30 +20,36 @@ class DispatchPlan(NamedTuple):
         expert_ids: ``[N]`` expert of each sorted slot, ascending.
         inverse: ``[N]`` sorted position of each (token, slot) pair in row-major ``[T, k]`` order.
         offsets: ``[E]`` int32 exclusive end of each expert's slice (the grouped GEMM's ``offs``).
-        one_hot: ``[N, E]``, 1 where slot n goes to expert e, else 0 (adds the expert biases as a GEMM).
     """
 
     token_index: torch.Tensor
     expert_ids: torch.Tensor
     inverse: torch.Tensor
     offsets: torch.Tensor
-    one_hot: torch.Tensor
 
     @property
     def counts(self) -> torch.Tensor:
         """``[E]`` slots routed to each expert."""
         return torch.diff(self.offsets, prepend=self.offsets.new_zeros(1))
 
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[N, E]`` in ``dtype``: 1 where slot n goes to expert e, else 0.
 
-def plan_dispatch(expert_ids: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> DispatchPlan:
-    """Plan the dispatch of ``expert_ids [T, k]`` to ``num_experts`` experts (``one_hot`` in ``dtype``)."""
+        Only the grouped backend uses it (it adds the expert biases as a GEMM), so it is built on demand, once
+        per layer, directly in the GEMMs' dtype.
+        """
+        experts = torch.arange(self.offsets.numel(), device=self.expert_ids.device, dtype=self.expert_ids.dtype)
+        return (self.expert_ids.unsqueeze(1) == experts).to(dtype)
+
+
+def plan_dispatch(expert_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Plan the dispatch of ``expert_ids [T, k]`` to ``num_experts`` experts."""
     top_k = expert_ids.shape[-1]
     sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     experts = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
-    one_hot = (sorted_ids.unsqueeze(1) == experts).to(dtype)
-    return DispatchPlan(order // top_k, sorted_ids, inverse, offsets, one_hot)
+    return DispatchPlan(order // top_k, sorted_ids, inverse, offsets)
 
 
 class _GatherSlots(torch.autograd.Function):

@@ -21,8 +21,9 @@ QuickGELU ``x * sigmoid(1.702 x)`` is evaluated as ``silu(1.702 x) / 1.702`` wit
 the GEMMs' ``alpha`` / ``beta``: one element-wise kernel over the ``[N, I]`` intermediate instead of three.
 """
 
+import functools
 import math
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
@@ -39,9 +40,13 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def _cuda_has_grouped_kernel(device: torch.device) -> bool:
-    """torch's fused grouped GEMM (CUTLASS, bf16) exists on sm90 (Hopper) and sm100 (Blackwell) only."""
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+@functools.cache
+def _cuda_has_grouped_kernel(device_index: int) -> bool:
+    """torch's fused grouped GEMM (CUTLASS, bf16) exists on sm90 (Hopper) and sm100 (Blackwell) only.
+
+    Cached per device index: the capability is fixed for the process, and the backend is chosen in every layer.
+    """
+    return torch.cuda.get_device_capability(device_index)[0] in (9, 10)
 
 
 def compute_dtype(hidden_states: torch.Tensor) -> torch.dtype:
@@ -52,8 +57,9 @@ def compute_dtype(hidden_states: torch.Tensor) -> torch.dtype:
     return hidden_states.dtype
 
 
-def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> str:
-    """The matmul strategy for ``hidden_states`` (``dims``: the expert widths, for alignment).
+def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int, dtype: Optional[torch.dtype] = None) -> str:
+    """The matmul strategy for ``hidden_states`` (``dims``: the expert widths, for alignment; ``dtype``: its
+    :func:`compute_dtype` when the caller has it already).
 
     ``"auto"`` resolves by this table, on :func:`compute_dtype` (measurements in docs/benchmarks.md):
 
@@ -72,11 +78,12 @@ def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int) -> st
         raise ValueError(f"dispatch backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if compute_dtype(hidden_states) != torch.bfloat16 or not grouped_mm_available():
+    dtype = dtype if dtype is not None else compute_dtype(hidden_states)
+    if dtype != torch.bfloat16 or not grouped_mm_available():
         return "loop"
     if hidden_states.is_cuda:
         aligned = all(d % 8 == 0 for d in dims)
-        fast = torch.compiler.is_compiling() or _cuda_has_grouped_kernel(hidden_states.device)
+        fast = torch.compiler.is_compiling() or _cuda_has_grouped_kernel(hidden_states.device.index)
         return "grouped" if aligned and fast else "loop"
     return "grouped"
 
@@ -124,21 +131,25 @@ class GroupedLinear(nn.Module):
         plan: DispatchPlan,
         scale: float = 1.0,
         bias_scale: float = 1.0,
+        one_hot: Optional[torch.Tensor] = None,
     ):
         """``scale * rows @ W_e^T + bias_scale * b_e`` for the expert e of each row.
 
         ``rows``: expert-sorted ``[N, in]`` (one grouped GEMM), or a list of per-expert slices (slice e for
         expert e, possibly empty) mapped to the list of their outputs. Called once per layer either way, so
-        DeepSpeed ZeRO-3's hooks gather the stacked weight once.
+        DeepSpeed ZeRO-3's hooks gather the stacked weight once. ``one_hot``: the grouped GEMM's
+        ``plan.one_hot(dtype)``, whose dtype is the one the GEMM runs in (default: built here in
+        :func:`compute_dtype`; :class:`StackedExperts` builds it once for both projections).
         """
         if isinstance(rows, list):
             return [
                 torch.addmm(self.bias[e], piece, self.weight[e].t(), beta=bias_scale, alpha=scale)
                 for e, piece in enumerate(rows)
             ]
-        dtype = compute_dtype(rows)  # autocast does not cover the grouped GEMM
+        if one_hot is None:
+            one_hot = plan.one_hot(compute_dtype(rows))  # autocast does not cover the grouped GEMM
+        dtype = one_hot.dtype
         out = torch._grouped_mm(rows.to(dtype), self.weight.to(dtype).transpose(-2, -1), offs=plan.offsets)
-        one_hot = plan.one_hot.to(dtype)
         return _ExpertBias.apply(out, self.bias.to(dtype), one_hot, plan.expert_ids, scale, bias_scale)
 
     def extra_repr(self) -> str:
@@ -162,11 +173,13 @@ class StackedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Apply expert ``plan.expert_ids[n]`` to row n of ``rows [N, D]``."""
-        backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features)
+        dtype = compute_dtype(rows)
+        backend = resolve_backend(self.backend, rows, self.fc1.out_features, self.fc1.in_features, dtype=dtype)
         s = self._act_scale
         if backend == "grouped":
-            hidden = self._act(self.fc1(rows, plan, s, s))
-            return self.fc2(hidden, plan, 1 / s)
+            one_hot = plan.one_hot(dtype)
+            hidden = self._act(self.fc1(rows, plan, s, s, one_hot))
+            return self.fc2(hidden, plan, 1 / s, one_hot=one_hot)
         # One slice per expert: fc1 -> activation -> fc2 stay per slice, only the outputs are concatenated.
         pieces = list(rows.split(plan.counts.tolist()))
         hidden = [self._act(piece) for piece in self.fc1(pieces, plan, s, s)]

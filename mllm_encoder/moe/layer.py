@@ -44,7 +44,7 @@ class SparseMoE(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
         decision = self.router(tokens)
-        plan = plan_dispatch(decision.expert_ids, self.num_experts, tokens.dtype)
+        plan = plan_dispatch(decision.expert_ids, self.num_experts)
         expert_outputs = self.experts(gather_tokens(tokens, plan), plan)
         output = combine_outputs(expert_outputs, plan, decision.weights)
         return output.view(shape), decision.logits

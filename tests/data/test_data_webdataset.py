@@ -4,6 +4,7 @@ with every bad or lost sample counted and named."""
 import gzip
 import io
 import json
+import pickle
 import tarfile
 
 import numpy as np
@@ -213,3 +214,51 @@ def test_bad_inputs_are_refused_before_reading(shard_dir, image_processor, clip_
     (shard_dir / "sizes.json").write_text(json.dumps({"shard-000.tar": "many"}))
     with pytest.raises(ValueError, match="sample count of shard-000.tar must be a non-negative integer"):
         _load(str(shard_dir / "*.tar"), image_processor, clip_tokenizer)
+
+
+class _ReadInWorker(torch.utils.data.Dataset):
+    """``dataset[i]`` read in a data-loader worker, with whether the files the parent had open are closed there."""
+
+    def __init__(self, dataset, parent_files):
+        self.dataset, self.parent_files = dataset, parent_files
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        return sample["index"], sample["pixel_values"], all(handle.closed for handle in self.parent_files)
+
+
+def test_random_access_keeps_each_shard_open_per_process(shard_dir, image_processor, clip_tokenizer, monkeypatch):
+    from mllm_encoder.data import webdataset
+
+    opened = []
+
+    def recording_open(path, mode="r"):
+        opened.append(open(path, mode))
+        return opened[-1]
+
+    indexed = _load(str(shard_dir / "*.tar"), image_processor, clip_tokenizer, random_access=True)
+    monkeypatch.setattr(webdataset, "open", recording_open, raising=False)
+    expected = {index: indexed[index]["pixel_values"] for index in (0, 1, 2, 0, 4, 3)}  # shards 0 and 1
+    assert [handle.name for handle in opened] == [str(shard_dir / "shard-000.tar"), str(shard_dir / "shard-001.tar")]
+    parent_files = list(opened)
+    loader = DataLoader(
+        _ReadInWorker(indexed, parent_files), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
+    read = list(loader)
+    assert [index for index, _, _ in read] == list(range(15))
+    assert all(closed for _, _, closed in read), "a forked worker must not read through the parent's files"
+    for index, pixel_values, _ in read[:5]:
+        torch.testing.assert_close(pixel_values, expected[index], rtol=0, atol=0)
+    assert not any(handle.closed for handle in parent_files)  # the workers closed only their copies
+    indexed.MAX_OPEN_SHARDS = 2
+    indexed[7]  # shard 2: shard 0, the least recently read, is closed
+    assert parent_files[0].closed and not parent_files[1].closed and len(opened) == 3
+    copy = pickle.loads(pickle.dumps(indexed))  # what a spawned worker gets: no open files
+    torch.testing.assert_close(copy[1]["pixel_values"], expected[1], rtol=0, atol=0)
+    assert len(opened) == 4 and opened[-1] is not parent_files[0]
+    indexed.close()
+    assert all(handle.closed for handle in opened[:3])
+    torch.testing.assert_close(indexed[0]["pixel_values"], expected[0], rtol=0, atol=0)  # reopened

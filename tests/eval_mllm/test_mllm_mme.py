@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mllm_encoder.cli import main
-from mllm_encoder.eval.mllm.mme import compare_mme_protocols, evaluate_mme, load_mme_ground_truth, parse_mme_answer
+from mllm_encoder.eval.mllm.mme import compare_mme_protocols, evaluate_mme, load_mme_ground_truth
+from mllm_encoder.eval.mllm.protocols import mme_calculation_parse
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -91,7 +92,7 @@ def test_answer_parsing_follows_mme_calculation():
         "The answer is no": "other",
         "": "other",
     }
-    assert {text: parse_mme_answer(text) for text in cases} == cases
+    assert {text: mme_calculation_parse(text) for text in cases} == cases
 
 
 def test_hand_computed_scores_on_both_layouts(tmp_path, caplog):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mllm_encoder.cli import main
-from mllm_encoder.eval.mllm.pope import binary_metrics, compare_pope_protocols, evaluate_pope, normalize_pope_answer
+from mllm_encoder.eval.mllm.pope import compare_pope_protocols, evaluate_pope
+from mllm_encoder.eval.mllm.protocols import binary_metrics, llava_pope_parse
 
 POPE_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pope"
 # CI always has ../shared: there the real-file checks must run, never skip.
@@ -49,9 +50,15 @@ def make_pope(tmp_path: Path, splits: dict, id_offsets=None):
     )
 
 
+def reference_llava_parse(text):
+    """LLaVA's eval_pope.py answer parsing, restated here independently of the parser under test."""
+    first_sentence = text[: text.find(".")] if "." in text else text
+    return "no" if {"No", "no", "not"} & set(first_sentence.replace(",", "").split(" ")) else "yes"
+
+
 def reference_eval_pope(answers, labels):
     """LLaVA's eval_pope.py arithmetic, restated independently: answers and labels paired by position."""
-    preds = [normalize_pope_answer(a["text"]) for a in answers]
+    preds = [reference_llava_parse(a["text"]) for a in answers]
     tp = sum(p == "yes" and lab == "yes" for p, lab in zip(preds, labels))
     fp = sum(p == "yes" and lab == "no" for p, lab in zip(preds, labels))
     tn = sum(p == "no" and lab == "no" for p, lab in zip(preds, labels))
@@ -124,7 +131,8 @@ def test_answer_normalisation_follows_llava():
         "Nothing": "yes",
         "": "yes",
     }
-    assert {text: normalize_pope_answer(text) for text in cases} == cases
+    assert {text: llava_pope_parse(text) for text in cases} == cases
+    assert {text: reference_llava_parse(text) for text in cases} == cases  # the reference the real-file test uses
 
 
 def test_all_yes_and_all_no_answers_are_defined():

@@ -105,6 +105,7 @@ def test_build_hf_llava_from_clip_moe_and_llm(llava_workdir, tmp_path):
 
 
 def test_build_hf_llava_from_a_siglip_moe_tower(llava_workdir, clip_tokenizer_dir, tmp_path):
+    """A SigLIP-MoE tower: every patch projected ('full', no class token), saved, reloaded with the same logits."""
     from tiny_models import write_tiny_siglip_base
 
     from llava_patch.hf_llava import build_hf_llava, llava_vision_tower
@@ -122,12 +123,19 @@ def test_build_hf_llava_from_a_siglip_moe_tower(llava_workdir, clip_tokenizer_di
     legacy = hasattr(LlavaForConditionalGeneration, "_merge_input_ids_with_image_features")
     image_token = model.config.image_token_index
     input_ids = torch.tensor([[image_token] * (1 if legacy else num_patches) + [5, 6, 7]])
+    pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values)
     owner = model if hasattr(model, "multi_modal_projector") else model.model
     seen = []
     handle = owner.multi_modal_projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     with torch.no_grad():
-        model.eval()(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=torch.randn(1, 3, 32, 32)
-        )
+        logits = model.eval()(**batch).logits
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
     handle.remove()
-    assert seen[0].shape[-2] == num_patches  # every patch token, none dropped
+    assert seen[0].shape[-2] == num_patches
+    torch.testing.assert_close(seen[0], hidden[-2])  # every patch token of layer -2, none dropped
+    model.save_pretrained(tmp_path / "llava")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    assert reloaded.config.vision_config.model_type == "siglip_moe_vision_model"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)

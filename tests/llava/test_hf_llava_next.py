@@ -87,6 +87,8 @@ def test_tower_aux_loss_is_added_when_installed(built):
     plain = model(**inputs, labels=inputs["input_ids"]).loss
     aux = TowerAuxLoss(model)
     with_aux = model(**inputs, labels=inputs["input_ids"]).loss
+    with torch.no_grad():  # an evaluation loss carries the aux term too (the tower is asked for it)
+        torch.testing.assert_close(model(**inputs, labels=inputs["input_ids"]).loss, with_aux.detach())
     aux.remove()
     handle.remove()
     expected_aux = tower_of(model)(tiles[1]).aux_loss
@@ -133,3 +135,15 @@ def test_unknown_kind_and_missing_classes_are_named():
     assert anyres_grid_pinpoints(336) == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     onevision = anyres_grid_pinpoints(384, "llava_onevision")
     assert len(onevision) == 36 and onevision[0] == [384, 384] and onevision[-1] == [2304, 2304]
+
+
+@pytest.mark.skipif(not HAS["llava_next"], reason=f"transformers {transformers.__version__} has no LlavaNext")
+def test_a_siglip_tower_is_refused_before_anything_loads(clip_tokenizer_dir, tmp_path):
+    from tiny_models import write_tiny_siglip_base
+
+    from llava_patch.hf_llava_next import build_anyres_llava
+
+    siglip_dir = write_tiny_siglip_base(tmp_path / "siglip", clip_tokenizer_dir)
+    message = "holds a SiglipMoEVisionModel tower; this build takes only CLIPMoEVisionModel"
+    with pytest.raises(ValueError, match=f"{siglip_dir}: {message}"):
+        build_anyres_llava(siglip_dir, tmp_path / "no-llm-here")

@@ -120,12 +120,18 @@ def resolve_through_entry_point(api, name="clip_moe_llava"):
     return manifest, getattr(importlib.import_module(module_name), class_name)
 
 
-def test_entry_point_resolves_to_the_model_class(lmms_eval_api):
+def test_entry_point_resolves_to_the_model_class(lmms_eval_api, tmp_path):
     manifest, model_class = resolve_through_entry_point(lmms_eval_api)
     assert manifest.model_id == "clip_moe_llava" and manifest.simple_class_path == f"{MODULE}.CLIPMoELlava"
     assert issubclass(model_class, lmms_eval_api.lmms) and model_class.is_simple is True
-    with pytest.raises(ValueError, match="config.json: not found; clip_moe_llava needs a local checkpoint"):
+    expected = r"\(expected a local checkpoint directory as clip_moe_llava's pretrained=\)"
+    with pytest.raises(ValueError, match=f"^/nonexistent/checkpoint: no such directory {expected}$"):
         model_class(pretrained="/nonexistent/checkpoint")
+    with pytest.raises(ValueError, match=f"^{tmp_path}: no config.json {expected}$"):
+        model_class(pretrained=str(tmp_path))
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, found list"):
+        model_class(pretrained=str(tmp_path))
     with pytest.raises(ValueError, match="clip_moe_llava: unknown model_args conv_mode"):
         model_class(pretrained="/nonexistent/checkpoint", conv_mode="vicuna_v1")
 

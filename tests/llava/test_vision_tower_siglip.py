@@ -1,4 +1,6 @@
-"""The LLaVA tower over SigLIP / SigLIP-MoE checkpoints: no class token to drop, SigLIP's processor, round trip."""
+"""The LLaVA tower over SigLIP / SigLIP-MoE checkpoints: no class token to drop, SigLIP's processor, round trip.
+
+transformers' own Llava with a SigLIP-MoE tower is tested in ``test_hf_llava.py``."""
 
 import json
 from types import SimpleNamespace
@@ -72,44 +74,3 @@ def test_naflex_tower_is_refused(hf_siglip):
     args = tower_args(mm_vision_config={"model_type": "siglip2_moe_vision_model", "num_patches": 16, **config})
     with pytest.raises(ValueError, match="NaFlex"):
         CLIPMoEVisionTower("clip-moe", args=args, delay_load=True, source=str(hf_siglip[1]))
-
-
-def test_hf_llava_round_trip_with_a_siglip_moe_tower(tmp_path):
-    """transformers' Llava with a SigLIP-MoE vision config: every patch projected ('full'), saved, reloaded."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from llava_patch.hf_llava import llava_vision_tower
-    from mllm_encoder import SiglipMoEVisionConfig, SiglipMoEVisionModel
-
-    vision = SiglipMoEVisionConfig(**tiny_siglip_vision_config(num_experts=4, top_k=2))
-    text = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, vision_feature_layer=-2, vision_feature_select_strategy="full",
-        image_token_index=127,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    assert isinstance(llava_vision_tower(model), SiglipMoEVisionModel)
-    legacy = hasattr(LlavaForConditionalGeneration, "_merge_input_ids_with_image_features")
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.cat(
-        [torch.full((2, 1 if legacy else 16), 127), torch.randint(3, 100, (2, 8), generator=generator)], 1
-    )
-    pixel_values = torch.randn(2, 3, 32, 32, generator=generator)
-    batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
-    owner = model if hasattr(model, "multi_modal_projector") else model.model
-    seen = []
-    handle = owner.multi_modal_projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
-    with torch.no_grad():
-        logits = model(**batch).logits
-        hidden = llava_vision_tower(model)(batch["pixel_values"], output_hidden_states=True).hidden_states
-    handle.remove()
-    torch.testing.assert_close(seen[0], hidden[-2])  # 16 patches, none dropped
-    model.save_pretrained(tmp_path)
-    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert reloaded.config.vision_config.model_type == "siglip_moe_vision_model"
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)

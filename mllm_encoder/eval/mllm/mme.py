@@ -20,20 +20,18 @@ as wrong (like "other") and reported, so an incomplete run can only score lower,
 whose text is not a string (a data problem: it is never parsed).
 """
 
-import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-from mllm_encoder.eval.mllm.pope import binary_metrics, malformed_text
-from mllm_encoder.eval.mllm.problems import report_problems
+from mllm_encoder.eval.mllm.problems import AnswerChecks, copy_checks, malformed_text, report_problems
 from mllm_encoder.eval.mllm.protocols import (
     MME_PARSERS,
     ProtocolComparison,
+    binary_metrics,
     check_protocol,
     compare_protocols,
-    mme_calculation_parse,
 )
 
 PERCEPTION = (
@@ -53,11 +51,6 @@ LLAVA_SUFFIX = "Answer the question using a single word or phrase."
 MME_SUFFIX = "Please answer yes or no."
 
 GroundTruth = Dict[Tuple[str, str], Dict[str, str]]  # (category, "<stem>.txt") -> {question: "yes"/"no"}
-
-
-def parse_mme_answer(text: str) -> str:
-    """ "yes", "no" or "other", exactly as MME's ``calculation.py`` parses a prediction."""
-    return mme_calculation_parse(text)
 
 
 def _read_ground_truth_file(path: Path) -> Dict[str, str]:
@@ -136,14 +129,10 @@ class MMESubtaskResult:
 
 
 @dataclass
-class MMEChecks:
+class MMEChecks(AnswerChecks):
     """Every data problem found joining an answer file to MME's questions (see the module docstring)."""
 
-    num_answers: int = 0
-    num_unknown: int = 0
-    num_duplicate: int = 0
     num_malformed: int = 0
-    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -319,8 +308,8 @@ def score_mme(answers: MMEAnswers, protocol: str = "llava") -> MMEResult:
     order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
         set(items) - set(PERCEPTION + COGNITION)
     )
-    checks = {f.name: copy.copy(getattr(answers, f.name)) for f in fields(MMEChecks)}
-    return MMEResult(subtasks={name: _score_subtask(name, items[name]) for name in order}, protocol=protocol, **checks)
+    subtasks = {name: _score_subtask(name, items[name]) for name in order}
+    return MMEResult(subtasks=subtasks, protocol=protocol, **copy_checks(answers, MMEChecks))
 
 
 def evaluate_mme(

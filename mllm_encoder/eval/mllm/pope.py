@@ -17,44 +17,23 @@ answers, answers to a different prompt, answers whose text is not a string. Miss
 never scored: they are left out of the confusion matrix and counted.
 """
 
-import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-from mllm_encoder.eval.mllm.problems import report_problems
+from mllm_encoder.eval.mllm.problems import AnswerChecks, copy_checks, malformed_text, report_problems
 from mllm_encoder.eval.mllm.protocols import (
     POPE_PARSERS,
     BinaryCounts,
     ProtocolComparison,
     check_protocol,
     compare_protocols,
-    llava_pope_parse,
     pope_metrics,
     ratio,
 )
 
 ANNOTATION_PREFIX = "coco_pope_"
-
-
-def normalize_pope_answer(text: str) -> str:
-    """Map a free-form answer to "yes"/"no" exactly as LLaVA's ``eval_pope.py`` does."""
-    return llava_pope_parse(text)
-
-
-def binary_metrics(predictions: List[str], labels: List[str]) -> Dict[str, Any]:
-    """Confusion counts and metrics with "yes" as the positive class (LLaVA's definitions; 0/0 -> 0.0)."""
-    counts = BinaryCounts.count(predictions, labels)
-    return {**counts.confusion(), **pope_metrics(counts, "llava")}
-
-
-def malformed_text(path: PathLike, record: JsonlRecord) -> Optional[str]:
-    """A ``file:line`` description when the answer's ``text`` is not a string (a data problem), else None."""
-    text = record.data["text"]
-    if isinstance(text, str):
-        return None
-    return f"{path}:{record.line} (text is {type(text).__name__} {text!r})"
 
 
 @dataclass
@@ -85,15 +64,11 @@ class PopeSplitResult:
 
 
 @dataclass
-class PopeChecks:
+class PopeChecks(AnswerChecks):
     """Every data problem found pairing an answer file with the questions and annotations (see the docstring)."""
 
-    num_answers: int = 0
-    num_unknown: int = 0
-    num_duplicate: int = 0
     num_prompt_mismatch: int = 0
     num_misaligned: int = 0
-    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -397,8 +372,8 @@ def score_pope(answers: PopeAnswers, protocol: str = "llava") -> PopeResult:
         num_missing=sum(s.num_missing for s in answers.splits.values()),
         num_malformed=sum(s.num_malformed for s in answers.splits.values()),
     )
-    checks = {f.name: copy.copy(getattr(answers, f.name)) for f in fields(PopeChecks)}
-    return PopeResult(splits=splits, protocol=protocol, overall=_split_result("all", "", pooled, protocol), **checks)
+    overall = _split_result("all", "", pooled, protocol)
+    return PopeResult(splits=splits, protocol=protocol, overall=overall, **copy_checks(answers, PopeChecks))
 
 
 def evaluate_pope(

@@ -1,7 +1,12 @@
-"""Data problems found while scoring: one loud warning per kind, listing its first examples."""
+"""Data problems found while scoring: one loud warning per kind, listing its first examples, and the counts
+every benchmark keeps of them."""
 
+import copy
 import logging
-from typing import List
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Type
+
+from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -17,3 +22,27 @@ def report_problems(warnings: List[str], summary: str, examples: List[str], limi
     message = f"{summary}: {'; '.join(examples[:limit])}{more}"
     logger.warning(message)
     warnings.append(message)
+
+
+def malformed_text(path: PathLike, record: JsonlRecord) -> Optional[str]:
+    """A ``file:line`` description when an answer's ``text`` is not a string (a data problem), else None."""
+    text = record.data["text"]
+    if isinstance(text, str):
+        return None
+    return f"{path}:{record.line} (text is {type(text).__name__} {text!r})"
+
+
+@dataclass
+class AnswerChecks:
+    """What joining an answer file to a benchmark's questions found: answers read, answers to questions not in
+    the question file, duplicate answers, and one warning per kind of problem (a benchmark adds its own)."""
+
+    num_answers: int = 0
+    num_unknown: int = 0
+    num_duplicate: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+
+def copy_checks(answers: AnswerChecks, checks_class: Type[AnswerChecks]) -> Dict[str, Any]:
+    """The ``checks_class`` fields of ``answers``, copied: what each result scored from ``answers`` carries."""
+    return {entry.name: copy.copy(getattr(answers, entry.name)) for entry in fields(checks_class)}

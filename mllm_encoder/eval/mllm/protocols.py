@@ -189,6 +189,13 @@ def pope_metrics(counts: BinaryCounts, protocol: str) -> Dict[str, Optional[floa
     }
 
 
+def binary_metrics(predictions: Sequence[str], labels: Sequence[str]) -> Dict[str, Any]:
+    """Confusion counts and metrics of yes/no predictions with "yes" as the positive class (LLaVA's definitions,
+    0/0 -> 0.0): what LLaVA's POPE script reports, and MME's precision and recall."""
+    counts = BinaryCounts.count(predictions, labels)
+    return {**counts.confusion(), **pope_metrics(counts, "llava")}
+
+
 @dataclass
 class Disagreement:
     """One answer that the protocols read differently."""
