@@ -283,7 +283,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--method",
         default="dmu",
         choices=[*METHODS, "all"],
-        help="DMU or a baseline at equal optimizer steps (default dmu)",
+        help="DMU, a baseline at equal optimizer steps, or the stage-level control (MCL stage 1 on one-cluster vs "
+        "random batches); default dmu",
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
     run.set_defaults(func=run_pipeline_command)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-METHODS = ("dmu", "upcycle", "finetune")
+METHODS = ("dmu", "upcycle", "finetune", "control")  # control: the stage-level control
 TRAINABLE = ("all", "ffn", "router", "ffn+router")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 KMEANS_BACKENDS = ("auto", "sklearn", "torch", "faiss")

@@ -35,7 +35,6 @@ from mllm_encoder.dmu.demo import (
     QUICK,
     DemoSettings,
     Steps,
-    control_random,
     run_config,
     run_method,
     single_threaded,
@@ -173,9 +172,8 @@ def _run(out_dir: Path, world: ControlWorld, settings: DemoSettings) -> Dict[str
     for seed in settings.seeds:
         seed_dir = out_dir / f"seed_{seed}"
         config = config_from_dict(run_config(seed_dir / "run", base, train, settings, seed), f"control seed {seed}")
-        stages = step(f"seed_{seed}/cluster", functools.partial(run_method, config, "dmu", accelerator))["stages"]
-        control = step(f"seed_{seed}/random", functools.partial(control_random, config, seed_dir, accelerator))
-        arms[seed] = {"cluster": stages["dmu/mcl_1"]["model"], "random": control["model"]}
+        stages = step(f"seed_{seed}/control", functools.partial(run_method, config, "control", accelerator))["stages"]
+        arms[seed] = {"cluster": stages["dmu/mcl_1"]["model"], "random": stages["control/train"]["model"]}
         labels = np.load(stages["dmu/cluster_0"]["labels"])
         purity[seed] = size_purity(labels, train_sizes, settings.batch_size)
     base_metrics = step("eval/base", functools.partial(evaluate, str(base)))["metrics"]

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_directory, atomic_write_json
@@ -183,24 +182,6 @@ def run_method(config, method: str, accelerator) -> Dict[str, Any]:
     return {"stages": run_pipeline(config, method, accelerator)}
 
 
-def control_random(config, seed_dir: Path, accelerator) -> Dict[str, Any]:
-    """The stage-level control: MCL stage 1's recipe, seed and step count, on random batches."""
-    steps = config.mcl.steps
-    set_seed(config.seed + 1)
-    cfg = train_config(config.mcl, config.runtime, steps, config.seed + 1, config.data.num_workers)
-    model_dir, _ = run_training(
-        load_model(config.base_model),
-        config.data,
-        config.base_model,
-        None,
-        cfg,
-        seed_dir / "control_random",
-        accelerator,
-        desc=f"seed {config.seed}: control (random batches)",
-    )
-    return {"model": str(model_dir), "steps": steps}
-
-
 class Steps:
     """Runs the demo's steps once each, recording their results and wall time in the manifest."""
 
@@ -216,12 +197,13 @@ class Steps:
         return self.manifest.result(name)
 
 
-def _models_of_seed(stages: Dict[str, Any], control: Dict[str, Any], num_experts: int) -> Dict[str, str]:
-    """``{name: model directory}`` of one seed: the methods, each MCL expert alone and the control."""
+def _models_of_seed(stages: Dict[str, Any], num_experts: int) -> Dict[str, str]:
+    """``{name: model directory}`` of one seed (its run manifest's ``stages``): the methods, each MCL expert
+    alone and the control's random arm."""
     models = {"finetune": stages["finetune/train"]["model"], "upcycle": stages["upcycle/train"]["model"]}
     models["dmu"] = stages["dmu/route"]["model"]
     models.update({f"expert_{s}": stages[f"dmu/mcl_{s}"]["model"] for s in range(1, num_experts)})
-    models["control_random"] = control["model"]
+    models["control_random"] = stages["control/train"]["model"]
     return models
 
 
@@ -266,10 +248,9 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
         values = run_config(seed_dir / "run", base, data, settings, seed)
         atomic_write_json(seed_dir / "run_config.json", values)
         config = config_from_dict(values, f"demo config (seed {seed})")
-        for method in METHODS:
+        for method in (*METHODS, "control"):
             stages = step(f"seed_{seed}/{method}", functools.partial(run_method, config, method, accelerator))
-        control = step(f"seed_{seed}/control_random", functools.partial(control_random, config, seed_dir, accelerator))
-        models[seed] = _models_of_seed(stages["stages"], control, settings.num_experts)
+        models[seed] = _models_of_seed(stages["stages"], settings.num_experts)
     metrics, loads = _evaluate_all(step, data, base, models, settings)
     results = aggregate_results(list(settings.seeds), metrics, settings.num_experts)
     results["router_load"] = loads

@@ -12,6 +12,7 @@ Run directory::
     dmu/mcl_{s}/             model/, train_state/step_*/, tensorboard/, history.json, summary.json
     dmu/assemble/model/  dmu/route/...  dmu/eval/metrics.json
     finetune/train/...  upcycle/train/...  {method}/eval/metrics.json
+    control/train/...  control/eval/  expert_1/eval/   the stage-level control (``--method control``)
 """
 
 import functools
@@ -193,6 +194,21 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     ]
 
 
+def control_stages(ctx: RunContext) -> List[Stage]:
+    """The stage-level control: DMU's MCL stage 1 (one-cluster batches; the same stages a ``dmu`` run has, so
+    either run reuses the other's) against the same stage on random batches, same recipe, seed and steps;
+    both evaluated as dense models (``expert_1`` and ``control`` in ``results.json``)."""
+    cfg, root = ctx.config, ctx.run_dir
+    first = [stage for stage in dmu_stages(ctx) if stage[0] in ("dmu/extract_0", "dmu/cluster_0", "dmu/mcl_1")]
+    base = functools.partial(load_model, ctx.base_model)
+    random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, ctx.mcl_steps(), None, cfg.seed + 1)
+    return first + [
+        ("expert_1/eval", _eval_stage(ctx, root / "dmu" / "mcl_1" / "model", root / "expert_1" / "eval")),
+        ("control/train", random),
+        ("control/eval", _eval_stage(ctx, root / "control" / "train" / "model", root / "control" / "eval")),
+    ]
+
+
 def _sparse_upcycled(ctx: RunContext):
     dmu = ctx.config.dmu
     return sparse_upcycle(load_model(ctx.base_model), dmu.num_experts, dmu.top_k, dmu.moe_layers)
@@ -211,11 +227,12 @@ def _stretch_stage(ctx: RunContext) -> Callable[[], Dict[str, Any]]:
 
 def plan(ctx: RunContext, method: str) -> List[Stage]:
     """The ordered stages of ``method``: the text stretch (if configured), the base model's evaluation, then
-    DMU's stages or the baseline's."""
+    DMU's stages, the stage-level control's or the baseline's."""
     base = [("base/eval", _eval_stage(ctx, ctx.base_model, ctx.run_dir / "base" / "eval"))]
     if ctx.config.dmu.text_context is not None:
         base.insert(0, ("base/stretch", _stretch_stage(ctx)))
-    return base + (dmu_stages(ctx) if method == "dmu" else baseline_stages(ctx, method))
+    stages = {"dmu": dmu_stages, "control": control_stages}.get(method)
+    return base + (stages(ctx) if stages else baseline_stages(ctx, method))
 
 
 def _check_config_copy(config: RunConfig, run_dir: Path, manifest: Manifest, is_main: bool) -> None:
@@ -276,5 +293,6 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
 
 
 def collect_results(manifest: Manifest) -> Dict[str, Dict[str, Any]]:
-    """``{method: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``)."""
+    """``{name: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``, and
+    the control's ``expert_1`` and ``control``)."""
     return {name.split("/")[0]: info["metrics"] for name, info in manifest.stages.items() if name.endswith("/eval")}

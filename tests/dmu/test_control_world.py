@@ -95,7 +95,8 @@ def test_quick_suppressed_world_shape_gates_equal_steps_and_resume(tmp_path, cap
     assert captions and not any("large" in text or "medium" in text for text in captions)
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     run = json.loads((out / "seed_0" / "run" / "manifest.json").read_text())["stages"]
-    assert run["dmu/mcl_1"]["steps"] == stages["seed_0/random"]["steps"] == WORLDS["suppressed"].quick.mcl_steps
+    assert run["dmu/mcl_1"]["steps"] == run["control/train"]["steps"] == WORLDS["suppressed"].quick.mcl_steps
+    assert "seed_0/control" in stages and "dmu/assemble" not in run  # the control alone, no MoE
     before = (out / "control.json").read_bytes()
     main(["demo", "--control-world", "suppressed", "--quick", "--out", str(tmp_path)])  # resumes: nothing retrains
     assert (out / "control.json").read_bytes() == before

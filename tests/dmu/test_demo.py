@@ -41,8 +41,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     dmu_steps = (QUICK.num_experts - 1) * QUICK.mcl_steps + QUICK.route_steps
     assert stages["dmu/route"]["steps"] == QUICK.route_steps and stages["finetune/train"]["steps"] == dmu_steps
     assert stages["upcycle/train"]["steps"] == dmu_steps  # equal optimizer steps
+    assert stages["control/train"]["steps"] == stages["dmu/mcl_1"]["steps"] == QUICK.mcl_steps
     demo_steps = json.loads((tmp_path / "demo_manifest.json").read_text())["stages"]
-    assert demo_steps["seed_0/control_random"]["steps"] == QUICK.mcl_steps
 
     before = (tmp_path / "results.json").read_bytes()
     main(["demo", "--quick", "--out", str(tmp_path)])  # everything is in the manifest: nothing reruns

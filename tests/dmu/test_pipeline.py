@@ -238,3 +238,34 @@ def test_dmu_on_a_siglip_base_trains_with_the_sigmoid_loss_and_resumes(tmp_path,
         a, b = _weights(tmp_path / "straight", stage), _weights(tmp_path / "resumed", stage)
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=f"{stage}: {name}")
+
+
+def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_path, tiny_base_dir, shapes_data):
+    values = _values(tmp_path / "run", tiny_base_dir, shapes_data, num_experts=2)
+    values["eval"] = {"data": shapes_data["eval"], "batch_size": 8}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    main(["dmu", "run", str(config_file), "--method", "control"])
+    run = tmp_path / "run"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert list(stages) == [
+        "base/eval",
+        "dmu/extract_0",
+        "dmu/cluster_0",
+        "dmu/mcl_1",
+        "expert_1/eval",
+        "control/train",
+        "control/eval",
+    ]
+    assert stages["control/train"]["steps"] == stages["dmu/mcl_1"]["steps"] == 4  # equal steps, same recipe
+    one_cluster = json.loads((run / "dmu" / "mcl_1" / "summary.json").read_text())
+    random = json.loads((run / "control" / "train" / "summary.json").read_text())
+    assert random["clusters_used"] == 1 and one_cluster["clusters_used"] > 1  # random batches: one pool
+    results = json.loads((run / "results.json").read_text())
+    assert {"base", "expert_1", "control"} <= set(results) and "i2t_r1" in results["control"]
+    mcl, control = _weights(run / "dmu", "mcl_1"), _weights(run / "control", "train")
+    assert any(not np.array_equal(mcl[name], control[name]) for name in mcl)  # the batches differ, so do the arms
+    main(["dmu", "run", str(config_file), "--method", "dmu"])  # DMU reuses the control's MCL stage 1
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert after["dmu/mcl_1"] == stages["dmu/mcl_1"] and "dmu/route" in after
+    assert all(np.array_equal(mcl[name], value) for name, value in _weights(run / "dmu", "mcl_1").items())
