@@ -104,8 +104,7 @@ class LlavaAnswerer:
             input_ids.to(self.model.device),
             images=pixels.to(dtype=self.model.dtype, device=self.model.device),
             image_sizes=[image.size],
-            use_cache=True,
-            **(self.generation if generation is None else generation),
+            **{"use_cache": True, **(self.generation if generation is None else generation)},
         )
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
 

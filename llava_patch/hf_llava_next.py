@@ -10,7 +10,7 @@ CLIP-MoE checkpoint and a causal LM, with the matching processor; the result sav
 tower is trained. LLaVA-NeXT needs transformers >= 4.39 and OneVision >= 4.45.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import transformers
@@ -169,8 +169,10 @@ class TowerAuxLoss:
     """Adds the CLIP-MoE tower's weighted load-balancing loss to a Llava* model's ``loss`` while installed.
 
     transformers' Llava, LlavaNext and LlavaOnevision ignore the ``aux_loss`` the tower returns. With
-    ``TowerAuxLoss(model)`` installed, every forward that computes a loss (``labels`` given) returns
-    ``loss + router_aux_loss_coef * aux_loss`` of the tower calls of that forward; ``remove()`` uninstalls.
+    ``TowerAuxLoss(model)`` installed, every forward that computes a loss (``labels`` given) while autograd
+    records returns ``loss + router_aux_loss_coef * aux_loss`` of the tower calls of that forward; under
+    ``torch.no_grad`` (evaluation) the loss stays the language-model loss, as with the LLaVA-1.5 tower
+    (:class:`mllm_encoder.vision_tower.CLIPMoEVisionTower`). ``remove()`` uninstalls.
     Install it only when the tower is trained (a frozen tower's aux loss has no gradient to give).
     """
 
@@ -179,19 +181,11 @@ class TowerAuxLoss:
         self.coef = float(tower.config.router_aux_loss_coef)
         self.last_aux_loss: Optional[torch.Tensor] = None
         self._pending: List[torch.Tensor] = []
-        self._handles = [
-            tower.register_forward_pre_hook(self._ask, with_kwargs=True),
-            tower.register_forward_hook(self._record),
-            model.register_forward_hook(self._add),
-        ]
-
-    @staticmethod
-    def _ask(module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
-        """The tower computes its aux loss only when asked (or recording gradients): ask, so eval losses match."""
-        return args, {**kwargs, "output_aux_loss": True}
+        self._handles = [tower.register_forward_hook(self._record), model.register_forward_hook(self._add)]
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._pending.append(output.aux_loss)
+        if output.aux_loss is not None:  # None when autograd does not record (evaluation): nothing to train
+            self._pending.append(output.aux_loss)
 
     def _add(self, module: nn.Module, args: Any, output: Any) -> Any:
         pending, self._pending = self._pending, []

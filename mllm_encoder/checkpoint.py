@@ -72,7 +72,7 @@ def read_config_dict(directory: PathLike, expected: str = "a CLIP or CLIP-MoE ch
     if not path.is_file():
         raise ValueError(f"{directory}: no config.json (expected {expected})")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from error
     if not isinstance(config, dict):
@@ -217,7 +217,7 @@ def load_image_processor(directory: PathLike):
     path = Path(directory) / "preprocessor_config.json"
     if not path.exists():
         raise ValueError(f"{directory}: no preprocessor_config.json (not a complete checkpoint directory)")
-    processor_type = json.loads(path.read_text()).get("image_processor_type")
+    processor_type = json.loads(path.read_text(encoding="utf-8")).get("image_processor_type")
     return image_processor_class(processor_type, str(path)).from_pretrained(directory)
 
 
@@ -234,7 +234,7 @@ def _weight_files(directory: Path, prefix: str) -> List[Path]:
         index = directory / name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 shards = sorted({s for k, s in weight_map.items() if k.startswith(prefix)})
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{index}: not a weight index ({type(error).__name__}: {error})") from error
@@ -279,7 +279,7 @@ def tensor_names(file: PathLike) -> Set[str]:
     file = Path(file)
     if file.name.endswith(".index.json"):
         try:
-            return set(json.loads(file.read_text())["weight_map"])
+            return set(json.loads(file.read_text(encoding="utf-8"))["weight_map"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{file}: not a weight index ({type(error).__name__}: {error})") from error
     if file.suffix != ".safetensors":

@@ -174,14 +174,16 @@ class AttentionPoolingHead(nn.Module):
         return (pooled + self.mlp(self.layernorm(pooled))[0])[:, 0]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of the boolean ``allowed``: 0 where allowed, ``dtype``'s minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def key_padding_mask(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Additive ``[batch, 1, 1, L]`` mask hiding padded keys (``attention_mask`` 1 = real token), or ``None``."""
     if attention_mask is None:
         return None
-    hidden = ~attention_mask[:, None, None, :].to(torch.bool)
-    return torch.zeros(hidden.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-        hidden, torch.finfo(dtype).min
-    )
+    return additive_mask(attention_mask[:, None, None, :].to(torch.bool), dtype)
 
 
 ENCODER_FFN_PARAMETER = re.compile(r"(^|\.)layers\.\d+\.mlp\.")

@@ -7,7 +7,15 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from mllm_encoder.configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from mllm_encoder.layers import Attention, Encoder, FeedForward, TextEmbeddings, VisionEmbeddings, wants_aux_loss
+from mllm_encoder.layers import (
+    Attention,
+    Encoder,
+    FeedForward,
+    TextEmbeddings,
+    VisionEmbeddings,
+    additive_mask,
+    wants_aux_loss,
+)
 from mllm_encoder.losses import clip_loss_of_logits
 from mllm_encoder.moe import StackedExperts, TopKRouter, two_tower_aux_losses
 from mllm_encoder.outputs import CLIPMoEOutput, MoEModelOutputWithPooling
@@ -104,8 +112,7 @@ def causal_padding_mask(attention_mask: Optional[torch.Tensor], length: int, dty
     allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive_mask(allowed, dtype)
 
 
 class TextTransformer(nn.Module):
@@ -288,7 +295,10 @@ class TwoTowerModel:
         bias = getattr(self, "logit_bias", None)
         if bias is not None:
             logits_per_text = logits_per_text + bias.float()
-        return logits_per_text, image.to(image_embeds.dtype), text.to(text_embeds.dtype)
+        # the model's dtype (bf16 for a bf16 model), never below it: under autocast over fp32 weights the
+        # projections give bf16, yet the embeddings and logits stay fp32 (as HF CLIP's do)
+        dtype = torch.promote_types(text_embeds.dtype, self.logit_scale.dtype)
+        return logits_per_text, image.to(dtype), text.to(dtype)
 
     def forward(
         self,

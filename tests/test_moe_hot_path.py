@@ -233,6 +233,22 @@ def test_low_precision_logits_are_computed_in_float32_then_cast():
     torch.testing.assert_close(half.loss, reference.loss, atol=0.05, rtol=0.02)
 
 
+def test_autocast_over_float32_weights_keeps_float32_embeddings_and_logits():
+    torch.manual_seed(0)
+    model = CLIPMoEModel(tiny_clip_moe_config(num_experts=4, top_k=2)).eval()
+    inputs = clip_inputs()
+    with torch.no_grad():
+        reference = model(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(**inputs)
+    assert mixed.router_logits[0].dtype == torch.bfloat16  # the towers did run in bf16
+    for name in ("logits_per_text", "logits_per_image", "text_embeds", "image_embeds"):
+        assert getattr(mixed, name).dtype == torch.float32, name  # not rounded back to bf16 (HF CLIP's rule)
+    scale = model.logit_scale.exp().item()
+    difference = (mixed.logits_per_text - reference.logits_per_text).abs()
+    assert 0 < difference.max() < 0.05 * scale and bool((difference % 0.25 != 0).any())  # not on a bf16 grid
+
+
 def test_clip_image_tower_refuses_naflex_inputs():
     model = CLIPMoEVisionModel(CLIPMoEVisionConfig(**tiny_vision_config()))
     with pytest.raises(ValueError, match="NaFlex"):

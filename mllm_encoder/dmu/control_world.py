@@ -62,7 +62,7 @@ class ControlWorld:
         label: the verdict's name of the world.
         size_mentions: the probabilities with which the base's pretraining captions name the size, tried in
             order; empty: the base trains on the fine-tuning captions (the audit's world, no gates).
-        calibrated: the first probability whose base passes G1 and G3 is used (else the first).
+        calibrated: the first probability whose base passes G1 and G3 is used; if none does, the arms do not run.
         settings, quick: the demo settings of a full and of a ``--quick`` run.
     """
 
@@ -191,8 +191,9 @@ def _run(out_dir: Path, world: ControlWorld, settings: DemoSettings) -> Dict[str
     }
     if world.calibrated:
         results["calibration"] = calibration
+    if world.size_mentions:  # the audit's world pre-registered no gates
+        results["gates"] = gates
     results.update(
-        gates=gates,
         base_trained_on=Path(train["pretrain_train"]).name,
         base=base_metrics,
         control=control,

@@ -87,8 +87,8 @@ def test_tower_aux_loss_is_added_when_installed(built):
     plain = model(**inputs, labels=inputs["input_ids"]).loss
     aux = TowerAuxLoss(model)
     with_aux = model(**inputs, labels=inputs["input_ids"]).loss
-    with torch.no_grad():  # an evaluation loss carries the aux term too (the tower is asked for it)
-        torch.testing.assert_close(model(**inputs, labels=inputs["input_ids"]).loss, with_aux.detach())
+    with torch.no_grad():  # evaluation: the language-model loss alone, as with the LLaVA-1.5 tower
+        torch.testing.assert_close(model(**inputs, labels=inputs["input_ids"]).loss, plain.detach())
     aux.remove()
     handle.remove()
     expected_aux = tower_of(model)(tiles[1]).aux_loss
