@@ -96,32 +96,18 @@ def write_marker_split(
 
 
 def write_marker_world(
-    out_dir: Union[str, os.PathLike],
-    num_train: int,
-    num_eval: int,
-    image_size: int = 48,
-    seed: int = 0,
-    num_pretrain: int = 0,
-    size_mention: float = 0.0,
+    out_dir: Union[str, os.PathLike], num_train: int, num_eval: int, image_size: int = 48, seed: int = 0
 ) -> Dict[str, str]:
-    """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images; with
-    ``num_pretrain`` > 0 also ``pretrain.json`` and ``pretrain_attributes.json``, whose captions name the size
-    with probability ``size_mention`` (default never).
+    """Write ``{train,eval}.json`` (ShareGPT4V), ``{train,eval}_attributes.json`` and the images, every caption
+    naming the size (a pretraining split: :func:`write_marker_split` with ``split="pretrain"``).
 
     Returns the paths keyed by split and ``{split}_attributes``, and ``image_root`` (``out_dir``, which the
-    image paths are relative to). Each split has its own random stream, so adding the pretraining split
-    changes nothing in the others.
+    image paths are relative to).
     """
-    for name, value, least in (
-        ("num_train", num_train, 1),
-        ("num_eval", num_eval, 1),
-        ("num_pretrain", num_pretrain, 0),
-    ):
-        if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+    for name, value in (("num_train", num_train), ("num_eval", num_eval)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     paths = {"image_root": str(Path(out_dir))}
     paths.update(write_marker_split(out_dir, "train", num_train, image_size, seed))
     paths.update(write_marker_split(out_dir, "eval", num_eval, image_size, seed))
-    if num_pretrain:
-        paths.update(write_marker_split(out_dir, "pretrain", num_pretrain, image_size, seed, size_mention))
     return paths

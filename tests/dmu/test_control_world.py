@@ -24,7 +24,8 @@ def test_marker_world_images_captions_and_determinism(tmp_path):
     assert len(rows) == MARKER_PIXELS**2 and np.ptp(rows) == np.ptp(cols) == MARKER_PIXELS - 1  # one 8x8 square
 
     paths = write_marker_world(tmp_path / "a", num_train=20, num_eval=5, image_size=48, seed=1)
-    write_marker_world(tmp_path / "b", num_train=20, num_eval=5, image_size=48, seed=1, num_pretrain=6)
+    write_marker_world(tmp_path / "b", num_train=20, num_eval=5, image_size=48, seed=1)
+    write_marker_split(tmp_path / "b", "pretrain", 6, image_size=48, seed=1, size_mention=0.0)
     for name in ("train.json", "eval.json", "images/train/000007.png"):  # the pretraining split changes nothing
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert "pretrain" not in paths and not (tmp_path / "a" / "pretrain.json").exists()
@@ -41,8 +42,8 @@ def test_marker_world_images_captions_and_determinism(tmp_path):
         assert s["caption"] == f"a {s['disc']} disc on a {s['background']} background with a {s['marker']} marker."
     with pytest.raises(ValueError, match="num_eval"):
         write_marker_world(tmp_path / "c", num_train=2, num_eval=0)
-    with pytest.raises(ValueError, match="num_pretrain must be at least 0"):
-        write_marker_world(tmp_path / "c", num_train=2, num_eval=1, num_pretrain=-1)
+    with pytest.raises(ValueError, match="count of 'pretrain' must be positive"):
+        write_marker_split(tmp_path / "c", "pretrain", 0)
 
 
 def test_size_mentions_change_captions_only(tmp_path):
