@@ -140,6 +140,8 @@ def _micro_step_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], los
     )
     contrastive = loss(outputs.image_embeds, outputs.text_embeds, state)
     aux = getattr(outputs, "aux_loss", None)
+    # an MoE forward that routed tokens while autograd records has its aux loss (layers.wants_aux_loss)
+    assert aux is not None or not getattr(outputs, "router_logits", None) or not torch.is_grad_enabled()
     aux = aux.float() if aux is not None else torch.zeros((), device=contrastive.device)
     return contrastive + cfg.stage.aux_loss_coef * aux, contrastive.detach(), aux.detach()
 
