@@ -226,7 +226,13 @@ def run_demo(out_dir: Union[str, Path], quick: bool = False, settings: Optional[
 
 
 def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
-    step = Steps(Manifest(out_dir / "demo_manifest.json"))
+    manifest = out_dir / "demo_manifest.json"
+    published = out_dir / "clip-moe"
+    if published.exists() and not manifest.exists():  # a demo directory (with its manifest) is ours
+        raise ValueError(
+            f"{published}: exists and was not written by this demo; refusing to replace it (choose another --out)"
+        )
+    step = Steps(Manifest(manifest))
     accelerator = build_accelerator("no")
     data = step(
         "data",
@@ -258,7 +264,7 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
     atomic_write_json(out_dir / "results.json", results)
     timings = {name: info["seconds"] for name, info in step.manifest.stages.items() if "seconds" in info}
     atomic_write_json(out_dir / "timings.json", timings)
-    _publish_checkpoint(Path(models[settings.seeds[0]]["dmu"]), out_dir / "clip-moe")
+    step("publish", lambda: _publish_checkpoint(Path(models[settings.seeds[0]]["dmu"]), published))
     write_report(out_dir, results, timings)
     return results
 
@@ -291,6 +297,8 @@ def _evaluate_all(step: Steps, data, base: Path, models: Dict[int, Dict[str, str
     return metrics, loads
 
 
-def _publish_checkpoint(source: Path, target: Path) -> None:
+def _publish_checkpoint(source: Path, target: Path) -> Dict[str, str]:
+    """Copy seed 0's DMU model to ``target`` (checked at the demo's start to be absent or the demo's own)."""
     with atomic_directory(target, overwrite=True) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
+    return {"checkpoint": str(target)}

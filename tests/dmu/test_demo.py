@@ -65,3 +65,14 @@ def test_configs_demo_yaml_is_the_demo_config_of_seed_0():
     data = {"finetune_train": "runs/demo/data/finetune_train.json"}
     values = run_config(Path("runs/demo/seed_0/run"), Path("runs/demo/base/train/model"), data, DEFAULT, 0)
     assert config_from_dict(values).to_dict() == load_config("configs/demo.yaml").to_dict()
+
+
+def test_demo_refuses_a_clip_moe_folder_it_did_not_write(tmp_path):
+    from mllm_encoder.dmu.demo import run_demo
+
+    mine = tmp_path / "clip-moe" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("keep me")
+    with pytest.raises(ValueError, match="clip-moe: exists and was not written by this demo"):
+        run_demo(tmp_path, quick=True)
+    assert mine.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["clip-moe"]
