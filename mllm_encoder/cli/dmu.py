@@ -184,6 +184,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.run_dir:
         config.run_dir = args.run_dir
+    if args.method == "control" and config.eval.data is None:
+        raise ValueError(f"{args.config}: --method control compares two models on held-out data; set eval.data")
 
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.pipeline import run_pipeline

@@ -240,10 +240,15 @@ def test_dmu_on_a_siglip_base_trains_with_the_sigmoid_loss_and_resumes(tmp_path,
             np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=f"{stage}: {name}")
 
 
-def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_path, tiny_base_dir, shapes_data):
+def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_path, tiny_base_dir, shapes_data, capsys):
     values = _values(tmp_path / "run", tiny_base_dir, shapes_data, num_experts=2)
-    values["eval"] = {"data": shapes_data["eval"], "batch_size": 8}
     config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    with pytest.raises(SystemExit):
+        main(["dmu", "run", str(config_file), "--method", "control"])
+    assert "--method control compares two models on held-out data; set eval.data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    values["eval"] = {"data": shapes_data["eval"], "batch_size": 8}
     config_file.write_text(yaml.safe_dump(values))
     main(["dmu", "run", str(config_file), "--method", "control"])
     run = tmp_path / "run"
