@@ -7,6 +7,8 @@
 * ``LLaVATrainer.create_optimizer`` makes empty parameter groups (e.g. no bias-free LoRA weights); DeepSpeed
   drops them, and the learning-rate scheduler of recent torch then fails on the group count. They are removed.
 * ``Trainer(tokenizer=...)`` became ``processing_class`` (the old name is gone in 5.0).
+* ``LLaVATrainer._save_checkpoint`` passes ``metrics`` on to ``Trainer._save_checkpoint``, which no longer takes
+  it (5.0 picks the best checkpoint elsewhere); the base method accepts and drops it again.
 * ``safe_save_model_for_hf_trainer`` calls ``torch.cuda.synchronize()`` under DeepSpeed, which fails on CPU.
 * transformers 5 renamed ``--warmup_ratio`` (now a fractional ``--warmup_steps``) and ``--evaluation_strategy``
   (``--eval_strategy``); :func:`translate_arguments` rewrites command lines written for LLaVA's versions.
@@ -76,6 +78,14 @@ def _save_without_cuda(original: Callable) -> Callable:
     return safe_save_model_for_hf_trainer
 
 
+def _checkpoint_save_accepting_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _save_checkpoint(self, model: Any, trial: Any, metrics: Any = None) -> None:
+        return original(self, model, trial)
+
+    return _save_checkpoint
+
+
 _RENAMED_ARGUMENTS = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
 
 
@@ -110,11 +120,14 @@ def _integer_bucket_sizes(original: Callable) -> Callable:
 
 
 def apply() -> None:
-    """Patch ``transformers``' DeepSpeed config, then ``llava.train.llava_trainer`` and ``llava.train.train``."""
+    """Patch ``transformers``' DeepSpeed config and checkpoint save, then ``llava.train.llava_trainer`` and ``llava.train.train``."""
+    from transformers import Trainer
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     _provide_layernorm_layers()  # before LLaVA's trainer module is imported: it fails to import without
     wrap(HfTrainerDeepSpeedConfig, "trainer_config_finalize", _integer_bucket_sizes)
+    if "metrics" not in inspect.signature(Trainer._save_checkpoint).parameters:
+        wrap(Trainer, "_save_checkpoint", _checkpoint_save_accepting_metrics)
     import llava.train.llava_trainer as llava_trainer
     import llava.train.train as train_module
 

@@ -66,9 +66,22 @@ def test_bad_layer_list_is_a_clear_error(tiny_hf_clip_dir, tmp_path, capsys):
         main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "7"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.endswith(
-        "clip-moe upcycle: error: text_config.moe_layers: layer index 7 is out of range for num_hidden_layers=2\n"
+        f"clip-moe upcycle: error: --moe-layers 7 applies to every tower, and the vision tower of {tiny_hf_clip_dir} "
+        "has 3 layers (0-2); choose each tower's layers with --vision-moe-layers and --text-moe-layers ('' = dense)\n"
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_shared_moe_layers_beyond_the_text_tower_name_the_per_tower_flags(tiny_hf_clip_dir, tmp_path, capsys):
+    """README's case (issue 23): layers of the deeper image tower passed with --moe-layers."""
+    with pytest.raises(SystemExit):
+        main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "1,2"])
+    error = capsys.readouterr().err
+    assert f"the text tower of {tiny_hf_clip_dir} has 2 layers (0-1)" in error and "--vision-moe-layers" in error
+    main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "1,2", "--text-moe-layers", "1"])
+    model = load_clip_moe(tmp_path / "x")
+    assert model.config.vision_config.moe_layer_indices == [1, 2]
+    assert model.config.text_config.moe_layer_indices == [1]
 
 
 @pytest.mark.parametrize("command", ["upcycle", "assemble", "convert", "inspect"])

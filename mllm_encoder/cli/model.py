@@ -9,7 +9,7 @@ from typing import List
 import torch
 from transformers import AutoConfig
 
-from mllm_encoder.checkpoint import check_output_dir, load_processors, save_checkpoint
+from mllm_encoder.checkpoint import check_output_dir, load_processors, read_config_dict, save_checkpoint
 from mllm_encoder.conversion.convert import convert_checkpoint
 from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.model_summary import summarize_model
@@ -46,7 +46,28 @@ def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _moe_layers(args: argparse.Namespace):
+def _check_shared_moe_layers(args: argparse.Namespace, source: Path) -> None:
+    """``--moe-layers`` applies to every tower without its own flag: an index beyond such a tower's depth is an
+    error naming the per-tower flags (a ViT-L image tower has 24 layers, its text tower 12)."""
+    if not args.moe_layers:
+        return
+    config = read_config_dict(source)
+    towers = {"vision": config.get("vision_config", config), "text": config.get("text_config")}
+    for tower, tower_config in towers.items():
+        depth = (tower_config or {}).get("num_hidden_layers")
+        if getattr(args, f"{tower}_moe_layers") is not None or not isinstance(depth, int):
+            continue
+        if max(args.moe_layers) >= depth:
+            layers = ",".join(map(str, args.moe_layers))
+            raise ValueError(
+                f"--moe-layers {layers} applies to every tower, and the {tower} tower of {source} has "
+                f"{depth} layers (0-{depth - 1}); choose each tower's layers with --vision-moe-layers and "
+                "--text-moe-layers ('' = dense)"
+            )
+
+
+def _moe_layers(args: argparse.Namespace, source: Path):
+    _check_shared_moe_layers(args, source)
     per_tower = {"vision": args.vision_moe_layers, "text": args.text_moe_layers}
     if all(v is None for v in per_tower.values()):
         return args.moe_layers
@@ -68,14 +89,14 @@ def _save_with_processors(model, args: argparse.Namespace, inputs: List[Path]) -
 def run_upcycle(args: argparse.Namespace) -> None:
     check_output_dir(args.out, [args.source], args.overwrite)
     torch.manual_seed(args.seed)
-    model = sparse_upcycle(args.source, args.num_experts, args.top_k, _moe_layers(args))
+    model = sparse_upcycle(args.source, args.num_experts, args.top_k, _moe_layers(args, args.source))
     _save_with_processors(model, args, [args.source])
 
 
 def run_assemble(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.models, args.overwrite)
     torch.manual_seed(args.seed)
-    model = assemble_experts(args.models, args.top_k, _moe_layers(args), atol=args.atol)
+    model = assemble_experts(args.models, args.top_k, _moe_layers(args, args.models[0]), atol=args.atol)
     _save_with_processors(model, args, list(args.models))
 
 

@@ -42,7 +42,7 @@ def common_args(
     workdir: Path, output_dir: str, stage: str, deepspeed: Optional[str] = "zero3.json", tower: str = "clipmoe"
 ) -> List[str]:
     """LLaVA-1.5 arguments for a 2-step run of ``stage`` ("pretrain" or "finetune") on the synthetic data, with
-    the vision tower in ``workdir / tower``."""
+    the vision tower in ``workdir / tower``; it saves a checkpoint after every step (:func:`saved_checkpoint`)."""
     data = workdir / "data"
     args = [
         "--model_name_or_path", str(workdir / "llm"),
@@ -56,7 +56,9 @@ def common_args(
         "--max_steps", "2",
         "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1",
-        "--save_strategy", "no",
+        "--save_strategy", "steps",  # as scripts/llava/common.sh, with a save step within max_steps
+        "--save_steps", "1",
+        "--save_total_limit", "1",
         "--logging_steps", "1",
         "--model_max_length", "256",
         "--dataloader_num_workers", "0",
@@ -70,6 +72,13 @@ def common_args(
                        "--tune_mm_mlp_adapter", "True", "--learning_rate", "1e-3"]  # fmt: skip
     return args + ["--version", "v1", "--data_path", str(data / "finetune.json"), "--image_aspect_ratio", "pad",
                    "--group_by_modality_length", "True", "--learning_rate", "2e-5"]  # fmt: skip
+
+
+def saved_checkpoint(output_dir: Path, step: int = 2) -> Path:
+    """The ``checkpoint-STEP`` folder the Trainer saved during the run (asserted to hold files)."""
+    checkpoint = output_dir / f"checkpoint-{step}"
+    assert checkpoint.is_dir() and any(checkpoint.iterdir()), sorted(p.name for p in output_dir.iterdir())
+    return checkpoint
 
 
 def logged_losses(log: str) -> List[float]:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers
-from llava_runs import common_args, logged_losses, run_train
+from llava_runs import common_args, logged_losses, run_train, saved_checkpoint
 from packaging import version
 from safetensors.torch import load_file
 
@@ -43,6 +43,7 @@ def test_finetune_zero3_with_trainable_tower_saves_and_reloads(llava_workdir):
     output = llava_workdir / "llava-zero3-full"
     args = common_args(llava_workdir, output.name, "finetune", "zero3.json") + ["--unfreeze_mm_vision_tower", "True"]
     assert_finite_losses(run_train(llava_workdir, args))
+    assert (saved_checkpoint(output) / "model.safetensors").exists()  # the scripts' save steps (issue 23)
     config = json.loads((output / "config.json").read_text())
     assert config["mm_vision_num_experts"] == 4 and "mm_vision_config" in config
     saved = tower_tensors(load_file(str(output / "model.safetensors")))
@@ -89,6 +90,7 @@ def test_saved_weights_are_the_trained_weights(llava_workdir):
 def test_pretrain_zero2_trains_only_the_projector(llava_workdir):
     output = llava_workdir / "llava-pretrain"
     assert_finite_losses(run_train(llava_workdir, common_args(llava_workdir, output.name, "pretrain", "zero2.json")))
+    assert (saved_checkpoint(output) / "mm_projector.bin").exists()
     projector = torch.load(output / "mm_projector.bin", weights_only=True)
     assert sorted(projector) == [f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
     assert json.loads((output / "config.json").read_text())["mm_vision_top_k"] == 2
@@ -103,6 +105,7 @@ def test_finetune_lora_and_reload_with_base(llava_workdir, deepspeed):
     args = common_args(llava_workdir, output.name, "finetune", deepspeed)
     args += ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5"]
     assert_finite_losses(run_train(llava_workdir, args))
+    assert (saved_checkpoint(output) / "adapter_model.safetensors").exists()
     assert (output / "adapter_model.safetensors").exists() and (output / "non_lora_trainables.bin").exists()
     assert "vision_tower" in json.loads((output / "adapter_config.json").read_text())["target_modules"]
     _, model, processor, _ = load_pretrained_model(str(output), str(llava_workdir / "llm"), output.name, device="cpu")
@@ -143,6 +146,7 @@ def test_quantised_lora_zero2(llava_workdir, bits):
         "2e-5",
     ]
     assert_finite_losses(run_train(llava_workdir, args))
+    assert (saved_checkpoint(output) / "adapter_model.safetensors").exists()
     assert (output / "adapter_model.safetensors").exists()
 
 
