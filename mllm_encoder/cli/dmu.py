@@ -186,11 +186,17 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         config.run_dir = args.run_dir
     if args.method == "control" and config.eval.data is None:
         raise ValueError(f"{args.config}: --method control compares two models on held-out data; set eval.data")
+    if args.method == "all" and config.eval.data is None:
+        raise ValueError(
+            f"{args.config}: --method all compares DMU, the baselines and the control on held-out data; set "
+            "eval.data (or train DMU alone with --method dmu)"
+        )
 
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.pipeline import run_pipeline
+    from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
     from mllm_encoder.dmu.report import format_table
 
+    check_run_inputs(config)  # the base model and the data, before run_dir/run.log is written
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
     _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     methods = list(METHODS) if args.method == "all" else [args.method]

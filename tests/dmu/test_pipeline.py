@@ -135,6 +135,16 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path, tiny_base_dir, 
     assert not run_dir.exists()
 
 
+def test_the_command_writes_no_run_log_for_a_missing_base(tmp_path, shapes_data, capsys):
+    """docs/dmu.md: nothing is written before the inputs are checked, run.log included (issue 23)."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(_values(tmp_path / "run", tmp_path / "missing-base", shapes_data)))
+    with pytest.raises(SystemExit):
+        main(["dmu", "run", str(config_file)])
+    assert "missing-base" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_without_a_finished_stage_accepts_a_corrected_config(tmp_path, tiny_base_dir, shapes_data):
     accelerator = build_accelerator("no")
     first = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=3)
@@ -248,6 +258,10 @@ def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_pa
         main(["dmu", "run", str(config_file), "--method", "control"])
     assert "--method control compares two models on held-out data; set eval.data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(SystemExit):  # configs/demo.yaml's suggested command, without eval.data (issue 23)
+        main(["dmu", "run", str(config_file), "--method", "all"])
+    assert "--method all compares DMU, the baselines and the control on held-out data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     values["eval"] = {"data": shapes_data["eval"], "batch_size": 8}
     config_file.write_text(yaml.safe_dump(values))
     main(["dmu", "run", str(config_file), "--method", "control"])
