@@ -49,3 +49,15 @@ def test_deepspeed_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(LaunchError, match="DeepSpeed runs of the DMU pipeline need CUDA"):
         check_launch_environment({**TORCHRUN_RANK1, "ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+def test_launch_8gpu_usage_lists_every_method():
+    """The usage line of scripts/dmu/launch_8gpu.sh names every ``dmu run --method`` choice (issue 23)."""
+    import re
+    from pathlib import Path
+
+    from mllm_encoder.dmu.config import METHODS
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "dmu" / "launch_8gpu.sh"
+    usage = re.search(r"--method ([a-z|]+)\]", script.read_text()).group(1)
+    assert usage.split("|") == [*METHODS, "all"]

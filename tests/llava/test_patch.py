@@ -1,6 +1,8 @@
 """llava_patch.apply(): tower names, saved MoE settings, aux loss, loading, generation (in-process, no DeepSpeed)."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import llava_patch
 from mllm_encoder.checkpoint import read_checkpoint_tensors
+from mllm_encoder.cli import build_parser
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
 TOWER = "model.vision_tower.vision_tower."
@@ -74,8 +77,11 @@ def test_missing_default_checkpoint_explains_how_to_get_one(tmp_path, monkeypatc
     from llava.model.multimodal_encoder.builder import build_vision_tower
 
     monkeypatch.setenv("CLIP_MOE_PATH", str(tmp_path / "absent"))
-    with pytest.raises(ValueError, match="CLIP_MOE_PATH.*clip-moe convert"):
+    with pytest.raises(ValueError, match="CLIP_MOE_PATH.*clip-moe convert") as error:
         build_vision_tower(_cfg("clip-moe"))
+    suggested = re.search(r"`clip-moe (convert [^`]+)`", str(error.value)).group(1)
+    args = build_parser().parse_args(shlex.split(suggested))  # the suggested command parses (issue 23: no --out)
+    assert args.out == tmp_path / "absent" and args.source_format == "official-clip-moe"
     with pytest.raises(ValueError, match="not a directory"):
         build_vision_tower(_cfg(f"clip-moe:{tmp_path / 'absent'}"))
 
