@@ -1,8 +1,12 @@
 """Launch detection: what the environment says about the process count, and the one-line refusals."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from mllm_encoder.dmu.accelerator import LaunchError, check_launch, check_launch_environment, launched_world_size
+from mllm_encoder.dmu.config import METHODS
 
 TORCHRUN_RANK1 = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -53,11 +57,6 @@ def test_deepspeed_without_cuda_is_refused(monkeypatch):
 
 def test_launch_8gpu_usage_lists_every_method():
     """The usage line of scripts/dmu/launch_8gpu.sh names every ``dmu run --method`` choice (issue 23)."""
-    import re
-    from pathlib import Path
-
-    from mllm_encoder.dmu.config import METHODS
-
     script = Path(__file__).resolve().parents[2] / "scripts" / "dmu" / "launch_8gpu.sh"
     usage = re.search(r"--method ([a-z|]+)\]", script.read_text()).group(1)
     assert usage.split("|") == [*METHODS, "all"]
