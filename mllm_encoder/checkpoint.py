@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
 from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
+from mllm_encoder.conversion.tokenizer import make_tokenizer_files_portable
 from mllm_encoder.families import family_name
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ def save_checkpoint(
 
     Writes ``config.json``, ``model.safetensors`` (sharded above ``max_shard_size``),
     ``preprocessor_config.json`` (``image_processor`` or OpenAI CLIP's for the model's image size) and, when
-    given, the tokenizer files. A model with a text tower saved without a tokenizer logs a warning.
+    given, the tokenizer files (:func:`make_tokenizer_files_portable`: readable by transformers 4.37 and 5.x
+    whichever wrote them). A model with a text tower saved without a tokenizer logs a warning.
     ``out_dir`` must pass :func:`check_output_dir` (``overwrite`` replaces an existing CLIP-MoE checkpoint;
     ``inputs`` are the directories the model was read from, never replaced).
     """
@@ -176,6 +178,7 @@ def save_checkpoint(
         processor.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            make_tokenizer_files_portable(staging)  # readable by transformers 4.37 and 5.x alike
         elif hasattr(model.config, "text_config"):
             logger.warning("%s: saved without tokenizer files (pass tokenizer=...)", out_dir)
     return out_dir
