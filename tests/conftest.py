@@ -1,6 +1,7 @@
 """Shared fixtures: tiny CLIP / CLIP-MoE configurations and checkpoints (no network)."""
 
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -47,3 +48,15 @@ def tiny_hf_clip_dir(tmp_path_factory, clip_tokenizer_dir) -> pathlib.Path:
     default_image_processor(32).save_pretrained(path)
     AutoTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(path)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The docs check's count (tests/test_docs.py): blocks run, blocks marked not runnable, blocks not code."""
+    summary = getattr(sys.modules.get("test_docs"), "SUMMARY", None)
+    if summary and (summary["ran"] or summary["marked"]):
+        terminalreporter.write_line(
+            f"docs check: {len(summary['ran'])} blocks ran, {len(summary['marked'])} marked not runnable, "
+            f"{len(summary['text'])} not code (text)"
+        )
+        for marked in summary["marked"]:
+            terminalreporter.write_line(f"  marked: {marked}")
