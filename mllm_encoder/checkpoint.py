@@ -19,7 +19,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
 from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
-from mllm_encoder.conversion.tokenizer import make_tokenizer_files_portable
 from mllm_encoder.families import family_name
 
 logger = logging.getLogger(__name__)
@@ -182,6 +181,40 @@ def save_checkpoint(
         elif hasattr(model.config, "text_config"):
             logger.warning("%s: saved without tokenizer files (pass tokenizer=...)", out_dir)
     return out_dir
+
+
+def write_slow_tokenizer_files(directory: Path, vocab: Dict[str, int], merges: List[str]) -> Tuple[Path, Path]:
+    """The slow BPE tokenizer's two files, ``vocab.json`` and ``merges.txt`` (``"a b"`` lines), in ``directory``."""
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def make_tokenizer_files_portable(directory: PathLike) -> None:
+    """Make the BPE tokenizer saved in ``directory`` readable by both supported environments, as hub CLIP
+    directories are: ``tokenizer.json``'s merges as ``"a b"`` strings (tokenizers 0.20+, i.e. transformers 5,
+    write ``["a", "b"]`` pairs, which the tokenizers of transformers 4.37 cannot parse; newer versions read
+    both) and the slow tokenizer's ``vocab.json`` and ``merges.txt`` beside it. Other tokenizers are left as
+    they are."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model = tokenizer.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(merges, list):
+        return
+    pairs = [merge if isinstance(merge, list) else merge.split(" ") for merge in merges]
+    if any(len(pair) != 2 or any(" " in part for part in pair) for pair in pairs):
+        return  # not expressible as "a b" lines
+    lines = [" ".join(pair) for pair in pairs]
+    if merges != lines:
+        model["merges"] = lines
+        path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not (directory / "vocab.json").exists() and not (directory / "merges.txt").exists():
+        write_slow_tokenizer_files(directory, model["vocab"], lines)
 
 
 def has_tokenizer(directory: PathLike) -> bool:

@@ -3,12 +3,13 @@ inside the ``open_clip_torch`` wheel (``bpe_simple_vocab_16e6.txt.gz``), so no d
 
 import gzip
 import importlib.util
-import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
+
+from mllm_encoder.checkpoint import make_tokenizer_files_portable, write_slow_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ def build_vocab(merges: List[str]) -> Dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def _write_vocab_and_merges(directory: Path, vocab: Dict[str, int], merges: List[str]) -> Tuple[Path, Path]:
-    """The slow BPE tokenizer's two files, ``vocab.json`` and ``merges.txt`` (``"a b"`` lines), in ``directory``."""
-    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab_file, merges_file
-
-
 def _construct_tokenizer(vocab: Dict[str, int], merges: List[str], scratch: Path, context_length: int):
     import transformers
 
@@ -75,36 +68,10 @@ def _construct_tokenizer(vocab: Dict[str, int], merges: List[str], scratch: Path
     if int(transformers.__version__.split(".")[0]) >= 5:
         pairs = [tuple(m.split()) for m in merges]
         return transformers.CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=context_length, **special)
-    vocab_file, merges_file = _write_vocab_and_merges(scratch, vocab, merges)
+    vocab_file, merges_file = write_slow_tokenizer_files(scratch, vocab, merges)
     return transformers.CLIPTokenizerFast(
         vocab_file=str(vocab_file), merges_file=str(merges_file), model_max_length=context_length, **special
     )
-
-
-def make_tokenizer_files_portable(directory: Union[str, os.PathLike]) -> None:
-    """Make the BPE tokenizer saved in ``directory`` readable by both supported environments, as hub CLIP
-    directories are: ``tokenizer.json``'s merges as ``"a b"`` strings (tokenizers 0.20+, i.e. transformers 5,
-    write ``["a", "b"]`` pairs, which the tokenizers of transformers 4.37 cannot parse; newer versions read
-    both) and the slow tokenizer's ``vocab.json`` and ``merges.txt`` beside it. Other tokenizers are left as
-    they are."""
-    directory = Path(directory)
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        return
-    tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    model = tokenizer.get("model") or {}
-    merges = model.get("merges")
-    if model.get("type") != "BPE" or not isinstance(merges, list):
-        return
-    pairs = [merge if isinstance(merge, list) else merge.split(" ") for merge in merges]
-    if any(len(pair) != 2 or any(" " in part for part in pair) for pair in pairs):
-        return  # not expressible as "a b" lines
-    lines = [" ".join(pair) for pair in pairs]
-    if merges != lines:
-        model["merges"] = lines
-        path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if not (directory / "vocab.json").exists() and not (directory / "merges.txt").exists():
-        _write_vocab_and_merges(directory, model["vocab"], lines)
 
 
 def build_clip_tokenizer(context_length: int = 77, bpe_path: Optional[Union[str, os.PathLike]] = None):
