@@ -213,7 +213,7 @@ def _build_eval_data(root: Path) -> None:
     _write_jsonl(mme / "answers" / "llava-v1.5-7b-clip-moe.jsonl", answers)
 
 
-# name in the docs -> (builder of that path, the top-level entry it lives under)
+# a path the docs name (relative to the folder a block runs in) -> the function that builds it there
 FIXTURES: Dict[str, Callable[[Path], None]] = {
     "path/to/clip-moe": _build_clip_moe,
     "clip-vit-large-patch14-336": _build_vit_l_depth_clip,
@@ -224,7 +224,7 @@ FIXTURES: Dict[str, Callable[[Path], None]] = {
     "photo.jpg": _build_photo,
     "playground/data/eval": _build_eval_data,
 }
-FIXTURE_ENTRIES = {"stage1": ("base", "stage1", "stage2", "stage3")}  # what _build_stages makes, besides its key
+FIXTURE_ENTRIES = {"stage1": ("base", "stage1", "stage2", "stage3")}  # builders of several entries (given the root)
 
 
 class Fixtures:
