@@ -40,8 +40,8 @@ def default_checkpoint_dir() -> Path:
 def _missing_default_error(path: Path) -> ValueError:
     return ValueError(
         f"--vision_tower {DEFAULT_NAME}: no CLIP-MoE checkpoint at {path}. Set {ENV_VAR}=<dir> or put one there, "
-        f"e.g. `clip-moe convert clip-moe-4-2-sharegpt4v.pt {path} --from official-clip-moe` (the released weights) or the output of the DMU "
-        f"pipeline; or pass --vision_tower {PREFIX}<dir>. See docs/llava.md."
+        f"e.g. `clip-moe convert clip-moe-4-2-sharegpt4v.pt {path} --from official-clip-moe` (the released weights) "
+        f"or the output of the DMU pipeline; or pass --vision_tower {PREFIX}<dir>. See docs/llava.md."
     )
 
 

@@ -120,7 +120,8 @@ def _integer_bucket_sizes(original: Callable) -> Callable:
 
 
 def apply() -> None:
-    """Patch ``transformers``' DeepSpeed config and checkpoint save, then ``llava.train.llava_trainer`` and ``llava.train.train``."""
+    """Patch ``transformers``' DeepSpeed config and checkpoint save, then ``llava.train.llava_trainer`` and
+    ``llava.train.train``."""
     from transformers import Trainer
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-
 from llava_runs import REPO_ROOT
 from PIL import Image
 
