@@ -15,7 +15,7 @@
 * :func:`contrastive_loss_for`: the family's loss for a model, as the DMU trainer calls it.
 """
 
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +126,24 @@ def siglip_sigmoid_loss(
 
 
 ContrastiveLoss = Callable[[torch.Tensor, torch.Tensor, Optional[DistState]], torch.Tensor]
-LOSS_KINDS = ("softmax", "sigmoid")
+# Each loss kind's loss of one process's logits; a two-tower model names its family's kind in ``loss_kind``.
+LOSS_OF_LOGITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": clip_loss_of_logits,
+    "sigmoid": siglip_loss_of_logits,
+}
+LOSS_KINDS = tuple(LOSS_OF_LOGITS)
 
 
 def loss_kind_of(model: torch.nn.Module) -> str:
-    """``"sigmoid"`` for a model with a learnable ``logit_bias`` (the SigLIP family), else ``"softmax"`` (CLIP)."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-    return "sigmoid" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "softmax"
+    """The loss kind of a two-tower model's family (its ``loss_kind``: ``"softmax"`` for CLIP, ``"sigmoid"`` for
+    SigLIP); ``ValueError`` for a model that names none."""
+    module = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    kind = getattr(module, "loss_kind", None)
+    if kind not in LOSS_KINDS:
+        raise ValueError(
+            f"{type(module).__name__} names no contrastive loss (loss_kind); pass kind, one of {LOSS_KINDS}"
+        )
+    return kind
 
 
 def contrastive_loss_for(
