@@ -86,7 +86,7 @@ FAMILIES: Dict[str, Family] = {
             Siglip2MoETextModel,
             "Siglip2ImageProcessor",
             None,
-            "fixed-size patch grids only; use a SigLIP 2 FixRes checkpoint (model_type siglip)",
+            "a NaFlex tower; LLaVA takes fixed-size patch grids: use a SigLIP 2 FixRes checkpoint (model_type siglip)",
         ),
     )
 }
