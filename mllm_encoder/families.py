@@ -10,6 +10,7 @@ the records. Adding a family: docs/architecture.md, "Adding a family".
 
 from typing import Dict, NamedTuple, Optional, Tuple, Type, Union
 
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from mllm_encoder.modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionModel
@@ -124,3 +125,16 @@ def family_of_model(model: Union[PreTrainedModel, Type[PreTrainedModel]]) -> Fam
             if cls in family.models:
                 return family
     raise ValueError(f"{model_class.__name__} is not a model of a CLIP-MoE family ({', '.join(FAMILIES)})")
+
+
+def loss_kind_of(model: nn.Module) -> str:
+    """The contrastive loss kind of a two-tower model's family, ours or HF's (by its config's ``model_type``;
+    DDP / DeepSpeed wrappers are looked through): ``"softmax"`` for CLIP, ``"sigmoid"`` for SigLIP."""
+    module = getattr(model, "module", model)
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type not in MODEL_CLASS_BY_TYPE or MODEL_CLASS_BY_TYPE[model_type] is not family_of(model_type).model:
+        raise ValueError(
+            f"{type(module).__name__} (model_type {model_type!r}) is not a two-tower model of a CLIP-MoE family; "
+            f"pass the loss kind"
+        )
+    return family_of(model_type).loss

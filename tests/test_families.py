@@ -2,11 +2,11 @@
 
 import pytest
 from tiny_models import tiny_clip_moe_config, tiny_siglip_moe_config
+from transformers import CLIPConfig, CLIPModel
 
 from mllm_encoder import CLIPMoEModel, CLIPMoEVisionModel, Siglip2MoEModel, SiglipMoEModel, SiglipMoEVisionModel
 from mllm_encoder.checkpoint import CLIP_MOE_MODEL_TYPES, image_processor_class
-from mllm_encoder.families import FAMILIES, MODEL_CLASS_BY_TYPE, family_of, family_of_model
-from mllm_encoder.losses import loss_kind_of
+from mllm_encoder.families import FAMILIES, MODEL_CLASS_BY_TYPE, family_of, family_of_model, loss_kind_of
 from mllm_encoder.vision_tower import tower_family
 
 
@@ -34,7 +34,8 @@ def test_each_family_is_named_by_its_classes():
 def test_loss_kind_is_the_family_s_and_named_not_guessed():
     assert loss_kind_of(SiglipMoEModel(tiny_siglip_moe_config())) == "sigmoid"
     assert loss_kind_of(CLIPMoEModel(tiny_clip_moe_config())) == "softmax"
-    with pytest.raises(ValueError, match="CLIPMoEVisionModel names no contrastive loss"):
+    assert loss_kind_of(CLIPModel(CLIPConfig())) == "softmax"  # HF's dense models: by model_type
+    with pytest.raises(ValueError, match="CLIPMoEVisionModel .* is not a two-tower model of a CLIP-MoE family"):
         loss_kind_of(CLIPMoEVisionModel(tiny_clip_moe_config().vision_config))
 
 
