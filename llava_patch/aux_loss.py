@@ -8,9 +8,12 @@ hook on the encoder collects it (:class:`TowerAuxLoss`). Neither the library tow
 
 * transformers' Llava, LlavaNext and LlavaOnevision: ``TowerAuxLoss(model)`` also hooks the model's forward, which
   adds the term to ``output.loss``; ``remove()`` uninstalls.
-* LLaVA-1.5 (``llava_patch``): the patched ``forward`` (:mod:`llava_patch.forward`) opens
-  ``TowerAuxLoss(None, encoder)`` around LLaVA's forward and calls :meth:`TowerAuxLoss.add_to` on its outputs,
-  because LLaVA's model computes its loss inside the call it makes.
+* LLaVA-1.5 (``llava_patch``): the tower (``registry.LlavaCLIPMoEVisionTower``) holds a
+  ``TowerAuxLoss(None, encoder)``; the patched ``forward`` (:mod:`llava_patch.forward`) calls
+  :meth:`TowerAuxLoss.start` before LLaVA's forward and :meth:`TowerAuxLoss.add_to` on its outputs, because
+  LLaVA's model computes its loss inside the call it makes.
+
+The hooks are installed once (not per forward), so an encoder compiled with ``compile_tower`` keeps its graph.
 """
 
 from typing import Any, List, Optional
@@ -77,10 +80,3 @@ class TowerAuxLoss:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def __enter__(self) -> "TowerAuxLoss":
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()

@@ -2,19 +2,18 @@
 
 transformers 4.57+ ``generate()`` passes ``cache_position`` (and 5.x more keyword arguments) that
 LLaVA's ``forward`` does not accept; they are dropped, which lets the language model recompute them.
-With a CLIP-MoE tower, the tower's load-balancing loss is added to the loss by
+With a CLIP-MoE tower, the tower's load-balancing loss is added to the loss by the tower's
 :class:`llava_patch.aux_loss.TowerAuxLoss` (the definition is there): LLaVA's model runs the tower and computes
-its loss inside one call, so the hook on the tower's encoder is installed for that call and the term is added
-to what it returns.
+its loss inside one call, so the hook on the tower's encoder collects during that call and the term is added to
+what it returns.
 """
 
 import functools
 import inspect
 from typing import Any, Callable
 
-from llava_patch.aux_loss import TowerAuxLoss
 from llava_patch.patching import set_attribute, wrap
-from mllm_encoder.vision_tower import CLIPMoEVisionTower
+from llava_patch.registry import LlavaCLIPMoEVisionTower
 
 
 def _wrap_forward(original: Callable) -> Callable:
@@ -24,10 +23,10 @@ def _wrap_forward(original: Callable) -> Callable:
     def forward(self, *args: Any, **kwargs: Any):
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         tower = self.get_vision_tower()
-        if not isinstance(tower, CLIPMoEVisionTower):
+        if not isinstance(tower, LlavaCLIPMoEVisionTower):
             return original(self, *args, **kwargs)
-        with TowerAuxLoss(None, tower.vision_tower) as aux_loss:
-            return aux_loss.add_to(original(self, *args, **kwargs))
+        tower.aux_loss_hook.start()
+        return tower.aux_loss_hook.add_to(original(self, *args, **kwargs))
 
     return forward
 
