@@ -53,7 +53,20 @@ class TextTransformer(nn.Module):
         return encoded.tower_output(last, pooled, self.config.top_k, attention_mask, output_aux_loss)
 
 
-class VisionTowerModel:
+class TowerModel:
+    """Mixin of the one-tower models: the tower transformer (``tower_class``) under ``base_model_prefix``
+    (``vision_model`` or ``text_model``, so parameter names are HF's)."""
+
+    base_model_prefix: str
+    tower_class: Type[nn.Module]
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        setattr(self, self.base_model_prefix, self.tower_class(config))
+        self.post_init()
+
+
+class VisionTowerModel(TowerModel):
     """Mixin of the image-tower models: one tower transformer (``tower_class``) under ``vision_model``.
 
     ``forward`` ignores keyword arguments it does not know, as HF towers do.
@@ -61,12 +74,6 @@ class VisionTowerModel:
 
     base_model_prefix = VISION.module
     main_input_name = VISION.input_name
-    tower_class: Type[nn.Module]
-
-    def __init__(self, config: PretrainedConfig):
-        super().__init__(config)
-        self.vision_model = self.tower_class(config)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding
@@ -103,16 +110,10 @@ class VisionTowerModel:
         return output if return_dict is not False else output.to_tuple()
 
 
-class TextTowerModel:
+class TextTowerModel(TowerModel):
     """Mixin of the text-tower models: one tower transformer (``tower_class``) under ``text_model``."""
 
     base_model_prefix = TEXT.module
-    tower_class: Type[nn.Module]
-
-    def __init__(self, config: PretrainedConfig):
-        super().__init__(config)
-        self.text_model = self.tower_class(config)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.token_embedding
