@@ -4,7 +4,7 @@ Definition: a forward that computes a loss returns ``loss + router_aux_loss_coef
 over the calls of the tower's encoder during that forward (a list of images, or tiles, may call it several times),
 counting only the calls made while the tower trains (autograd records and some encoder weight is trainable).
 The encoder's ``aux_loss`` is its own mean over its MoE layers; it leaves the encoder in its outputs, and a forward
-hook on the encoder collects it (:class:`TowerAuxLoss`). Neither the library tower nor LLaVA holds it as state.
+hook on the encoder collects it (:class:`TowerAuxLoss`); the library tower keeps no copy of it.
 
 * transformers' Llava, LlavaNext and LlavaOnevision: ``TowerAuxLoss(model)`` also hooks the model's forward, which
   adds the term to ``output.loss``; ``remove()`` uninstalls.
