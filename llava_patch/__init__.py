@@ -8,7 +8,8 @@
   (:mod:`llava_patch.registry`); the tower's MoE settings are saved into the LLaVA config
   (:mod:`llava_patch.mm_config`); trained tower weights survive ``load_pretrained_model`` and no checkpoint
   code runs unless allowed (:mod:`llava_patch.loading`); the tower's load-balancing loss is added to the
-  language-model loss when the tower is trained (:mod:`llava_patch.forward`); LoRA adapters target the
+  language-model loss when the tower is trained (:mod:`llava_patch.forward`, with
+  :class:`llava_patch.aux_loss.TowerAuxLoss`, which transformers' Llava* models install too); LoRA adapters target the
   language model only (:mod:`llava_patch.lora`); ZeRO-3 loads and dtypes (:mod:`llava_patch.zero3`);
 * version shims that let LLaVA's code run on transformers 4.37 to 5.x and recent DeepSpeed:
   :mod:`llava_patch.trainer_compat`, :mod:`llava_patch.quantization` and the argument filter of

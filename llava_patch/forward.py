@@ -2,7 +2,10 @@
 
 transformers 4.57+ ``generate()`` passes ``cache_position`` (and 5.x more keyword arguments) that
 LLaVA's ``forward`` does not accept; they are dropped, which lets the language model recompute them.
-When the CLIP-MoE tower is trainable, ``coef * aux_loss`` of the tower's last call is added to the loss.
+With a CLIP-MoE tower, the tower's load-balancing loss is added to the loss by the tower's
+:class:`llava_patch.aux_loss.TowerAuxLoss` (the definition is there): LLaVA's model runs the tower and computes
+its loss inside one call, so the hook on the tower's encoder collects during that call and the term is added to
+what it returns.
 """
 
 import functools
@@ -10,7 +13,7 @@ import inspect
 from typing import Any, Callable
 
 from llava_patch.patching import set_attribute, wrap
-from mllm_encoder.vision_tower import CLIPMoEVisionTower
+from llava_patch.registry import LlavaCLIPMoEVisionTower
 
 
 def _wrap_forward(original: Callable) -> Callable:
@@ -20,20 +23,10 @@ def _wrap_forward(original: Callable) -> Callable:
     def forward(self, *args: Any, **kwargs: Any):
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         tower = self.get_vision_tower()
-        if isinstance(tower, CLIPMoEVisionTower):
-            tower.last_aux_loss = None
-        outputs = original(self, *args, **kwargs)
-        # LLaVA's forward runs the tower and computes the loss inside one call and offers no hook between them,
-        # so the tower's aux loss of this call is read from the state it left (CLIPMoEVisionTower.last_aux_loss).
-        aux_loss = tower.last_aux_loss if isinstance(tower, CLIPMoEVisionTower) else None
-        if aux_loss is None:
-            return outputs
-        if isinstance(outputs, tuple):  # return_dict=False: the loss, when present, is the leading scalar
-            has_loss = outputs and outputs[0].dim() == 0
-            return (outputs[0] + aux_loss.to(outputs[0]),) + outputs[1:] if has_loss else outputs
-        if outputs.loss is not None:
-            outputs.loss = outputs.loss + aux_loss.to(outputs.loss)
-        return outputs
+        if not isinstance(tower, LlavaCLIPMoEVisionTower):
+            return original(self, *args, **kwargs)
+        tower.aux_loss_hook.start()
+        return tower.aux_loss_hook.add_to(original(self, *args, **kwargs))
 
     return forward
 

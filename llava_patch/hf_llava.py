@@ -22,11 +22,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from mllm_encoder.atomic import PathLike
 from mllm_encoder.checkpoint import load_image_processor, read_vision_config_dict
+from mllm_encoder.families import Family
 from mllm_encoder.loading import load_clip_moe
-from mllm_encoder.vision_tower import TOWER_FAMILIES, tower_family
-
-# A CLIP tower's first token is its class token (LLaVA drops it); a SigLIP tower has none.
-FEATURE_STRATEGY = {"clip": "default", "siglip": "full"}
+from mllm_encoder.vision_tower import tower_family
 
 
 def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:
@@ -37,7 +35,7 @@ def llava_vision_tower(model: LlavaForConditionalGeneration) -> nn.Module:
 class LlavaParts(NamedTuple):
     """What every Llava* build starts from: the tower's family and model, the tokenizer and the causal LM."""
 
-    family: str
+    family: Family
     vision: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     language_model: PreTrainedModel
@@ -65,11 +63,11 @@ def load_llava_parts(
     ``special_tokens`` the tokenizer lacks added (the LM's embeddings grow with them).
 
     Raises:
-        ValueError: before anything is loaded, when ``towers`` (default: every LLaVA tower class) lacks the
-            checkpoint's tower class.
+        ValueError: before anything is loaded, when the checkpoint's family cannot serve as a LLaVA tower or
+            ``towers`` (default: every LLaVA tower class) lacks the checkpoint's tower class.
     """
     family = tower_family(read_vision_config_dict(clip_moe_dir), str(clip_moe_dir))
-    tower_class = TOWER_FAMILIES[family][1]
+    tower_class = family.vision_model
     if towers is not None and tower_class not in towers:
         accepted = " or ".join(tower.__name__ for tower in towers)
         raise ValueError(f"{clip_moe_dir}: holds a {tower_class.__name__} tower; this build takes only {accepted}")
@@ -94,16 +92,16 @@ def build_hf_llava(
     """A Llava model with the vision weights of ``clip_moe_dir`` (CLIP-MoE or SigLIP-MoE) and the LM of ``llm_dir``.
 
     ``image_token`` is added to the tokenizer when missing (the embeddings grow with it). Returns the model,
-    the tokenizer and the checkpoint's image processor. The feature strategy follows the tower: ``default``
-    (class token dropped) for CLIP, ``full`` for SigLIP. ``trust_remote_code`` lets the language model's
-    folder run its own Python code (off by default).
+    the tokenizer and the checkpoint's image processor. The feature strategy is the family's (``Family.llava``):
+    ``default`` (class token dropped) for CLIP, ``full`` for SigLIP. ``trust_remote_code`` lets the language
+    model's folder run its own Python code (off by default).
     """
     parts = load_llava_parts(clip_moe_dir, llm_dir, [image_token], trust_remote_code)
     model = parts.assemble(
         LlavaConfig,
         LlavaForConditionalGeneration,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=FEATURE_STRATEGY[parts.family],
+        vision_feature_select_strategy=parts.family.llava.feature_strategy,
         image_token_index=parts.tokenizer.convert_tokens_to_ids(image_token),
         projector_hidden_act=projector_hidden_act,
     )

@@ -6,20 +6,19 @@ Both models build their tower from ``vision_config`` through the Auto classes (`
 patch features. The tile grid depends only on the tower's ``image_size``/``patch_size`` and the pinpoints, so a
 fixed-resolution CLIP-MoE tower works unchanged. :func:`build_anyres_llava` assembles such a model from a
 CLIP-MoE checkpoint and a causal LM, with the matching processor; the result saves and reloads with
-``from_pretrained``. transformers adds no MoE load-balancing loss: :class:`TowerAuxLoss` adds it when the
-tower is trained. LLaVA-NeXT needs transformers >= 4.39 and OneVision >= 4.45.
+``from_pretrained``. transformers adds no MoE load-balancing loss: ``llava_patch.aux_loss.TowerAuxLoss`` adds it
+when the tower is trained. LLaVA-NeXT needs transformers >= 4.39 and OneVision >= 4.45.
 """
 
 from typing import Any, List, Optional, Tuple
 
-import torch
 import transformers
-from torch import nn
 from transformers import CLIPImageProcessor, PreTrainedModel
 
-from llava_patch.hf_llava import llava_vision_tower, load_llava_parts
-from mllm_encoder import CLIPMoEVisionModel
+from llava_patch.aux_loss import TowerAuxLoss  # noqa: F401  (re-exported: its old home)
+from llava_patch.hf_llava import load_llava_parts
 from mllm_encoder.atomic import PathLike
+from mllm_encoder.families import FAMILIES
 
 # kind -> (config, model, image processor, processor) class names in transformers
 KINDS = {
@@ -40,6 +39,8 @@ MIN_TRANSFORMERS = {"llava_next": "4.39", "llava_onevision": "4.45"}
 # LLaVA-NeXT's grid (in tiles): 1x2, 2x1, 2x2, 3x1, 1x3; OneVision's anyres_max_9 grid: every (rows, cols) up to 6x6.
 NEXT_GRID = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 ONEVISION_GRID = tuple((rows, cols) for rows in range(1, 7) for cols in range(1, 7))
+# The image towers these builds take (the processors count one class token per tile): Family.llava.anyres.
+ANYRES_TOWERS = [family.vision_model for family in FAMILIES.values() if family.llava and family.llava.anyres]
 
 
 def anyres_classes(kind: str) -> Tuple[Any, Any, Any, Any]:
@@ -141,7 +142,7 @@ def build_anyres_llava(
         )
     config_class, model_class, _, _ = anyres_classes(kind)
     special = [image_token] + (["<video>"] if kind == "llava_onevision" else [])
-    parts = load_llava_parts(clip_moe_dir, llm_dir, special, trust_remote_code, towers=[CLIPMoEVisionModel])
+    parts = load_llava_parts(clip_moe_dir, llm_dir, special, trust_remote_code, towers=ANYRES_TOWERS)
     vision, tokenizer = parts.vision, parts.tokenizer
     image_size = vision.config.image_size
     pinpoints = image_grid_pinpoints or anyres_grid_pinpoints(image_size, kind)
@@ -163,40 +164,3 @@ def build_anyres_llava(
         image_processor, tokenizer, vision.config, kind, vision_feature_select_strategy, image_token
     )
     return model, processor
-
-
-class TowerAuxLoss:
-    """Adds the CLIP-MoE tower's weighted load-balancing loss to a Llava* model's ``loss`` while installed.
-
-    transformers' Llava, LlavaNext and LlavaOnevision ignore the ``aux_loss`` the tower returns. With
-    ``TowerAuxLoss(model)`` installed, every forward that computes a loss (``labels`` given) while autograd
-    records returns ``loss + router_aux_loss_coef * aux_loss`` of the tower calls of that forward; under
-    ``torch.no_grad`` (evaluation) the loss stays the language-model loss, as with the LLaVA-1.5 tower
-    (:class:`mllm_encoder.vision_tower.CLIPMoEVisionTower`). ``remove()`` uninstalls.
-    Install it only when the tower is trained (a frozen tower's aux loss has no gradient to give).
-    """
-
-    def __init__(self, model: nn.Module):
-        tower = llava_vision_tower(model)
-        self.coef = float(tower.config.router_aux_loss_coef)
-        self.last_aux_loss: Optional[torch.Tensor] = None
-        self._pending: List[torch.Tensor] = []
-        self._handles = [tower.register_forward_hook(self._record), model.register_forward_hook(self._add)]
-
-    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        if output.aux_loss is not None:  # None when autograd does not record (evaluation): nothing to train
-            self._pending.append(output.aux_loss)
-
-    def _add(self, module: nn.Module, args: Any, output: Any) -> Any:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return output
-        self.last_aux_loss = sum(pending)
-        if getattr(output, "loss", None) is not None:
-            output.loss = output.loss + self.coef * self.last_aux_loss.to(output.loss.device)
-        return output
-
-    def remove(self) -> None:
-        """Uninstall the hooks."""
-        for handle in self._handles:
-            handle.remove()

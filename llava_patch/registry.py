@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from llava_patch.aux_loss import TowerAuxLoss
 from llava_patch.patching import set_attribute, wrap
 from llava_patch.zero3 import load_state_dict_zero3_safe
 from mllm_encoder.checkpoint import is_clip_moe_dir
@@ -23,7 +24,13 @@ ENV_VAR = "CLIP_MOE_PATH"
 
 
 class LlavaCLIPMoEVisionTower(CLIPMoEVisionTower):
-    """The CLIP-MoE tower inside LLaVA: its encoder weights load into DeepSpeed ZeRO-3 partitions too."""
+    """The CLIP-MoE tower inside LLaVA: its encoder weights load into DeepSpeed ZeRO-3 partitions too, and
+    ``aux_loss_hook`` (installed once, so a compiled encoder keeps its graph) collects the encoder's load-balancing
+    loss for the patched ``forward`` (:mod:`llava_patch.forward`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.aux_loss_hook = TowerAuxLoss(None, self.vision_tower)
 
     def load_encoder_state(self, state_dict: Dict[str, torch.Tensor]) -> None:
         load_state_dict_zero3_safe(self.vision_tower, state_dict)

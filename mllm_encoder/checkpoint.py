@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
+from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel
 
 from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
-from mllm_encoder.families import family_name
+from mllm_encoder.families import DEFAULT_FAMILY, FAMILIES, OUR_MODEL_TYPES, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +30,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # open_clip's names for the same two files (Hub repositories of open_clip models); read by `clip-moe convert`.
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-CLIP_MOE_MODEL_TYPES = (
-    "clip_moe",
-    "clip_moe_vision_model",
-    "clip_moe_text_model",
-    "siglip_moe",
-    "siglip_moe_vision_model",
-    "siglip_moe_text_model",
-    "siglip2_moe",
-    "siglip2_moe_vision_model",
-    "siglip2_moe_text_model",
-)
+CLIP_MOE_MODEL_TYPES = OUR_MODEL_TYPES  # every family's own model_types (mllm_encoder.families)
 # Every name save_checkpoint writes (transformers 4.x and 5.x): a directory holding anything else is not ours.
 CHECKPOINT_FILE_PATTERN = re.compile(
     r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|preprocessor_config\.json"
@@ -223,25 +213,22 @@ def has_tokenizer(directory: PathLike) -> bool:
 
 
 def _family_image_processor(model: PreTrainedModel):
-    """The default preprocessing of ``model``'s family: SigLIP 2 NaFlex's (patches up to the position grid's
-    count), SigLIP's (square bicubic resize, mean = std = 0.5, no crop), else OpenAI CLIP's."""
+    """The default preprocessing of ``model``'s family: its ``Family.image_processor`` class with the image
+    tower config's ``image_processor_settings()`` (OpenAI CLIP's resize and crop; SigLIP's square resize, no
+    crop; SigLIP 2 NaFlex's patches up to the position grid's count)."""
     vision = getattr(model.config, "vision_config", model.config)
-    family = family_name(model.config.model_type)
-    if family == "siglip2":
-        processor_class = image_processor_class("Siglip2ImageProcessor", f"saving a {type(model).__name__}")
-        return processor_class(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
-    if family == "siglip":
-        return SiglipImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
-    return default_image_processor(vision.image_size)
+    family = family_of(model.config.model_type)
+    processor_class = image_processor_class(family.image_processor, f"saving a {type(model).__name__}")
+    return processor_class(**vision.image_processor_settings())
 
 
 def image_processor_class(processor_type: Optional[str], where: str):
-    """The image processor class a saved ``image_processor_type`` names: SigLIP's (a square resize without crop;
-    read as a ``CLIPImageProcessor`` it would crop to 224), SigLIP 2 NaFlex's (patches), else
+    """The image processor class a saved ``image_processor_type`` names when a family's checkpoints use it
+    (``Family.image_processor``; SigLIP's read as a ``CLIPImageProcessor`` would crop to 224), else
     ``CLIPImageProcessor``. ``ValueError`` naming ``where`` when this transformers lacks the class."""
     name = str(processor_type or "").removesuffix("Fast")
-    if name not in ("SiglipImageProcessor", "Siglip2ImageProcessor"):
-        name = "CLIPImageProcessor"
+    if name not in {family.image_processor for family in FAMILIES.values()}:
+        name = DEFAULT_FAMILY.image_processor
     processor_class = getattr(transformers, name, None)
     if processor_class is None:
         raise ValueError(f"{where}: needs {name}, which transformers {transformers.__version__} does not have")

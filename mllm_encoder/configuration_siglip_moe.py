@@ -7,31 +7,27 @@ type- and range-checked as in the CLIP-MoE configs.
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
-from mllm_encoder.configuration_clip_moe import (
+from mllm_encoder.configuration_moe_base import (
+    MoETowerConfig,
     TextTowerFields,
     TowerConfig,
     TwoTowerConfig,
-    _CLIPMoETowerConfig,
     check_bool,
     check_int,
     check_number,
     check_patch_grid,
 )
 
-HF_SIGLIP_MODEL_TYPES = {"siglip", "siglip_moe"}
-HF_SIGLIP2_MODEL_TYPES = {"siglip2", "siglip2_moe"}
 # SigLIP's initialisation of the sigmoid loss's temperature and bias (the paper's t' = log 10, b = -10).
 DEFAULT_LOGIT_SCALE = math.log(10.0)
 DEFAULT_LOGIT_BIAS = -10.0
 
 
-class _SiglipMoETowerConfig(_CLIPMoETowerConfig):
-    """The shared tower fields (see ``_CLIPMoETowerConfig``) with SigLIP's defaults: ViT-B/16's shape,
+class _SiglipMoETowerConfig(MoETowerConfig):
+    """The shared tower fields (see ``MoETowerConfig``) with SigLIP's defaults: ViT-B/16's shape,
     ``gelu_pytorch_tanh`` and LayerNorm epsilon 1e-6."""
-
-    two_tower_model_types = HF_SIGLIP_MODEL_TYPES
 
     def __init__(
         self,
@@ -62,6 +58,7 @@ class SiglipMoEVisionConfig(_SiglipMoETowerConfig):
     """
 
     model_type = "siglip_moe_vision_model"
+    hf_model_type = "siglip_vision_model"
     tower_key = "vision_config"
     naflex = False  # images as [batch, channels, height, width] through a conv patch embedding
 
@@ -78,6 +75,11 @@ class SiglipMoEVisionConfig(_SiglipMoETowerConfig):
         self.vision_use_head = check_bool("vision_use_head", vision_use_head)
         super().__init__(**kwargs)
 
+    def image_processor_settings(self) -> Dict[str, Any]:
+        """Arguments of the family's image processor for this tower: a square resize to ``image_size``, no crop
+        (``SiglipImageProcessor``'s default mean and std, 0.5)."""
+        return {"size": {"height": self.image_size, "width": self.image_size}}
+
 
 class SiglipMoETextConfig(TextTowerFields, _SiglipMoETowerConfig):
     """Configuration of the SigLIP-MoE text tower (bidirectional; pooled from the last token through ``head``).
@@ -87,6 +89,7 @@ class SiglipMoETextConfig(TextTowerFields, _SiglipMoETowerConfig):
     """
 
     model_type = "siglip_moe_text_model"
+    hf_model_type = "siglip_text_model"
     tower_key = "text_config"
 
     def __init__(
@@ -116,8 +119,8 @@ class SiglipMoEConfig(TwoTowerConfig):
     """
 
     model_type = "siglip_moe"
+    hf_model_type = "siglip"
     sub_configs = {"text_config": SiglipMoETextConfig, "vision_config": SiglipMoEVisionConfig}
-    hf_model_types = HF_SIGLIP_MODEL_TYPES
 
     def __init__(
         self,
@@ -142,8 +145,8 @@ class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):
     """
 
     model_type = "siglip2_moe_vision_model"
+    hf_model_type = "siglip2_vision_model"
     tower_key = "vision_config"
-    two_tower_model_types = HF_SIGLIP2_MODEL_TYPES
     naflex = True  # images as [batch, patches, channels * patch_size**2] with spatial_shapes and a patch mask
 
     def __init__(
@@ -162,12 +165,17 @@ class Siglip2MoEVisionConfig(_SiglipMoETowerConfig):
         self.vision_use_head = check_bool("vision_use_head", vision_use_head)
         super().__init__(**kwargs)
 
+    def image_processor_settings(self) -> Dict[str, Any]:
+        """Arguments of the family's image processor for this tower: patches of ``patch_size``, at most the
+        position grid's count per image."""
+        return {"patch_size": self.patch_size, "max_num_patches": self.num_patches}
+
 
 class Siglip2MoETextConfig(SiglipMoETextConfig):
     """Configuration of the SigLIP 2-MoE text tower (the SigLIP text tower; Gemma's 256k vocabulary)."""
 
     model_type = "siglip2_moe_text_model"
-    two_tower_model_types = HF_SIGLIP2_MODEL_TYPES
+    hf_model_type = "siglip2_text_model"
 
     def __init__(self, vocab_size: int = 256000, **kwargs: Any):
         super().__init__(vocab_size=vocab_size, **kwargs)
@@ -177,8 +185,8 @@ class Siglip2MoEConfig(SiglipMoEConfig):
     """Configuration of a two-tower SigLIP 2-MoE (NaFlex); the fields of :class:`SiglipMoEConfig`."""
 
     model_type = "siglip2_moe"
+    hf_model_type = "siglip2"
     sub_configs = {"text_config": Siglip2MoETextConfig, "vision_config": Siglip2MoEVisionConfig}
-    hf_model_types = HF_SIGLIP2_MODEL_TYPES
 
     def __init__(self, text_config: TowerConfig = None, vision_config: TowerConfig = None, **kwargs: Any):
         # Explicit: transformers 5.x would otherwise generate an __init__ for a config class without one.

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mllm_encoder.configuration_clip_moe import CLIPMoETextConfig, CLIPMoEVisionConfig
+from mllm_encoder.configuration_moe_base import MoETowerConfig
 from mllm_encoder.moe import SparseMoE, mean_load_balancing_loss
 from mllm_encoder.outputs import MoEModelOutputWithPooling
 
@@ -22,7 +22,7 @@ class VisionEmbeddings(nn.Module):
     convolution has a bias (SigLIP) or not (CLIP).
     """
 
-    def __init__(self, config: CLIPMoEVisionConfig, class_token: bool = True, patch_bias: bool = False):
+    def __init__(self, config: MoETowerConfig, class_token: bool = True, patch_bias: bool = False):
         super().__init__()
         self.patch_size = config.patch_size
         self.num_prefix_tokens = int(class_token)
@@ -97,7 +97,7 @@ class NaFlexVisionEmbeddings(nn.Module):
 class TextEmbeddings(nn.Module):
     """Token and learned absolute position embeddings."""
 
-    def __init__(self, config: CLIPMoETextConfig):
+    def __init__(self, config: MoETowerConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)

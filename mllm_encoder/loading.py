@@ -19,30 +19,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from mllm_encoder.checkpoint import check_weight_files, read_model_type
-from mllm_encoder.families import FAMILIES
-from mllm_encoder.modeling_clip_moe import CLIPMoEPreTrainedModel
-from mllm_encoder.modeling_siglip_moe import SiglipMoEPreTrainedModel
-from mllm_encoder.towers import TEXT, VISION
+from mllm_encoder.families import MODEL_CLASS_BY_TYPE, MODEL_CLASSES, family_of_model
 
 ModelSource = Union[str, os.PathLike, PreTrainedModel]
 
-MODEL_CLASS_BY_TYPE: Dict[str, Type[CLIPMoEPreTrainedModel]] = {
-    model_type: model for family in FAMILIES.values() for model_type, model in family.model_types().items()
-}
-# The base classes of both families, and the two-tower model each tower class can be read out of.
-OUR_MODEL_CLASSES = (CLIPMoEPreTrainedModel, SiglipMoEPreTrainedModel)
-TWO_TOWER_CLASS = {
-    tower: family.model for family in FAMILIES.values() for tower in (family.vision_model, family.text_model)
-}
-CONFIG_CLASS_BY_MODEL = {model: config for family in FAMILIES.values() for config, model in family.pairs()}
-TOWER_PREFIX = {
-    model: f"{tower.module}."
-    for family in FAMILIES.values()
-    for tower, model in ((VISION, family.vision_model), (TEXT, family.text_model))
-}
 
-
-def model_class_for(model_type: str, where: str) -> Type[CLIPMoEPreTrainedModel]:
+def model_class_for(model_type: str, where: str) -> Type[PreTrainedModel]:
     """The CLIP-MoE class that holds a model of HF/CLIP-MoE ``model_type``."""
     if model_type not in MODEL_CLASS_BY_TYPE:
         raise ValueError(
@@ -52,10 +34,10 @@ def model_class_for(model_type: str, where: str) -> Type[CLIPMoEPreTrainedModel]
     return MODEL_CLASS_BY_TYPE[model_type]
 
 
-def read_config(directory: Union[str, os.PathLike], model_class: Type[CLIPMoEPreTrainedModel]) -> PretrainedConfig:
+def read_config(directory: Union[str, os.PathLike], model_class: Type[PreTrainedModel]) -> PretrainedConfig:
     """The checked config of ``model_class`` in ``directory``; a bad field raises ``ValueError`` naming the file."""
     try:
-        return CONFIG_CLASS_BY_MODEL[model_class].from_pretrained(directory)
+        return model_class.config_class.from_pretrained(directory)
     except ValueError as error:
         raise ValueError(f"{Path(directory) / 'config.json'}: {error}") from error
 
@@ -91,37 +73,39 @@ def check_loading_info(info: Dict[str, Iterable[Any]], where: Union[str, os.Path
 def tower_state_dict(state_dict: Dict[str, torch.Tensor], model_class: type) -> Dict[str, torch.Tensor]:
     """A state dict in our layout: prefix a bare tower (transformers 5.x ``CLIPVisionModel``), drop buffers."""
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    prefix = TOWER_PREFIX.get(model_class)
-    if prefix and not any(key.startswith(prefix) for key in state_dict):
+    if model_class is family_of_model(model_class).model:
+        return state_dict
+    prefix = f"{model_class.base_model_prefix}."  # a tower model's tower module (``vision_model``, ``text_model``)
+    if not any(key.startswith(prefix) for key in state_dict):
         state_dict = {prefix + key: value for key, value in state_dict.items()}
     return state_dict
 
 
-def from_hf_clip(model: PreTrainedModel) -> CLIPMoEPreTrainedModel:
+def from_hf_clip(model: PreTrainedModel) -> PreTrainedModel:
     """Convert an in-memory HF ``CLIPModel``/``CLIPVisionModel``/``CLIPTextModel`` (dense CLIP-MoE)."""
     model_class = model_class_for(model.config.model_type, type(model).__name__)
-    config = CONFIG_CLASS_BY_MODEL[model_class].from_dict(model.config.to_dict())
+    config = model_class.config_class.from_dict(model.config.to_dict())
     converted = model_class(config)
     converted.load_state_dict(tower_state_dict(model.state_dict(), model_class))
     return converted.to(next(model.parameters()).dtype)
 
 
 def load_clip_moe(
-    source: ModelSource, model_class: Optional[Type[CLIPMoEPreTrainedModel]] = None, **from_pretrained_kwargs
-) -> CLIPMoEPreTrainedModel:
+    source: ModelSource, model_class: Optional[Type[PreTrainedModel]] = None, **from_pretrained_kwargs
+) -> PreTrainedModel:
     """Load ``source`` (a directory or an in-memory model) as a CLIP-MoE model, strictly.
 
     ``model_class`` defaults to the class matching the directory's ``model_type``; a tower class reads that
     tower out of a two-tower directory. Raises ``ValueError`` naming the file for a bad config field, an
     unreadable weight file, or weights that do not match the config.
     """
-    if isinstance(source, OUR_MODEL_CLASSES):
+    if isinstance(source, MODEL_CLASSES):
         return source
     if isinstance(source, PreTrainedModel):
         return from_hf_clip(source)
     stored_class = model_class_for(read_model_type(source), str(source))
     model_class = model_class or stored_class
-    if model_class is not stored_class and TWO_TOWER_CLASS.get(model_class) is not stored_class:
+    if model_class is not stored_class and family_of_model(model_class).model is not stored_class:
         raise ValueError(f"{source}: holds a {stored_class.__name__}, which has no {model_class.__name__} in it")
     config = read_config(source, model_class)
     check_weight_files(source)

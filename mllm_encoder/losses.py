@@ -12,10 +12,11 @@
 * :func:`clip_loss_of_logits`, :func:`siglip_loss_of_logits`: the same losses of one process's logit matrix,
   as the models' ``forward(return_loss=True)`` computes them from the logits it returns (no second
   normalisation or matmul).
-* :func:`contrastive_loss_for`: the family's loss for a model, as the DMU trainer calls it.
+* :func:`contrastive_loss_for`: a loss kind for a model (its scale and bias), as the DMU trainer calls it with
+  the model family's kind (:func:`mllm_encoder.families.loss_kind_of`).
 """
 
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -126,33 +127,32 @@ def siglip_sigmoid_loss(
 
 
 ContrastiveLoss = Callable[[torch.Tensor, torch.Tensor, Optional[DistState]], torch.Tensor]
-LOSS_KINDS = ("softmax", "sigmoid")
-
-
-def loss_kind_of(model: torch.nn.Module) -> str:
-    """``"sigmoid"`` for a model with a learnable ``logit_bias`` (the SigLIP family), else ``"softmax"`` (CLIP)."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-    return "sigmoid" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "softmax"
+# Each loss kind's loss of one process's logits; a family's two-tower model names its kind in ``loss_kind``.
+LOSS_OF_LOGITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": clip_loss_of_logits,
+    "sigmoid": siglip_loss_of_logits,
+}
+LOSS_KINDS = tuple(LOSS_OF_LOGITS)
 
 
 def contrastive_loss_for(
     model: torch.nn.Module,
     temperature: Optional[float] = None,
     label_smoothing: float = 0.0,
-    kind: Optional[str] = None,
+    *,
+    kind: str,
     logit_bias: Optional[float] = None,
 ) -> ContrastiveLoss:
-    """The contrastive loss of ``model``'s family: ``loss(image_embeds, text_embeds, state) -> scalar``.
+    """The contrastive loss ``kind`` for ``model``: ``loss(image_embeds, text_embeds, state) -> scalar``.
 
     Args:
-        model: a two-tower model (possibly wrapped by DDP / DeepSpeed); picks the family unless ``kind``.
+        model: a two-tower model (possibly wrapped by DDP / DeepSpeed): its ``logit_scale`` and ``logit_bias``.
         temperature: a fixed temperature (scale ``1 / temperature``); ``None``: the model's ``logit_scale.exp()``
             at each call (gradients flow into it when it is trainable).
         label_smoothing: softmax loss only.
-        kind: ``"softmax"`` or ``"sigmoid"`` to override the family's loss.
+        kind: ``"softmax"`` or ``"sigmoid"``; the model family's is ``mllm_encoder.families.loss_kind_of(model)``.
         logit_bias: a fixed bias of the sigmoid loss; ``None``: the model's ``logit_bias``.
     """
-    kind = kind or loss_kind_of(model)
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
     if temperature is not None and not temperature > 0:

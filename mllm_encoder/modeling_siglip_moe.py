@@ -1,10 +1,11 @@
 """SigLIP-MoE and SigLIP 2-MoE models: HF SigLIP's / SigLIP 2's towers with sparse MoE FFNs.
 
-Built from the layers CLIP-MoE uses (``mllm_encoder.layers``); SigLIP's differences from CLIP are these
-choices: no class token and a conv patch embedding with bias, no LayerNorm before the encoder, the image tower
-normalises every token and pools with a multihead-attention head, the text tower is bidirectional (padding
-mask only) and pools its last token through a linear ``head``, and the loss is the sigmoid loss with a
-learnable ``logit_scale`` and ``logit_bias``. SigLIP 2 NaFlex differs from SigLIP in one more choice, the
+Built from the layers (``mllm_encoder.layers``) and the tower / two-tower skeletons
+(``mllm_encoder.modeling_moe_base``) every family shares; SigLIP's differences from CLIP are these choices: no
+class token and a conv patch embedding with bias, no LayerNorm before the encoder, the image tower normalises
+every token and pools with a multihead-attention head, the text tower is bidirectional (padding mask only) and
+pools its last token through a linear ``head``, and the loss is the sigmoid loss with a learnable
+``logit_scale`` and ``logit_bias``. SigLIP 2 NaFlex differs from SigLIP in one more choice, the
 image input (``config.naflex``): flattened patches through a linear embedding, a position grid resized per
 image (``spatial_shapes``) and a patch mask (``pixel_attention_mask``) in attention and pooling. Parameter
 names are HF's, so dense weights load unchanged.
@@ -35,8 +36,7 @@ from mllm_encoder.layers import (
     VisionEmbeddings,
     key_padding_mask,
 )
-from mllm_encoder.losses import siglip_loss_of_logits
-from mllm_encoder.modeling_clip_moe import TextTowerModel, TextTransformer, TwoTowerModel, VisionTowerModel
+from mllm_encoder.modeling_moe_base import TextTowerModel, TextTransformer, TwoTowerModel, VisionTowerModel
 from mllm_encoder.moe import StackedExperts, TopKRouter
 from mllm_encoder.outputs import MoEModelOutputWithPooling, SiglipMoEOutput
 
@@ -200,6 +200,7 @@ class SiglipMoEModel(TwoTowerModel, SiglipMoEPreTrainedModel):
 
     config_class = SiglipMoEConfig
     output_class = SiglipMoEOutput
+    loss_kind = "sigmoid"
 
     def __init__(self, config: SiglipMoEConfig):
         super().__init__(config)
@@ -208,9 +209,6 @@ class SiglipMoEModel(TwoTowerModel, SiglipMoEPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init_value))
         self.logit_bias = nn.Parameter(torch.full((1,), config.logit_bias_init_value))
         self.post_init()
-
-    def contrastive_loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
-        return siglip_loss_of_logits(logits_per_text)
 
 
 class Siglip2MoEVisionModel(SiglipMoEVisionModel):

@@ -7,13 +7,14 @@
   in a LLaVA checkpoint (fine-tuned experts and routers included) are restored by ``from_pretrained``
   instead of being silently replaced by the original encoder;
 * only the layers up to ``mm_vision_select_layer`` are built and run;
-* when trainable (``unfreeze_mm_vision_tower``) it runs with gradients and keeps the weighted MoE
-  load-balancing loss of its last call in ``last_aux_loss`` for the language model's loss.
+* when trainable (``unfreeze_mm_vision_tower``) it runs with gradients and its encoder computes the MoE
+  load-balancing loss (``aux_loss`` of each encoder call's outputs; ``llava_patch.aux_loss`` adds it to the
+  language model's loss); frozen, it computes none.
 """
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,28 +27,23 @@ from mllm_encoder.checkpoint import (
     read_checkpoint_tensors,
     read_vision_config_dict,
 )
-from mllm_encoder.configuration_clip_moe import CLIPMoEVisionConfig
-from mllm_encoder.configuration_siglip_moe import SiglipMoEVisionConfig
-from mllm_encoder.families import FAMILIES, family_name
+from mllm_encoder.configuration_moe_base import MoETowerConfig
+from mllm_encoder.families import Family, family_of
 from mllm_encoder.towers import VISION
 
 logger = logging.getLogger(__name__)
 
-# The image tower's family comes from its config's model_type (CLIP when there is none): config and model class.
-TOWER_FAMILIES = {
-    name: (FAMILIES[name].vision_model.config_class, FAMILIES[name].vision_model) for name in ("clip", "siglip")
-}
 
-
-def tower_family(config: Dict[str, Any], where: str) -> str:
-    """``"clip"`` or ``"siglip"`` for a vision config dict (SigLIP 2 FixRes checkpoints are ``siglip``)."""
-    model_type = str(config.get("model_type") or "clip")
-    if family_name(model_type) == "siglip2":
+def tower_family(config: Dict[str, Any], where: str) -> Family:
+    """The family of a vision config dict (by its ``model_type``; CLIP when there is none), when that family's
+    image tower can serve LLaVA (``Family.llava``); ``ValueError`` naming ``where`` otherwise."""
+    model_type = config.get("model_type")
+    family = family_of(model_type)
+    if family.llava is None:
         raise ValueError(
-            f"{where}: a SigLIP 2 NaFlex tower ({model_type}) cannot serve as a LLaVA tower (fixed-size patch "
-            "grids only); use a SigLIP 2 FixRes checkpoint (model_type siglip)"
+            f"{where}: a {family.name} tower ({model_type}) cannot serve as a LLaVA tower ({family.not_llava})"
         )
-    return family_name(model_type)
+    return family
 
 
 def resolve_select_layer(select_layer: int, num_hidden_layers: int) -> int:
@@ -81,12 +77,11 @@ class CLIPMoEVisionTower(nn.Module):
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if self.select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}")
-        self.cfg_only = self._build_config(getattr(args, "mm_vision_config", None))
+        self.family, self.cfg_only = self._build_config(getattr(args, "mm_vision_config", None))
         self.image_processor = self._build_image_processor(getattr(args, "mm_vision_image_processor", None))
         self.num_computed_layers = resolve_select_layer(self.select_layer, self.cfg_only.num_hidden_layers)
         self.vision_tower = self._build_encoder()
         self.is_loaded = True
-        self.last_aux_loss: Optional[torch.Tensor] = None
         if not delay_load:
             self.load_source_weights()
         self.unfreeze = bool(getattr(args, "unfreeze_mm_vision_tower", False))
@@ -104,12 +99,12 @@ class CLIPMoEVisionTower(nn.Module):
             )
         return Path(self.source)
 
-    def _build_config(self, saved: Optional[Dict[str, Any]]) -> Union[CLIPMoEVisionConfig, SiglipMoEVisionConfig]:
+    def _build_config(self, saved: Optional[Dict[str, Any]]) -> Tuple[Family, MoETowerConfig]:
         config = dict(saved) if saved else read_vision_config_dict(self._require_source("its config"))
-        config_class, _ = TOWER_FAMILIES[tower_family(config, f"vision tower {self.vision_tower_name!r}")]
+        family = tower_family(config, f"vision tower {self.vision_tower_name!r}")
         for key in CONFIG_META_KEYS:
             config.pop(key, None)
-        return config_class(**config)
+        return family, family.vision_model.config_class(**config)
 
     def _build_image_processor(self, saved: Optional[Dict[str, Any]]) -> CLIPImageProcessor:
         if saved:
@@ -120,16 +115,14 @@ class CLIPMoEVisionTower(nn.Module):
 
     def _build_encoder(self) -> nn.Module:
         """The encoder truncated after the selected layer (later layers and the final norm are never used)."""
-        config_class = type(self.cfg_only)
-        model_class = dict(TOWER_FAMILIES.values())[config_class]
-        truncated = config_class(**self.cfg_only.to_dict())
-        if config_class is SiglipMoEVisionConfig:
-            truncated.vision_use_head = False  # the pooling head reads the last layer, which LLaVA never uses
+        truncated = type(self.cfg_only)(**self.cfg_only.to_dict())
+        if getattr(truncated, "vision_use_head", False):
+            truncated.vision_use_head = False  # a pooling head reads the last layer, which LLaVA never uses
         truncated.num_hidden_layers = self.num_computed_layers
         moe_layers = getattr(truncated, "moe_layers", None)
         if moe_layers is not None:
             truncated.moe_layers = [i for i in moe_layers if i < self.num_computed_layers]
-        encoder = model_class(truncated)
+        encoder = self.family.vision_model(truncated)
         encoder.vision_model.post_layernorm = nn.Identity()
         return encoder
 
@@ -174,32 +167,24 @@ class CLIPMoEVisionTower(nn.Module):
         prefix = self.vision_tower.vision_model.embeddings.num_prefix_tokens
         return hidden_state[:, prefix:] if self.select_feature == "patch" else hidden_state
 
-    def _encode(self, pixel_values: torch.Tensor, trainable: bool):
-        # The load-balancing loss is computed only when trainable: a frozen tower's has no gradient to give.
+    def _encode(self, pixel_values: torch.Tensor, trainable: bool) -> torch.Tensor:
+        # The load-balancing loss is computed only when trainable (a frozen tower's has no gradient to give); it
+        # stays in the encoder's outputs, where a forward hook on the encoder collects it (llava_patch.aux_loss).
         with torch.set_grad_enabled(trainable):
             outputs = self.vision_tower(
                 pixel_values.to(device=self.device, dtype=self.dtype),
                 output_hidden_states=True,
                 output_aux_loss=trainable,
             )
-        features = self.feature_select(outputs.hidden_states[-1]).to(pixel_values.dtype)
-        return features, getattr(outputs, "aux_loss", None)
+        return self.feature_select(outputs.hidden_states[-1]).to(pixel_values.dtype)
 
     def forward(self, images: Union[torch.Tensor, List[torch.Tensor]]):
-        """Patch features ``[B, N, hidden]`` of a batch, or a list of ``[1, N, hidden]`` for a list of images."""
+        """Patch features ``[B, N, hidden]`` of a batch, or a list of ``[1, N, hidden]`` for a list of images
+        (one encoder call per image)."""
         trainable = self.is_trainable()
         if isinstance(images, (list, tuple)):
-            results = [self._encode(image.unsqueeze(0), trainable) for image in images]
-            features = [feature for feature, _ in results]
-            aux_losses = [aux for _, aux in results if aux is not None]
-            aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        else:
-            features, aux_loss = self._encode(images, trainable)
-        # LLaVA's tower interface returns features only and its model computes the loss itself, so the aux loss
-        # is kept here for the caller that adds it to that loss (llava_patch.forward): LLaVA offers no other way.
-        coef = getattr(self.cfg_only, "router_aux_loss_coef", 0.0)
-        self.last_aux_loss = coef * aux_loss if trainable and aux_loss is not None and coef else None
-        return features
+            return [self._encode(image.unsqueeze(0), trainable) for image in images]
+        return self._encode(images, trainable)
 
     @property
     def dummy_feature(self) -> torch.Tensor:

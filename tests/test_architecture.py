@@ -111,7 +111,7 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     graph = import_graph()
     assert {"llava_patch.zero3", "mllm_encoder.checkpoint"} <= graph["llava_patch.registry"]  # modules by name
     assert "mllm_encoder.dmu.config" in graph["mllm_encoder.dmu.trainer"]  # `from package import module`
-    assert "mllm_encoder" in graph["llava_patch.hf_llava_next"]  # `from package import name`
+    assert "mllm_encoder.moe" in graph["mllm_encoder.modeling_clip_moe"]  # `from package import name`
 
 
 def test_the_library_imports_no_application_and_mllm_encoder_never_imports_llava_patch():

@@ -96,17 +96,22 @@ def test_llava_tower_computes_the_aux_loss_only_when_trainable(tiny_clip_moe_dir
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     args = dict(mm_vision_select_layer=-2, mm_vision_select_feature="patch")
     frozen = CLIPMoEVisionTower("clip-moe", args=type("Args", (), args), source=str(tiny_clip_moe_dir))
+    encoder_outputs = []
+    frozen.vision_tower.register_forward_hook(lambda module, args, output: encoder_outputs.append(output))
     frozen(images)  # grad mode on, but no trainable weight: nothing to backpropagate into
     frozen(list(images))
-    assert frozen.last_aux_loss is None and not aux_calls
+    assert len(encoder_outputs) == 3 and all(output.aux_loss is None for output in encoder_outputs)
+    assert not aux_calls and not hasattr(frozen, "last_aux_loss")
     trainable = CLIPMoEVisionTower(
         "clip-moe", args=type("Args", (), {**args, "unfreeze_mm_vision_tower": True}), source=str(tiny_clip_moe_dir)
     )
+    encoder_outputs.clear()
+    trainable.vision_tower.register_forward_hook(lambda module, args, output: encoder_outputs.append(output))
     trainable(images)
-    assert len(aux_calls) == 1
+    assert len(aux_calls) == 1 and len(encoder_outputs) == 1
     reference = trainable.vision_tower(images, output_hidden_states=True)
-    expected = sum(load_balancing_loss(logits, 2) for logits in reference.router_logits) / 2
-    torch.testing.assert_close(trainable.last_aux_loss, trainable.config.router_aux_loss_coef * expected)
+    expected = sum(load_balancing_loss(logits, 2) for logits in reference.router_logits) / 2  # the 2 layers built
+    torch.testing.assert_close(encoder_outputs[0].aux_loss, expected)  # unweighted, in the encoder's outputs
 
 
 @pytest.mark.skipif(not grouped_mm_available(), reason="torch has no _grouped_mm")

@@ -11,7 +11,8 @@ from tiny_models import tiny_clip_moe_config, tiny_siglip_moe_config
 
 from mllm_encoder import CLIPMoEModel, SiglipMoEModel
 from mllm_encoder.distributed import DistState
-from mllm_encoder.losses import clip_contrastive_loss, contrastive_loss_for, loss_kind_of, siglip_sigmoid_loss
+from mllm_encoder.families import loss_kind_of
+from mllm_encoder.losses import clip_contrastive_loss, contrastive_loss_for, siglip_sigmoid_loss
 
 BATCH, DIM = 6, 8
 
@@ -96,18 +97,18 @@ def test_contrastive_loss_for_picks_the_family():
     with torch.no_grad():
         siglip.logit_scale.fill_(2.0)
         siglip.logit_bias.fill_(-3.0)
-    model_loss = contrastive_loss_for(siglip)(image, text)
+    model_loss = contrastive_loss_for(siglip, kind=loss_kind_of(siglip))(image, text)
     torch.testing.assert_close(model_loss, siglip_sigmoid_loss(image, text, torch.tensor(2.0).exp(), -3.0))
     model_loss.backward()
     assert siglip.logit_bias.grad is not None  # the model's own (learnable) bias and scale
-    fixed = contrastive_loss_for(siglip, temperature=0.1, logit_bias=-5.0)(image, text)
+    fixed = contrastive_loss_for(siglip, temperature=0.1, kind="sigmoid", logit_bias=-5.0)(image, text)
     torch.testing.assert_close(fixed, siglip_sigmoid_loss(image, text, 10.0, -5.0))
-    softmax = contrastive_loss_for(clip, temperature=0.01, label_smoothing=0.1)(image, text)
+    softmax = contrastive_loss_for(clip, temperature=0.01, label_smoothing=0.1, kind=loss_kind_of(clip))(image, text)
     torch.testing.assert_close(softmax, clip_contrastive_loss(image, text, 100.0, label_smoothing=0.1))
     overridden = contrastive_loss_for(siglip, temperature=0.01, kind="softmax")(image, text)
     torch.testing.assert_close(overridden, clip_contrastive_loss(image, text, 100.0))
     with pytest.raises(ValueError, match="label_smoothing"):
-        contrastive_loss_for(siglip, label_smoothing=0.1)
+        contrastive_loss_for(siglip, label_smoothing=0.1, kind="sigmoid")
     with pytest.raises(ValueError, match="logit_bias"):
         contrastive_loss_for(clip, temperature=0.01, kind="sigmoid")
     with pytest.raises(ValueError, match="loss kind"):
@@ -131,7 +132,7 @@ def test_tiny_siglip_base_trains_its_ffns_with_the_family_loss(tmp_path, clip_to
     assert transform.resize_hw == (32, 32) and transform.crop_hw is None and tuple(transform.mean) == (0.5,) * 3
     for name, param in model.named_parameters():
         param.requires_grad_(is_encoder_ffn_parameter(name))  # encoder FFNs, not the pooling head's MLP
-    loss_fn = contrastive_loss_for(model)
+    loss_fn = contrastive_loss_for(model, kind=loss_kind_of(model))
     tokens = tokenizer(["a red square", "a blue circle"], padding="max_length", max_length=16, return_tensors="pt")
     out = model(input_ids=tokens["input_ids"], pixel_values=torch.randn(2, 3, 32, 32))
     loss = loss_fn(out.image_embeds, out.text_embeds)

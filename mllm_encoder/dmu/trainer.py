@@ -22,8 +22,9 @@ from mllm_encoder.dmu import config
 from mllm_encoder.dmu.config import RuntimeSection, StageSection, check_section
 from mllm_encoder.dmu.run_state import latest_training_state, load_training_state, save_training_state
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
+from mllm_encoder.families import loss_kind_of
 from mllm_encoder.layers import is_encoder_ffn_parameter
-from mllm_encoder.losses import ContrastiveLoss, contrastive_loss_for, loss_kind_of
+from mllm_encoder.losses import ContrastiveLoss, contrastive_loss_for
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def test_anyres_forward_and_generate_with_several_aspect_ratios(built):
 
 
 def test_tower_aux_loss_is_added_when_installed(built):
-    from llava_patch.hf_llava_next import TowerAuxLoss
+    from llava_patch.aux_loss import TowerAuxLoss
 
     kind, model, processor = built
     inputs = encode(processor)
@@ -87,13 +87,15 @@ def test_tower_aux_loss_is_added_when_installed(built):
     plain = model(**inputs, labels=inputs["input_ids"]).loss
     aux = TowerAuxLoss(model)
     with_aux = model(**inputs, labels=inputs["input_ids"]).loss
+    added = aux.added
     with torch.no_grad():  # evaluation: the language-model loss alone, as with the LLaVA-1.5 tower
         torch.testing.assert_close(model(**inputs, labels=inputs["input_ids"]).loss, plain.detach())
     aux.remove()
     handle.remove()
-    expected_aux = tower_of(model)(tiles[1]).aux_loss
+    expected_aux = tower_of(model)(tiles[1]).aux_loss  # one tower call per forward: the mean is that call's
     assert aux.coef == model.config.vision_config.router_aux_loss_coef == 0.01
-    torch.testing.assert_close(aux.last_aux_loss, expected_aux)
+    torch.testing.assert_close(added, aux.coef * expected_aux)
+    assert aux.added is None  # the evaluation forward added nothing
     torch.testing.assert_close(with_aux, plain + aux.coef * expected_aux)
     router = tower_of(model).vision_model.encoder.layers[0].mlp.router.weight
     (with_aux - plain).backward()
