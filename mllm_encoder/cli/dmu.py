@@ -189,7 +189,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
 
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.pipeline import run_pipeline
-    from mllm_encoder.dmu.report import format_table
+    from mllm_encoder.experiments.report import format_table
 
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
     _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
@@ -212,12 +212,12 @@ def _log_to_file(path: Path, is_main: bool) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.demo import run_demo as demo
-    from mllm_encoder.dmu.report import format_demo_table
+    from mllm_encoder.experiments.demo import run_demo as demo
+    from mllm_encoder.experiments.report import format_demo_table
 
     _log_to_file(Path(args.out) / "demo.log", True)
     if args.control_world:
-        from mllm_encoder.dmu.control_world import run_control_world
+        from mllm_encoder.experiments.control_world import run_control_world
 
         print("\n".join(run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]))
         print(f"\nresults: {Path(args.out) / f'control_{args.control_world}' / 'control.json'}")

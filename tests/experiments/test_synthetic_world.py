@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from data_helpers import folder_digest
+from data.data_helpers import folder_digest
 
 from mllm_encoder.data import load_image_text_dataset
-from mllm_encoder.data.synthetic_world import (
+from mllm_encoder.experiments.synthetic_world import (
     BANDS,
     FINETUNE_ATTRIBUTES,
     FRAMES,

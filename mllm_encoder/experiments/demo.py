@@ -1,12 +1,12 @@
 """``clip-moe demo``: does DMU do what the paper claims, at CPU scale? (design: ``docs/dmu.md``).
 
-1. write the synthetic world (:mod:`mllm_encoder.data.synthetic_world`): a pretraining distribution for the
+1. write the synthetic world (:mod:`mllm_encoder.experiments.synthetic_world`): a pretraining distribution for the
    base and a fine-tuning distribution whose captions name three hidden attributes the base's seldom mention;
 2. train a tiny CLIP from scratch on the pretraining distribution: the dense base, shared by every seed;
 3. for every seed, on the fine-tuning distribution: DMU (3 MCL stages + router tuning), direct fine-tuning
    and sparse upcycling at equal optimizer steps (``clip-moe dmu run``), and the stage-level control (MCL
    stage 1's recipe on random batches);
-4. evaluate every model and every expert alone (:mod:`mllm_encoder.dmu.benchmark`); write ``results.json``
+4. evaluate every model and every expert alone (:mod:`mllm_encoder.experiments.evaluator`); write ``results.json``
    (mean, std, per seed), ``report.md`` (verdict computed from the numbers, plots), ``timings.json`` and the
    final CLIP-MoE checkpoint (``clip-moe/``, seed 0's DMU model, loadable with ``AutoModel.from_pretrained``).
 
@@ -26,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_directory, atomic_write_json
-from mllm_encoder.data.synthetic_world import write_world_dataset
+from mllm_encoder.experiments.synthetic_world import write_world_dataset
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.benchmark import WorldEvaluator
+from mllm_encoder.experiments.evaluator import WorldEvaluator
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
 from mllm_encoder.dmu.pipeline import run_pipeline
-from mllm_encoder.dmu.report import aggregate_results, write_report
+from mllm_encoder.experiments.report import aggregate_results, write_report
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import run_training, train_config

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mllm_encoder.data.generated_split import write_generated_split
-from mllm_encoder.data.synthetic_world import BANDS, FRAMES, PALETTE, SIZES
+from mllm_encoder.experiments.synthetic_world import BANDS, FRAMES, PALETTE, SIZES
 
 COLOURS = {**PALETTE, **dict(list(BANDS.items())[:6])}  # red ... yellow, orange, purple, pink, cyan, navy, olive
 MARKERS = FRAMES  # white, black, grey, brown

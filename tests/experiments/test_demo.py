@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModel
 
 from mllm_encoder.cli import main
-from mllm_encoder.dmu.demo import QUICK
-from mllm_encoder.dmu.report import METRICS
+from mllm_encoder.experiments.demo import QUICK
+from mllm_encoder.experiments.report import METRICS
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -60,7 +60,7 @@ def test_configs_demo_yaml_is_the_demo_config_of_seed_0():
     from pathlib import Path
 
     from mllm_encoder.dmu.config import config_from_dict, load_config
-    from mllm_encoder.dmu.demo import DEFAULT, run_config
+    from mllm_encoder.experiments.demo import DEFAULT, run_config
 
     data = {"finetune_train": "runs/demo/data/finetune_train.json"}
     values = run_config(Path("runs/demo/seed_0/run"), Path("runs/demo/base/train/model"), data, DEFAULT, 0)
@@ -68,7 +68,7 @@ def test_configs_demo_yaml_is_the_demo_config_of_seed_0():
 
 
 def test_demo_refuses_a_clip_moe_folder_it_did_not_write(tmp_path):
-    from mllm_encoder.dmu.demo import run_demo
+    from mllm_encoder.experiments.demo import run_demo
 
     mine = tmp_path / "clip-moe" / "notes.txt"
     mine.parent.mkdir()

@@ -1,6 +1,6 @@
 """``clip-moe demo --control-world WORLD``: the stage-level control alone, in a world of the marker generator.
 
-Both worlds are pre-registered in ``docs/dmu.md``; both use :mod:`mllm_encoder.data.marker_world` and, per
+Both worlds are pre-registered in ``docs/dmu.md``; both use :mod:`mllm_encoder.experiments.marker_world` and, per
 seed, MCL stage 1 of the pipeline (one-cluster batches) against the same stage on random batches (the demo's
 control), equal steps, with the demo's base recipe, run config, control and steps:
 
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from mllm_encoder.atomic import PathLike, atomic_write_json
-from mllm_encoder.data.marker_world import ATTRIBUTES, marker_caption, write_marker_split, write_marker_world
+from mllm_encoder.experiments.marker_world import ATTRIBUTES, marker_caption, write_marker_split, write_marker_world
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.benchmark import Encoder
+from mllm_encoder.experiments.evaluator import Encoder
 from mllm_encoder.dmu.config import config_from_dict
-from mllm_encoder.dmu.demo import (
+from mllm_encoder.experiments.demo import (
     DEFAULT,
     QUICK,
     DemoSettings,
@@ -40,7 +40,7 @@ from mllm_encoder.dmu.demo import (
     single_threaded,
     train_base,
 )
-from mllm_encoder.dmu.report import compare, seed_statistics
+from mllm_encoder.experiments.report import compare, seed_statistics
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy

@@ -1,4 +1,4 @@
-"""The demo benchmark's metrics of one checkpoint on the synthetic world (:mod:`mllm_encoder.data.synthetic_world`).
+"""The demo benchmark's metrics of one checkpoint on the synthetic world (:mod:`mllm_encoder.experiments.synthetic_world`).
 
 Images and captions are preprocessed once (:class:`WorldEvaluator`); each model then costs only its forward
 passes. Metrics, in percent:
@@ -20,7 +20,7 @@ from PIL import Image
 
 from mllm_encoder.atomic import PathLike
 from mllm_encoder.data.dataset import build_transforms
-from mllm_encoder.data.synthetic_world import (
+from mllm_encoder.experiments.synthetic_world import (
     FINETUNE_ATTRIBUTES,
     HIDDEN,
     PRETRAIN_ATTRIBUTES,
