@@ -26,10 +26,13 @@ import numpy as np
 import torch
 
 from mllm_encoder.atomic import PathLike, atomic_write_json
-from mllm_encoder.experiments.marker_world import ATTRIBUTES, marker_caption, write_marker_split, write_marker_world
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.experiments.evaluator import Encoder
 from mllm_encoder.dmu.config import config_from_dict
+from mllm_encoder.dmu.resources import load_model
+from mllm_encoder.dmu.run_state import Manifest
+from mllm_encoder.eval.caption_swap import caption_swap_accuracy
+from mllm_encoder.eval.linear_probe import linear_probe_accuracy
+from mllm_encoder.eval.retrieval import eval_mode, retrieval_metrics
 from mllm_encoder.experiments.demo import (
     DEFAULT,
     QUICK,
@@ -40,12 +43,9 @@ from mllm_encoder.experiments.demo import (
     single_threaded,
     train_base,
 )
+from mllm_encoder.experiments.evaluator import Encoder
+from mllm_encoder.experiments.marker_world import ATTRIBUTES, marker_caption, write_marker_split, write_marker_world
 from mllm_encoder.experiments.report import compare, seed_statistics
-from mllm_encoder.dmu.resources import load_model
-from mllm_encoder.dmu.run_state import Manifest
-from mllm_encoder.eval.caption_swap import caption_swap_accuracy
-from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import eval_mode, retrieval_metrics
 
 METRICS = ("swap_size", "probe_size", "i2t_r1", "t2i_r1")
 MAX_BASE_SWAP_SIZE = 65.0  # gate G1 (pre-registered)

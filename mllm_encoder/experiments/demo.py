@@ -26,15 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_directory, atomic_write_json
-from mllm_encoder.experiments.synthetic_world import write_world_dataset
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.experiments.evaluator import WorldEvaluator
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
 from mllm_encoder.dmu.pipeline import run_pipeline
-from mllm_encoder.experiments.report import aggregate_results, write_report
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import run_training, train_config
+from mllm_encoder.experiments.evaluator import WorldEvaluator
+from mllm_encoder.experiments.report import aggregate_results, write_report
+from mllm_encoder.experiments.synthetic_world import write_world_dataset
 
 logger = logging.getLogger(__name__)
 METHODS = ("finetune", "upcycle", "dmu")

@@ -1,4 +1,4 @@
-"""The demo benchmark's metrics of one checkpoint on the synthetic world (:mod:`mllm_encoder.experiments.synthetic_world`).
+"""The demo benchmark's metrics of one checkpoint on the synthetic world (:mod:`.synthetic_world`).
 
 Images and captions are preprocessed once (:class:`WorldEvaluator`); each model then costs only its forward
 passes. Metrics, in percent:
@@ -20,6 +20,11 @@ from PIL import Image
 
 from mllm_encoder.atomic import PathLike
 from mllm_encoder.data.dataset import build_transforms
+from mllm_encoder.dmu.resources import processors
+from mllm_encoder.eval.caption_swap import caption_swap_accuracy
+from mllm_encoder.eval.linear_probe import linear_probe_accuracy
+from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics
+from mllm_encoder.eval.router_analysis import expert_load
 from mllm_encoder.experiments.synthetic_world import (
     FINETUNE_ATTRIBUTES,
     HIDDEN,
@@ -28,11 +33,6 @@ from mllm_encoder.experiments.synthetic_world import (
     load_world_attributes,
     swapped_captions,
 )
-from mllm_encoder.dmu.resources import processors
-from mllm_encoder.eval.caption_swap import caption_swap_accuracy
-from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics
-from mllm_encoder.eval.router_analysis import expert_load
 
 
 class _Options:
