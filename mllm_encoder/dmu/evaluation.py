@@ -22,6 +22,11 @@ def _is_moe(model: torch.nn.Module) -> bool:
     return any(getattr(tower, "num_experts", 1) > 1 for tower in (config.vision_config, config.text_config))
 
 
+def metrics_path(out_dir: PathLike) -> Path:
+    """Where :func:`evaluate_checkpoint` writes the metrics of ``out_dir``'s evaluation."""
+    return Path(out_dir) / "metrics.json"
+
+
 def evaluate_checkpoint(
     model_dir: PathLike, section: EvalSection, accelerator, out_dir: PathLike, processors_dir: Optional[PathLike] = None
 ) -> Dict[str, Any]:
@@ -37,7 +42,7 @@ def evaluate_checkpoint(
         metrics = _evaluate(
             Path(model_dir), Path(processors_dir or model_dir), section, accelerator.device, Path(out_dir)
         )
-        atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+        atomic_write_json(metrics_path(out_dir), metrics)
         logger.info("%s: %s", model_dir, {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
     return metrics

@@ -28,6 +28,7 @@ import torch
 from mllm_encoder.atomic import PathLike, atomic_write_json
 from mllm_encoder.dmu.accelerator import build_accelerator
 from mllm_encoder.dmu.config import config_from_dict
+from mllm_encoder.dmu.pipeline import cluster_stage, mcl_stage, train_stage
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy
@@ -173,8 +174,8 @@ def _run(out_dir: Path, world: ControlWorld, settings: DemoSettings) -> Dict[str
         seed_dir = out_dir / f"seed_{seed}"
         config = config_from_dict(run_config(seed_dir / "run", base, train, settings, seed), f"control seed {seed}")
         stages = step(f"seed_{seed}/control", functools.partial(run_method, config, "control", accelerator))["stages"]
-        arms[seed] = {"cluster": stages["dmu/mcl_1"]["model"], "random": stages["control/train"]["model"]}
-        labels = np.load(stages["dmu/cluster_0"]["labels"])
+        arms[seed] = {"cluster": stages[mcl_stage(1)]["model"], "random": stages[train_stage("control")]["model"]}
+        labels = np.load(stages[cluster_stage(0)]["labels"])
         purity[seed] = size_purity(labels, train_sizes, settings.batch_size)
     base_metrics = step("eval/base", functools.partial(evaluate, str(base)))["metrics"]
     metrics: Dict[int, Dict[str, Dict[str, float]]] = {seed: {} for seed in arms}

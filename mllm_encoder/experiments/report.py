@@ -8,9 +8,9 @@ With one seed nothing is called significant. Every sentence of the verdict is co
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mllm_encoder.atomic import atomic_write_text
+from mllm_encoder.atomic import PathLike, atomic_write_text
 
 METHOD_ORDER = ("base", "finetune", "upcycle", "dmu")
 METRICS = (
@@ -181,14 +181,21 @@ def plot_bars(groups: Dict[str, Stats], metrics: Sequence[str], png: Path, ylabe
     figure.savefig(png, dpi=110)
 
 
-def plot_losses(histories: Dict[str, Path], png: Path) -> None:
-    """Contrastive training loss per step of each stage whose ``history.json`` exists."""
+def loss_series(histories: Dict[str, PathLike]) -> Dict[str, Tuple[List[int], List[float]]]:
+    """``{label: (steps, contrastive losses)}`` read from each stage's ``history.json``."""
+    series = {}
+    for label, path in histories.items():
+        history = json.loads(Path(path).read_text())
+        series[label] = ([h["step"] for h in history], [h["contrastive"] for h in history])
+    return series
+
+
+def plot_losses(series: Dict[str, Tuple[List[int], List[float]]], png: Path) -> None:
+    """Contrastive training loss per step, one curve per entry of ``series`` (:func:`loss_series`)."""
     figure = _figure(7, 4)
     axis = figure.subplots()
-    for label, path in histories.items():
-        if path.exists():
-            history = json.loads(path.read_text())
-            axis.plot([h["step"] for h in history], [h["contrastive"] for h in history], label=label)
+    for label, (steps, losses) in series.items():
+        axis.plot(steps, losses, label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("contrastive loss")
     axis.legend(fontsize=7)
@@ -209,25 +216,21 @@ def _router_section(out_dir: Path, plots: Path, loads: Dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def write_report(out_dir: Path, results: Dict[str, Any], timings: Optional[Dict[str, float]] = None) -> Path:
-    """Write ``report.md`` and its plots (``plots/*.png``) into ``out_dir``."""
+def write_report(
+    out_dir: Path,
+    results: Dict[str, Any],
+    timings: Optional[Dict[str, float]] = None,
+    histories: Optional[Dict[str, PathLike]] = None,
+) -> Path:
+    """Write ``report.md`` and its plots (``plots/*.png``) into ``out_dir``; ``histories`` (``{curve label:
+    history.json}``, the paths the run manifest recorded) are the loss curves of the first seed."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     methods, experts, control = results["methods"], results["experts"], results["control"]
     plot_bars(methods, SWAP_BARS, plots / "attributes_methods.png", "caption-swap accuracy (%)")
     plot_bars(experts, SWAP_BARS, plots / "attributes_experts.png", "caption-swap accuracy (%)")
     seed = results["seeds"][0]
-    run = out_dir / f"seed_{seed}" / "run"
-    histories = {f"MCL stage {s}": run / "dmu" / f"mcl_{s}" / "history.json" for s in range(1, len(experts))}
-    histories.update(
-        {
-            "router tuning": run / "dmu" / "route" / "history.json",
-            "control (random batches)": out_dir / f"seed_{seed}" / "control_random" / "history.json",
-            "direct fine-tuning": run / "finetune" / "train" / "history.json",
-            "sparse upcycling": run / "upcycle" / "train" / "history.json",
-        }
-    )
-    plot_losses(histories, plots / "loss_curves.png")
+    plot_losses(loss_series(histories or {}), plots / "loss_curves.png")
     total = sum(timings.values()) if timings else 0.0
     text = "\n\n".join(
         [
