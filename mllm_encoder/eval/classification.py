@@ -12,7 +12,8 @@ from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.data.images import ImageFileDataset, read_class_folders
 from mllm_encoder.data.preprocess import ClipTextTokenizer
 from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, load_attributes, single_object_labels, swapped_captions
-from mllm_encoder.eval.retrieval import default_context_length, encode_images, encode_texts, eval_mode
+from mllm_encoder.encode import encode_images, encode_texts, eval_mode
+from mllm_encoder.eval.retrieval import default_context_length
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ from mllm_encoder.dmu.config import config_from_dict
 from mllm_encoder.dmu.pipeline import cluster_stage, mcl_stage, train_stage
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
+from mllm_encoder.encode import eval_mode
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy
 from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import eval_mode, retrieval_metrics
+from mllm_encoder.eval.retrieval import retrieval_metrics
 from mllm_encoder.experiments.demo import (
     DEFAULT,
     QUICK,

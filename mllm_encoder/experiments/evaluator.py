@@ -21,9 +21,10 @@ from PIL import Image
 from mllm_encoder.atomic import PathLike
 from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.dmu.resources import processors
+from mllm_encoder.encode import encode_images, encode_tokens, eval_mode
 from mllm_encoder.eval.caption_swap import caption_swap_accuracy
 from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import _features, encode_images, eval_mode, model_device, retrieval_metrics
+from mllm_encoder.eval.retrieval import retrieval_metrics
 from mllm_encoder.eval.router_analysis import expert_load
 from mllm_encoder.experiments.synthetic_world import (
     FINETUNE_ATTRIBUTES,
@@ -67,17 +68,9 @@ class Encoder:
         batches = ({"pixel_values": pixels[i : i + self.batch_size]} for i in range(0, len(pixels), self.batch_size))
         return encode_images(model, batches, progress=False)
 
-    @torch.no_grad()
     def _texts(self, model, tokens: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised text embeddings; each chunk is cut after its longest caption (padding changes nothing)."""
-        device, chunks, step = model_device(model), [], 4 * self.batch_size
-        for start in range(0, len(tokens["input_ids"]), step):
-            mask = tokens["attention_mask"][start : start + step]
-            length = int(mask.sum(dim=1).max())
-            ids, mask = tokens["input_ids"][start : start + step, :length], mask[:, :length]
-            output = model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device))
-            chunks.append(torch.nn.functional.normalize(_features(output).float(), dim=-1).cpu())
-        return torch.cat(chunks)
+        return encode_tokens(model, tokens, 4 * self.batch_size)
 
 
 class WorldEvaluator(Encoder):

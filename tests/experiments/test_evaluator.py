@@ -3,7 +3,7 @@
 import torch
 
 from mllm_encoder.dmu.resources import load_model
-from mllm_encoder.eval.retrieval import encode_texts
+from mllm_encoder.encode import encode_texts
 from mllm_encoder.experiments.evaluator import WorldEvaluator
 from mllm_encoder.experiments.report import METRICS
 from mllm_encoder.experiments.synthetic_world import write_world_dataset
