@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from mllm_encoder.cli.model import add_assemble_arguments
 from mllm_encoder.dmu.config import (
     KMEANS_BACKENDS,
     METHODS,
@@ -156,12 +157,6 @@ def run_cluster(args: argparse.Namespace) -> None:
     print(json.dumps(json.loads((Path(args.out) / "cluster_sizes.json").read_text())), "->", path)
 
 
-def run_assemble(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.stages import run_assemble as assemble
-
-    print(assemble(args.models, args.top_k, args.out))
-
-
 def run_eval(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.evaluation import evaluate_checkpoint
@@ -257,11 +252,8 @@ def _register_stages(dmu_commands) -> None:
     _add_training_arguments(mcl, StageSection())
     mcl.set_defaults(func=run_mcl)
 
-    assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer")
-    assemble.add_argument("models", nargs="+", help="checkpoint directories: base first, then MCL stages")
-    assemble.add_argument("--out", required=True)
-    assemble.add_argument("--top-k", type=int, default=dmu_defaults.top_k)
-    assemble.set_defaults(func=run_assemble)
+    assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer (= clip-moe assemble)")
+    add_assemble_arguments(assemble)
 
     route = dmu_commands.add_parser("route", help="tune the routers of an assembled CLIP-MoE")
     route.add_argument("--model", required=True)

@@ -36,7 +36,7 @@ from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
 from mllm_encoder.dmu.resources import load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
-    run_assemble,
+    assemble_models,
     run_cluster,
     run_extract,
     run_stretch,
@@ -175,7 +175,7 @@ def _extract_stage(ctx: RunContext, model_dir: Path, out: Path):
 def _assemble_stage(ctx: RunContext, models: List[Path], out: Path):
     def run() -> Dict[str, Any]:
         if ctx.accelerator.is_main_process:
-            run_assemble(models, ctx.config.dmu.top_k, out, ctx.config.dmu.moe_layers)
+            assemble_models(models, ctx.config.dmu.top_k, out, ctx.config.dmu.moe_layers)
         ctx.accelerator.wait_for_everyone()
         return {"model": str(out), "experts": [str(model) for model in models]}
 

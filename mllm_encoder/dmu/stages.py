@@ -206,7 +206,7 @@ def run_stretch(model_dir: PathLike, positions: int, out_dir: PathLike) -> Path:
     return stretch_checkpoint(model_dir, out_dir, positions, overwrite=True)  # a rerun replaces its own output
 
 
-def run_assemble(
+def assemble_models(
     model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None
 ) -> Path:
     """Stage ``assemble``: the FFNs of N dense models become N experts per layer (top-k routing)."""
