@@ -183,8 +183,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.config}: --method control compares two models on held-out data; set eval.data")
 
     from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.evaluation import format_results_table
     from mllm_encoder.dmu.pipeline import run_pipeline
-    from mllm_encoder.experiments.report import format_table
 
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
     _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
@@ -194,7 +194,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
-        print(format_table(results) if any(results.values()) else f"no evaluation data configured; see {results_path}")
+        empty = f"no evaluation data configured; see {results_path}"
+        print(format_results_table(results) if any(results.values()) else empty)
 
 
 def _log_to_file(path: Path, is_main: bool) -> None:

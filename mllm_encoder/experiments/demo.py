@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_directory, atomic_write_json
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
+from mllm_encoder.dmu.config import METHODS, DataSection, RuntimeSection, StageSection, config_from_dict
 from mllm_encoder.dmu.pipeline import ROUTE_STAGE, mcl_stage, run_pipeline, train_stage
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
@@ -37,7 +37,6 @@ from mllm_encoder.experiments.report import aggregate_results, write_report
 from mllm_encoder.experiments.synthetic_world import write_world_dataset
 
 logger = logging.getLogger(__name__)
-METHODS = ("finetune", "upcycle", "dmu")
 
 
 @dataclass(frozen=True)
@@ -270,7 +269,7 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
         values = run_config(seed_dir / "run", base, data, settings, seed)
         atomic_write_json(seed_dir / "run_config.json", values)
         config = config_from_dict(values, f"demo config (seed {seed})")
-        for method in (*METHODS, "control"):
+        for method in METHODS:
             stages = step(f"seed_{seed}/{method}", functools.partial(run_method, config, method, accelerator))
         models[seed] = _models_of_seed(stages["stages"], settings.num_experts)
         histories = histories or loss_histories(stages["stages"], settings.num_experts)  # the first seed's

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mllm_encoder.atomic import PathLike, atomic_write_text
+from mllm_encoder.dmu.config import METHODS
 
-METHOD_ORDER = ("base", "finetune", "upcycle", "dmu")
+ROWS = ("base", *(method for method in METHODS if method != "control"))  # the methods table: the base, then each method
 METRICS = (
     "swap_size",
     "swap_light",
@@ -57,7 +58,7 @@ def aggregate_results(seeds: List[int], metrics: Dict[int, Dict[str, Dict[str, f
     experts = {"expert_0": rows("base"), **{f"expert_{s}": rows(f"expert_{s}") for s in range(1, num_experts)}}
     results = {
         "seeds": list(seeds),
-        "methods": {method: rows(method) for method in METHOD_ORDER},
+        "methods": {method: rows(method) for method in ROWS},
         "experts": experts,
         "control": {"cluster": experts["expert_1"], "random": rows("control_random")},
     }
@@ -131,25 +132,6 @@ def _table(rows: Dict[str, Stats], metrics: Sequence[str]) -> str:
     lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name, stats in rows.items():
         lines.append(f"| {name} | " + " | ".join(_pm(stats[m]) for m in metrics) + " |")
-    return "\n".join(lines)
-
-
-def metric_columns(results: Dict[str, Dict[str, float]]) -> List[str]:
-    """Retrieval R@1 both ways, then every per-attribute accuracy (``acc_mean`` last)."""
-    keys = {key for metrics in results.values() for key in metrics}
-    attributes = sorted(key for key in keys if key.startswith("acc_") and key != "acc_mean")
-    return [*[k for k in ("i2t_r1", "t2i_r1") if k in keys], *attributes, *(["acc_mean"] if "acc_mean" in keys else [])]
-
-
-def format_table(results: Dict[str, Dict[str, float]]) -> str:
-    """``clip-moe dmu run``'s table: one row per method, one column per metric (percent), best in bold."""
-    columns = metric_columns(results)
-    names = [c.replace("_r1", " R@1").replace("acc_", "") for c in columns]
-    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
-    best = {c: max(m.get(c, float("-inf")) for m in results.values()) for c in columns}
-    for method, metrics in results.items():
-        cells = [f"**{metrics[c]:.1f}**" if metrics[c] == best[c] else f"{metrics[c]:.1f}" for c in columns]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
