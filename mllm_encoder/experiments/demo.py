@@ -32,7 +32,7 @@ from mllm_encoder.dmu.pipeline import ROUTE_STAGE, mcl_stage, run_pipeline, trai
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import run_training, train_config
-from mllm_encoder.experiments.evaluator import WorldEvaluator
+from mllm_encoder.experiments.evaluator import WorldEvaluator, demo_world_evaluator
 from mllm_encoder.experiments.report import aggregate_results, write_report
 from mllm_encoder.experiments.synthetic_world import write_world_dataset
 
@@ -292,7 +292,7 @@ def _evaluate_all(step: Steps, data, base: Path, models: Dict[int, Dict[str, str
     def evaluate(model_dir: str, with_load: bool = False) -> Callable[[], Dict[str, Any]]:
         def run() -> Dict[str, Any]:
             if not evaluator:
-                evaluator.append(WorldEvaluator(data, base, settings.probe_train))
+                evaluator.append(demo_world_evaluator(data, base, settings.probe_train))
             model = load_model(model_dir)
             result = {"metrics": evaluator[0].evaluate(model)}
             if with_load:
