@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from mllm_encoder.checkpoint import check_output_dir, load_processors, save_checkpoint
-from mllm_encoder.conversion.convert import convert_checkpoint
+from mllm_encoder.conversion.convert import SOURCE_FORMATS, convert_checkpoint
 from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.model_summary import summarize_model
 from mllm_encoder.text_context import stretch_checkpoint
@@ -152,7 +152,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser("convert", help="convert released CLIP-MoE, OpenAI/open_clip or timm weights")
     convert.add_argument("source", type=Path, help="weights file (.pt/.pth/.bin/.safetensors) or directory")
     convert.add_argument("out", type=Path, help="output directory")
-    convert.add_argument("--from", dest="source_format", required=True, choices=["official-clip-moe", "openai", "timm"])
+    convert.add_argument("--from", dest="source_format", required=True, choices=SOURCE_FORMATS)
     convert.add_argument("--top-k", type=int, default=2, help="routing of MoE weights (not stored in them)")
     convert.add_argument("--num-experts", type=int, help="sparse-upcycle the converted dense model")
     convert.add_argument("--num-heads", type=int, help="attention heads (default width // 64)")
