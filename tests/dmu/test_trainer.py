@@ -89,8 +89,9 @@ def test_resume_after_injected_stop_matches_uninterrupted_run(tmp_path, pairs):
     reference = _tiny_clip()
     history = train(reference, pairs, collate, labels, _cfg(), tmp_path / "a", accelerator)
     assert [h["step"] for h in history] == list(range(1, 7)) and all(h["loss"] == h["contrastive"] for h in history)
-    # training lowers the contrastive loss of the training pairs (fixed batches, the model's own loss): 2.51 -> 1.98
-    assert _loss_on(reference, pairs) < _loss_on(_tiny_clip(), pairs) - 0.25
+    # training lowers the contrastive loss of the training pairs (fixed batches, the model's own loss) by over 10%:
+    # 2.51 -> 1.98 (transformers 5), 1.78 -> 1.56 (4.37, another initialisation)
+    assert _loss_on(reference, pairs) < 0.9 * _loss_on(_tiny_clip(), pairs)
 
     resumed = _tiny_clip()
     with pytest.raises(TrainingInterrupted):
