@@ -37,13 +37,12 @@ from mllm_encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
 from mllm_encoder.compile import compile_tower
 from mllm_encoder.layers import FeedForward
 from mllm_encoder.moe import SparseMoE
-from mllm_encoder.moe.experts import resolve_backend
+from mllm_encoder.moe.experts import MATMUL_BACKENDS, resolve_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # hidden, intermediate, layers, heads, image size (patch 14)
 SIZES = {"vit-l": (1024, 4096, 24, 16, 336), "small": (256, 1024, 6, 4, 336), "tiny": (64, 128, 2, 4, 56)}
 SECTIONS = ("layer", "tower", "graph", "train", "compile")
-BACKENDS = ("auto", "grouped", "loop")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -218,7 +217,7 @@ def layer_section(args, device, dtype, config) -> List[str]:
         with torch.no_grad():
             t_floor = timed(functools.partial(dense, floor_input), device, args.repeats, args.warmup)
             t_naive = timed(functools.partial(naive_masked_moe, layer, tokens), device, args.repeats, args.warmup)
-            for backend in BACKENDS:
+            for backend in MATMUL_BACKENDS:
                 label = resolve_backend(backend, tokens, i, d)
                 label = f"auto (= {label})" if backend == "auto" else backend
                 try:
@@ -251,7 +250,7 @@ def tower_section(args, device, dtype, config, dense, moe) -> List[str]:
         with torch.no_grad():
             t_dense = timed(functools.partial(dense, pixels), device, args.repeats, args.warmup)
             rows.append(tower_row(batch, "dense", t_dense, None, ratio))
-            for variant in (*BACKENDS, "mixtral"):
+            for variant in (*MATMUL_BACKENDS, "mixtral"):
                 label = variant_label(variant, moe, pixels)
                 try:
                     with moe_variant(moe, variant):
@@ -319,7 +318,7 @@ def train_section(args, device, dtype, config) -> List[str]:
 
     rows = ["| batch | variant | ms | img/s | MoE / dense | peak memory GiB |", "|---|---|---|---|---|---|"]
     t_dense = None
-    for model, variant in [(dense, "auto")] + [(moe, variant) for variant in (*BACKENDS, "mixtral")]:
+    for model, variant in [(dense, "auto")] + [(moe, variant) for variant in (*MATMUL_BACKENDS, "mixtral")]:
         label = "dense" if model is dense else variant_label(variant, moe, pixels.to(dtype))
         try:
             with moe_variant(model, variant):

@@ -5,6 +5,8 @@ optional dependency and fails on a hidden lazy import as well as on a top-level 
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -17,6 +19,7 @@ APPLICATIONS = (
     "mllm_encoder.dmu",
     "mllm_encoder.data",
     "mllm_encoder.eval",
+    "mllm_encoder.experiments",
     "mllm_encoder.cli",
     "mllm_encoder.__main__",
 )
@@ -151,3 +154,26 @@ def test_the_import_graph_has_no_cycle(level):
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_method_imports_no_experiment():
+    """``mllm_encoder.dmu`` (the method) reaches no ``mllm_encoder.experiments`` module, directly or through another
+    module, and importing every ``dmu`` module leaves ``sys.modules`` without one."""
+    graph = import_graph()
+    method = sorted(name for name in graph if name == "mllm_encoder.dmu" or name.startswith("mllm_encoder.dmu."))
+    assert "mllm_encoder.dmu.pipeline" in method
+    reached, frontier = set(method), list(method)
+    while frontier:
+        for target in graph[frontier.pop()]:
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    assert not sorted(name for name in reached if name.startswith("mllm_encoder.experiments"))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {method!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mllm_encoder.experiments')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.strip() == "[]"

@@ -35,4 +35,42 @@ def test_cpu_mode_prints_every_table_without_failures(bench, capsys):
     for row in ("| auto (= grouped) |", "| MoE loop |", "| Mixtral-style loop |", "| MoE auto (= grouped), compiled |"):
         assert row in out
     assert "failed:" not in out
+    tables = _tables(out)
+    assert list(tables) == [f"bfloat16: {title}" for title in ("layer", "tower, inference, eager")] + [
+        "bfloat16: tower, training step (fp32 weights, bfloat16 autocast)",
+        "bfloat16: tower, inference, compile_tower (backend eager)",
+    ]
+    for row in tables["bfloat16: layer"]:  # every backend measured; the ratio is of the printed times
+        assert float(row["MoE ms"]) > 0 and float(row["floor ms"]) > 0
+        moe, floor = float(row["MoE ms"]), float(row["floor ms"])
+        assert float(row["MoE / floor"]) == pytest.approx(moe / floor, rel=0.02 / min(moe, floor), abs=0.011)
+    assert [row["backend"] for row in tables["bfloat16: layer"]] == ["auto (= grouped)", "grouped", "loop"]
+    flops = bench.flop_ratio(bench.vision_config("tiny", 4, 2))
+    for title, rows in tables.items():
+        if title == "bfloat16: layer":
+            continue
+        dense = float(rows[0]["ms"])
+        assert rows[0]["variant"].startswith("dense") and rows[0]["MoE / dense"] == ""
+        for row in rows:
+            ms = float(row["ms"])  # printed to 0.1 ms: the rate within that rounding
+            assert float(row["img/s"]) == pytest.approx(1000.0 * int(row["batch"]) / ms, rel=0.051 / ms, abs=0.051)
+            if row is not rows[0]:
+                assert float(row["MoE / dense"]) == pytest.approx(ms / dense, rel=0.1 / min(ms, dense), abs=0.011)
+            if "FLOP ratio" in row:
+                assert float(row["FLOP ratio"]) == pytest.approx(flops, abs=0.006)
     assert bench.flop_ratio(bench.vision_config("vit-l", 4, 2)) == pytest.approx(1.61, abs=0.01)
+
+
+def _tables(out: str):
+    """``{title: [row as {column: cell}]}`` of every Markdown table the benchmark printed under a bold title."""
+    tables, title, header = {}, None, None
+    for line in out.splitlines():
+        if line.startswith("**"):
+            title, header = line.split(", ", 2)[-1].split("**")[0], None
+        elif line.startswith("| ") and title is not None:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+            else:
+                tables.setdefault(title, []).append(dict(zip(header, cells)))
+    return tables

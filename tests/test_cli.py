@@ -58,6 +58,28 @@ def test_assemble_two_checkpoints(tiny_hf_clip_dir, tmp_path):
     torch.testing.assert_close(experts[0], experts[1])
 
 
+def test_dmu_assemble_is_the_same_command_with_the_same_refusals(tiny_hf_clip_dir, tmp_path, capsys):
+    second = tmp_path / "stage1"
+    shutil.copytree(tiny_hf_clip_dir, second)
+    for command in (["assemble"], ["dmu", "assemble"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        options = sorted(word for word in capsys.readouterr().out.split() if word.startswith("--"))
+        assert "--overwrite" in options and "--atol" in options
+        if command == ["assemble"]:
+            expected = options
+        assert options == expected
+    out = tmp_path / "moe"
+    main(["dmu", "assemble", str(tiny_hf_clip_dir), str(second), "--out", str(out), "--top-k", "1"])
+    assert load_clip_moe(out).config.vision_config.num_experts == 2
+    written = (out / "config.json").stat().st_mtime_ns
+    for command in (["assemble"], ["dmu", "assemble"]):  # an existing checkpoint is replaced only when asked
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, str(tiny_hf_clip_dir), str(second), "--out", str(out)])
+        assert exit_info.value.code == 1 and "pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "config.json").stat().st_mtime_ns == written
+
+
 def test_bad_layer_list_is_a_clear_error(tiny_hf_clip_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upcycle", str(tiny_hf_clip_dir), str(tmp_path / "x"), "--moe-layers", "a,b"])

@@ -178,8 +178,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     input_ids, attention_mask = text_inputs()
     pixel_values = torch.randn(3, 3, 32, 32)
 
+    layers = [*model.vision_model.encoder.layers, *model.text_model.encoder.layers]
+    calls = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))  # recomputation may stop early
+
     def gradients():
         model.zero_grad()
+        calls.clear()
         model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
         ).loss.backward()
@@ -187,9 +193,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     model.train()
     plain = gradients()
+    assert len(calls) == len(layers)  # each layer runs once
     model.gradient_checkpointing_enable()
     assert model.vision_model.encoder.gradient_checkpointing
     checkpointed = gradients()
+    assert len(calls) == 2 * len(layers) and set(calls) == set(layers)  # every layer recomputed in backward
+    assert sum(int(grad.abs().sum() > 0) for grad in plain) > len(plain) // 2  # a real comparison, not of zeros
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b)
 

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from mllm_encoder.cli.model import add_assemble_arguments
 from mllm_encoder.dmu.config import (
     KMEANS_BACKENDS,
     METHODS,
@@ -156,12 +157,6 @@ def run_cluster(args: argparse.Namespace) -> None:
     print(json.dumps(json.loads((Path(args.out) / "cluster_sizes.json").read_text())), "->", path)
 
 
-def run_assemble(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.stages import run_assemble as assemble
-
-    print(assemble(args.models, args.top_k, args.out))
-
-
 def run_eval(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.evaluation import evaluate_checkpoint
@@ -193,8 +188,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         )
 
     from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.evaluation import format_results_table
     from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
-    from mllm_encoder.dmu.report import format_table
 
     check_run_inputs(config)  # the base model and the data, before run_dir/run.log is written
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
@@ -205,7 +200,8 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
-        print(format_table(results) if any(results.values()) else f"no evaluation data configured; see {results_path}")
+        empty = f"no evaluation data configured; see {results_path}"
+        print(format_results_table(results) if any(results.values()) else empty)
 
 
 def _log_to_file(path: Path, is_main: bool) -> None:
@@ -218,12 +214,12 @@ def _log_to_file(path: Path, is_main: bool) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.demo import run_demo as demo
-    from mllm_encoder.dmu.report import format_demo_table
+    from mllm_encoder.experiments.demo import run_demo as demo
+    from mllm_encoder.experiments.report import format_demo_table
 
     _log_to_file(Path(args.out) / "demo.log", True)
     if args.control_world:
-        from mllm_encoder.dmu.control_world import run_control_world
+        from mllm_encoder.experiments.control_world import run_control_world
 
         print("\n".join(run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]))
         print(f"\nresults: {Path(args.out) / f'control_{args.control_world}' / 'control.json'}")
@@ -263,11 +259,8 @@ def _register_stages(dmu_commands) -> None:
     _add_training_arguments(mcl, StageSection())
     mcl.set_defaults(func=run_mcl)
 
-    assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer")
-    assemble.add_argument("models", nargs="+", help="checkpoint directories: base first, then MCL stages")
-    assemble.add_argument("--out", required=True)
-    assemble.add_argument("--top-k", type=int, default=dmu_defaults.top_k)
-    assemble.set_defaults(func=run_assemble)
+    assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer (= clip-moe assemble)")
+    add_assemble_arguments(assemble)
 
     route = dmu_commands.add_parser("route", help="tune the routers of an assembled CLIP-MoE")
     route.add_argument("--model", required=True)

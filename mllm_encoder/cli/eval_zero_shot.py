@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.data.retrieval_sets import RETRIEVAL_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     retrieval = commands.add_parser("retrieval", help="zero-shot image-text retrieval (I2T/T2I Recall@1/5/10)")
     _common_arguments(retrieval)
     retrieval.add_argument("--data", required=True, help="Karpathy-split JSON, JSON/JSONL, CSV/TSV or image folder")
-    retrieval.add_argument(
-        "--format", default="auto", choices=["auto", "karpathy", "json", "sharegpt4v", "csv", "tsv", "folder"]
-    )
+    retrieval.add_argument("--format", default="auto", choices=["auto", *RETRIEVAL_FORMATS])
     retrieval.add_argument("--split", default="test", help="Karpathy split to evaluate ('all' for every image)")
     retrieval.add_argument("--image-root", default=None, help="folder image paths are relative to")
     retrieval.add_argument("--image-column", default=None, help="CSV/TSV image path column")

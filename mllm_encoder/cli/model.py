@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from mllm_encoder.checkpoint import check_output_dir, load_processors, read_config_dict, save_checkpoint
-from mllm_encoder.conversion.convert import convert_checkpoint
+from mllm_encoder.conversion.convert import SOURCE_FORMATS, convert_checkpoint
 from mllm_encoder.loading import load_clip_moe
 from mllm_encoder.model_summary import summarize_model
 from mllm_encoder.text_context import stretch_checkpoint
@@ -93,6 +93,15 @@ def run_upcycle(args: argparse.Namespace) -> None:
     _save_with_processors(model, args, [args.source])
 
 
+def add_assemble_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``clip-moe assemble`` and ``clip-moe dmu assemble`` (one command under two names)."""
+    parser.add_argument("models", type=Path, nargs="+", help="N dense checkpoint directories (expert i = model i)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--atol", type=float, default=0.0, help="tolerance for shared (non-FFN) parameters")
+    _add_moe_arguments(parser, with_num_experts=False)
+    parser.set_defaults(func=run_assemble)
+
+
 def run_assemble(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.models, args.overwrite)
     torch.manual_seed(args.seed)
@@ -159,16 +168,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     upcycle.set_defaults(func=run_upcycle)
 
     assemble = commands.add_parser("assemble", help="DMU: make the FFNs of N dense models the experts of one MoE")
-    assemble.add_argument("models", type=Path, nargs="+", help="N dense checkpoint directories (expert i = model i)")
-    assemble.add_argument("--out", type=Path, required=True, help="output directory")
-    assemble.add_argument("--atol", type=float, default=0.0, help="tolerance for shared (non-FFN) parameters")
-    _add_moe_arguments(assemble, with_num_experts=False)
-    assemble.set_defaults(func=run_assemble)
+    add_assemble_arguments(assemble)
 
     convert = commands.add_parser("convert", help="convert released CLIP-MoE, OpenAI/open_clip or timm weights")
     convert.add_argument("source", type=Path, help="weights file (.pt/.pth/.bin/.safetensors) or directory")
     convert.add_argument("out", type=Path, help="output directory")
-    convert.add_argument("--from", dest="source_format", required=True, choices=["official-clip-moe", "openai", "timm"])
+    convert.add_argument("--from", dest="source_format", required=True, choices=SOURCE_FORMATS)
     convert.add_argument("--top-k", type=int, default=2, help="routing of MoE weights (not stored in them)")
     convert.add_argument("--num-experts", type=int, help="sparse-upcycle the converted dense model")
     convert.add_argument("--num-heads", type=int, help="attention heads (default width // 64)")

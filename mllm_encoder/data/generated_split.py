@@ -1,7 +1,7 @@
 """Writing one split of a generated image-caption set: images, ShareGPT4V conversations, per-sample attributes.
 
-The synthetic sets (:mod:`~mllm_encoder.data.synthetic`, :mod:`~mllm_encoder.data.synthetic_world`,
-:mod:`~mllm_encoder.data.marker_world`) differ in what they draw; this module writes what they draw, the one
+The synthetic sets (:mod:`~mllm_encoder.data.synthetic`, :mod:`~mllm_encoder.experiments.synthetic_world`,
+:mod:`~mllm_encoder.experiments.marker_world`) differ in what they draw; this module writes what they draw, the one
 way: ``{name}.json`` (ShareGPT4V, the image paths relative to ``out``), ``{name}_attributes.json``
 (``header`` plus one record per sample: ``index``, ``image``, ``caption`` and the sample's attributes) and the
 images under ``out/images/{name}/``.

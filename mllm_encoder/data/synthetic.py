@@ -192,17 +192,17 @@ def load_attributes(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return data
 
 
-def swapped_captions(sample: Dict[str, Any], attribute: str, values: Sequence[str]) -> List[str]:
-    """The sample's caption with ``attribute`` (of its first object, or the background) set to each value."""
-    captions = []
-    for value in values:
-        if attribute == "background":
-            objects, background = sample["objects"], value
-        else:
-            objects = [dict(sample["objects"][0], **{attribute: value}), *sample["objects"][1:]]
-            background = sample["background"]
-        captions.append(describe(objects, background, sample.get("template", 0)))
-    return captions
+def sample_caption(sample: Dict[str, Any]) -> str:
+    """The caption of a sample of the attributes file (its objects, background and template)."""
+    return describe(sample["objects"], sample["background"], sample.get("template", 0))
+
+
+def set_object_attribute(sample: Dict[str, Any], attribute: str, value: str) -> Dict[str, Any]:
+    """A copy of ``sample`` with ``attribute`` of its first object (or the background) set to ``value``: what a
+    caption swap changes (:func:`mllm_encoder.eval.caption_swap.swapped_captions` with ``assign=`` this)."""
+    if attribute == "background":
+        return {**sample, "background": value}
+    return {**sample, "objects": [dict(sample["objects"][0], **{attribute: value}), *sample["objects"][1:]]}
 
 
 def single_object_labels(data: Dict[str, Any], attribute: str) -> List[Tuple[int, str]]:

@@ -2,7 +2,8 @@
 
 Stages: feature extraction and k-means pseudo-labels (``features``, ``clustering``), Multistage
 Contrastive Learning on one-cluster batches (``sampler``, ``loss``, ``trainer``), expert assembly and
-router tuning (``stages``), driven and resumed from one config by ``pipeline``; ``demo`` is the CPU demo.
+router tuning (``stages``), driven and resumed from one config by ``pipeline``. The experiments run on the
+method (the CPU demo, the control worlds) live in :mod:`mllm_encoder.experiments`; nothing here imports them.
 """
 
 from mllm_encoder.distributed import DistState, all_gather_with_grad

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.dmu.config import KMEANS_BACKENDS
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "sklearn", "torch", "faiss")
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:
@@ -59,8 +58,8 @@ def _kmeans_faiss(features: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _pick_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; expected one of {KMEANS_BACKENDS}")
     if backend != "auto":
         return backend
     try:

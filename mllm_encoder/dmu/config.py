@@ -13,7 +13,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-METHODS = ("dmu", "upcycle", "finetune", "control")  # control: the stage-level control
+# The methods of `clip-moe dmu run --method`, in the order `--method all` and the demo run them (control: the
+# stage-level control); the demo and its report read this list.
+METHODS = ("finetune", "upcycle", "dmu", "control")
 TRAINABLE = ("all", "ffn", "router", "ffn+router")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 KMEANS_BACKENDS = ("auto", "sklearn", "torch", "faiss")

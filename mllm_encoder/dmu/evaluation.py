@@ -2,7 +2,7 @@
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -22,6 +22,11 @@ def _is_moe(model: torch.nn.Module) -> bool:
     return any(getattr(tower, "num_experts", 1) > 1 for tower in (config.vision_config, config.text_config))
 
 
+def metrics_path(out_dir: PathLike) -> Path:
+    """Where :func:`evaluate_checkpoint` writes the metrics of ``out_dir``'s evaluation."""
+    return Path(out_dir) / "metrics.json"
+
+
 def evaluate_checkpoint(
     model_dir: PathLike, section: EvalSection, accelerator, out_dir: PathLike, processors_dir: Optional[PathLike] = None
 ) -> Dict[str, Any]:
@@ -37,7 +42,7 @@ def evaluate_checkpoint(
         metrics = _evaluate(
             Path(model_dir), Path(processors_dir or model_dir), section, accelerator.device, Path(out_dir)
         )
-        atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+        atomic_write_json(metrics_path(out_dir), metrics)
         logger.info("%s: %s", model_dir, {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
     return metrics
@@ -75,3 +80,22 @@ def _write_expert_load(model, section: EvalSection, image_processor, tokenizer, 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "expert_load.json", load)
     plot_expert_load(load, out_dir / "expert_load.png", title=out_dir.parent.name)  # the method: dmu, upcycle
+
+
+def _metric_columns(results: Dict[str, Dict[str, float]]) -> List[str]:
+    """Retrieval R@1 both ways, then every per-attribute accuracy (``acc_mean`` last)."""
+    keys = {key for metrics in results.values() for key in metrics}
+    attributes = sorted(key for key in keys if key.startswith("acc_") and key != "acc_mean")
+    return [*[k for k in ("i2t_r1", "t2i_r1") if k in keys], *attributes, *(["acc_mean"] if "acc_mean" in keys else [])]
+
+
+def format_results_table(results: Dict[str, Dict[str, float]]) -> str:
+    """``clip-moe dmu run``'s table: one row per method, one column per metric (percent), best in bold."""
+    columns = _metric_columns(results)
+    names = [c.replace("_r1", " R@1").replace("acc_", "") for c in columns]
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
+    best = {c: max(m.get(c, float("-inf")) for m in results.values()) for c in columns}
+    for method, metrics in results.items():
+        cells = [f"**{metrics[c]:.1f}**" if metrics[c] == best[c] else f"{metrics[c]:.1f}" for c in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

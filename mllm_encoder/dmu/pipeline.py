@@ -13,6 +13,10 @@ Run directory::
     dmu/assemble/model/  dmu/route/...  dmu/eval/metrics.json
     finetune/train/...  upcycle/train/...  {method}/eval/metrics.json
     control/train/...  control/eval/  expert_1/eval/   the stage-level control (``--method control``)
+
+The stage names are this module's (:func:`mcl_stage`, :func:`cluster_stage`, :func:`train_stage`,
+``ROUTE_STAGE``); each stage's manifest entry records the paths of what it wrote (``model``, ``history``,
+``summary``, ``features``, ``labels``, ``metrics_file``), and every reader takes them from there.
 """
 
 import functools
@@ -28,23 +32,41 @@ from accelerate.utils import set_seed
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
-from mllm_encoder.dmu.evaluation import evaluate_checkpoint
+from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
 from mllm_encoder.dmu.resources import load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
-    run_assemble,
+    assemble_models,
     run_cluster,
     run_extract,
     run_stretch,
     run_training,
     steps_for,
     train_config,
+    training_outputs,
 )
 from mllm_encoder.locking import directory_lock, hold
 from mllm_encoder.upcycle import sparse_upcycle
 
 logger = logging.getLogger(__name__)
 Stage = Tuple[str, Callable[[], Dict[str, Any]]]
+ROUTE_STAGE = "dmu/route"
+
+
+def mcl_stage(stage: int) -> str:
+    """The manifest name of MCL stage ``stage`` (1 .. N-1): its model is expert ``stage`` of the DMU model."""
+    return f"dmu/mcl_{stage}"
+
+
+def cluster_stage(stage: int) -> str:
+    """The manifest name of the clustering that gives MCL stage ``stage + 1`` its pseudo-labels."""
+    return f"dmu/cluster_{stage}"
+
+
+def train_stage(method: str) -> str:
+    """The manifest name of the one training stage of a baseline (``finetune``, ``upcycle``) or of the control's
+    random-batch arm (``control``)."""
+    return f"{method}/train"
 
 
 @dataclass
@@ -106,7 +128,7 @@ def _train_stage(
             ctx.stop_after_step,
             desc=str(stage_dir.relative_to(ctx.run_dir)),
         )
-        return {"model": str(model_dir), "steps": steps, "final_loss": history[-1]["loss"]}
+        return {**training_outputs(stage_dir), "steps": steps, "final_loss": history[-1]["loss"]}
 
     return run
 
@@ -114,7 +136,8 @@ def _train_stage(
 def _eval_stage(ctx: RunContext, model_dir: Path, out_dir: Path) -> Callable[[], Dict[str, Any]]:
     def run() -> Dict[str, Any]:
         metrics = evaluate_checkpoint(model_dir, ctx.config.eval, ctx.accelerator, out_dir, ctx.base_model)
-        return {"model": str(model_dir), "metrics": metrics}
+        written = {"metrics_file": str(metrics_path(out_dir))} if metrics else {}
+        return {"model": str(model_dir), "metrics": metrics, **written}
 
     return run
 
@@ -127,16 +150,16 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
     for s in range(1, cfg.dmu.num_experts):
         features, cluster, stage_dir = root / f"extract_{s - 1}", root / f"cluster_{s - 1}", root / f"mcl_{s}"
         stages.append((f"dmu/extract_{s - 1}", _extract_stage(ctx, models[-1], features)))
-        stages.append((f"dmu/cluster_{s - 1}", _cluster_stage(ctx, features, cluster, labels)))
+        stages.append((cluster_stage(s - 1), _cluster_stage(ctx, features, cluster, labels)))
         labels = cluster / "labels.npy"
         mcl = _train_stage(ctx, stage_dir, base, cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)
-        stages.append((f"dmu/mcl_{s}", mcl))
+        stages.append((mcl_stage(s), mcl))
         models.append(stage_dir / "model")
     assembled = root / "assemble" / "model"
     stages.append(("dmu/assemble", _assemble_stage(ctx, models, assembled)))
     assembled_model = functools.partial(load_model, assembled)
     route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps(), None, cfg.seed)
-    stages.append(("dmu/route", route))
+    stages.append((ROUTE_STAGE, route))
     return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
 
 
@@ -152,7 +175,7 @@ def _extract_stage(ctx: RunContext, model_dir: Path, out: Path):
 def _assemble_stage(ctx: RunContext, models: List[Path], out: Path):
     def run() -> Dict[str, Any]:
         if ctx.accelerator.is_main_process:
-            run_assemble(models, ctx.config.dmu.top_k, out, ctx.config.dmu.moe_layers)
+            assemble_models(models, ctx.config.dmu.top_k, out, ctx.config.dmu.moe_layers)
         ctx.accelerator.wait_for_everyone()
         return {"model": str(out), "experts": [str(model) for model in models]}
 
@@ -189,7 +212,7 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
         overrides = {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
     train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
     return [
-        (f"{method}/train", train),
+        (train_stage(method), train),
         (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval")),
     ]
 
@@ -199,12 +222,12 @@ def control_stages(ctx: RunContext) -> List[Stage]:
     either run reuses the other's) against the same stage on random batches, same recipe, seed and steps;
     both evaluated as dense models (``expert_1`` and ``control`` in ``results.json``)."""
     cfg, root = ctx.config, ctx.run_dir
-    first = [stage for stage in dmu_stages(ctx) if stage[0] in ("dmu/extract_0", "dmu/cluster_0", "dmu/mcl_1")]
+    first = [stage for stage in dmu_stages(ctx) if stage[0] in ("dmu/extract_0", cluster_stage(0), mcl_stage(1))]
     base = functools.partial(load_model, ctx.base_model)
     random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, ctx.mcl_steps(), None, cfg.seed + 1)
     return first + [
         ("expert_1/eval", _eval_stage(ctx, root / "dmu" / "mcl_1" / "model", root / "expert_1" / "eval")),
-        ("control/train", random),
+        (train_stage("control"), random),
         ("control/eval", _eval_stage(ctx, root / "control" / "train" / "model", root / "control" / "eval")),
     ]
 

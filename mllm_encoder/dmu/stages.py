@@ -151,13 +151,26 @@ def run_training(
     )
     if writer is not None:
         writer.close()
+    outputs = training_outputs(stage_dir)
     if accelerator.is_main_process:
-        save_model(model, stage_dir / "model", processors_dir)
-        atomic_write_json(stage_dir / "history.json", history)
+        save_model(model, outputs["model"], processors_dir)
+        atomic_write_json(outputs["history"], history)
         summary = stage_summary(labels, cfg, accelerator.num_processes, time.perf_counter() - started)
-        atomic_write_json(stage_dir / "summary.json", summary)
+        atomic_write_json(outputs["summary"], summary)
     accelerator.wait_for_everyone()
-    return stage_dir / "model", history
+    return Path(outputs["model"]), history
+
+
+def training_outputs(stage_dir: PathLike) -> Dict[str, str]:
+    """What :func:`run_training` writes into ``stage_dir``: ``model`` (the checkpoint directory), ``history``
+    (``history.json``, one record per step) and ``summary`` (``summary.json``); the pipeline records these paths
+    in the run's manifest, where every reader takes them from."""
+    stage_dir = Path(stage_dir)
+    return {
+        "model": str(stage_dir / "model"),
+        "history": str(stage_dir / "history.json"),
+        "summary": str(stage_dir / "summary.json"),
+    }
 
 
 def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seconds: float) -> Dict[str, Any]:
@@ -193,7 +206,7 @@ def run_stretch(model_dir: PathLike, positions: int, out_dir: PathLike) -> Path:
     return stretch_checkpoint(model_dir, out_dir, positions, overwrite=True)  # a rerun replaces its own output
 
 
-def run_assemble(
+def assemble_models(
     model_dirs: Sequence[PathLike], top_k: int, out_dir: PathLike, moe_layers: Optional[List[int]] = None
 ) -> Path:
     """Stage ``assemble``: the FFNs of N dense models become N experts per layer (top-k routing)."""
@@ -203,4 +216,4 @@ def run_assemble(
 
 def read_history(stage_dir: PathLike) -> List[Dict[str, float]]:
     """The per-step training history saved by :func:`run_training`."""
-    return json.loads((Path(stage_dir) / "history.json").read_text())
+    return json.loads(Path(training_outputs(stage_dir)["history"]).read_text())

@@ -1,6 +1,28 @@
 """Caption-swap accuracy: an image must prefer its own caption over copies with one attribute changed."""
 
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
 import torch
+
+Sample = Dict[str, Any]
+
+
+def set_attribute(sample: Sample, attribute: str, value: Any) -> Sample:
+    """A copy of ``sample`` with the top-level ``attribute`` set to ``value``."""
+    return {**sample, attribute: value}
+
+
+def swapped_captions(
+    sample: Sample,
+    attribute: str,
+    values: Sequence[Any],
+    caption: Callable[[Sample], str],
+    assign: Optional[Callable[[Sample, str, Any], Sample]] = None,
+) -> List[str]:
+    """The options of one caption swap: ``caption`` of ``sample`` with ``attribute`` set to each of ``values``, in
+    order (``assign`` sets it; default :func:`set_attribute`)."""
+    assign = assign or set_attribute
+    return [caption(assign(sample, attribute, value)) for value in values]
 
 
 def caption_swap_accuracy(image_embeds: torch.Tensor, option_embeds: torch.Tensor, labels: torch.Tensor) -> float:

@@ -11,8 +11,16 @@ from torch.utils.data import DataLoader
 from mllm_encoder.data.dataset import build_transforms
 from mllm_encoder.data.images import ImageFileDataset, read_class_folders
 from mllm_encoder.data.preprocess import ClipTextTokenizer
-from mllm_encoder.data.synthetic import ATTRIBUTE_PROMPTS, load_attributes, single_object_labels, swapped_captions
-from mllm_encoder.eval.retrieval import default_context_length, encode_images, encode_texts, eval_mode
+from mllm_encoder.data.synthetic import (
+    ATTRIBUTE_PROMPTS,
+    load_attributes,
+    sample_caption,
+    set_object_attribute,
+    single_object_labels,
+)
+from mllm_encoder.encode import encode_images, encode_texts, eval_mode
+from mllm_encoder.eval.caption_swap import caption_swap_accuracy, swapped_captions
+from mllm_encoder.eval.retrieval import default_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +135,21 @@ def _prompt_accuracy(model, text_tokenizer, data, attribute, image_embeds, promp
 
 
 def _swap_accuracy(model, text_tokenizer, data, attribute, image_embeds, prompt: str) -> Optional[float]:
-    """How often the true caption beats the captions with ``attribute`` swapped to the other values."""
+    """How often the true caption scores strictly above every caption with ``attribute`` swapped to another value
+    (:func:`caption_swap_accuracy`: a tie is a miss)."""
     values = list(data["attributes"][attribute])
     samples = data["samples"]
-    captions = [caption for sample in samples for caption in swapped_captions(sample, attribute, values)]
+    captions = [
+        text
+        for sample in samples
+        for text in swapped_captions(sample, attribute, values, sample_caption, set_object_attribute)
+    ]
     texts = encode_texts(model, captions, text_tokenizer, progress=False).view(len(samples), len(values), -1)
     truth = [
         sample["background"] if attribute == "background" else sample["objects"][0][attribute] for sample in samples
     ]
     labels = torch.tensor([values.index(value) for value in truth])
-    predictions = torch.einsum("nd,nvd->nv", image_embeds, texts).argmax(dim=1)
-    return 100.0 * (predictions == labels).float().mean().item()
+    return caption_swap_accuracy(image_embeds, texts, labels)
 
 
 def per_attribute_accuracy(

@@ -1,28 +1,22 @@
 """Zero-shot image-text retrieval: I2T and T2I Recall@K with any number of captions per image."""
 
-import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from mllm_encoder.data.dataset import ImageTextDataset, build_transforms
 from mllm_encoder.data.images import ImageFileDataset
 from mllm_encoder.data.preprocess import ClipImageTransform, ClipTextTokenizer
 from mllm_encoder.data.retrieval_sets import RetrievalSet, read_retrieval_set
+from mllm_encoder.encode import encode_images, encode_pairs, encode_texts, eval_mode
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (1, 5, 10)
 _CHUNK = 1024  # similarity rows computed at once
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    return next(model.parameters(), torch.empty(0)).device
 
 
 def default_context_length(model: Any, tokenizer: Any, context_length: Optional[int] = None) -> Optional[int]:
@@ -36,59 +30,6 @@ def default_context_length(model: Any, tokenizer: Any, context_length: Optional[
     ]
     limits = [limit for limit in limits if isinstance(limit, int) and limit < 100_000]
     return min(limits) if limits else None
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put ``model`` in eval mode for the block, restoring its training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _features(output: Any) -> torch.Tensor:
-    """Embeddings from ``get_*_features``: a tensor, or (transformers 5) an output with ``pooler_output``."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def _normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(embeddings.float(), dim=-1)
-
-
-@torch.no_grad()
-def encode_images(model: Any, batches: Iterable[Dict[str, torch.Tensor]], progress: bool = True) -> torch.Tensor:
-    """L2-normalised image embeddings ``[N, D]`` (on CPU) of batches holding ``pixel_values``."""
-    device = model_device(model)
-    dtype = next(model.parameters()).dtype
-    chunks = []
-    for batch in tqdm(batches, desc="images", disable=not progress, leave=False):
-        pixels = batch["pixel_values"].to(device=device, dtype=dtype)
-        chunks.append(_normalize(_features(model.get_image_features(pixel_values=pixels))).cpu())
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def encode_texts(
-    model: Any,
-    texts: Sequence[str],
-    text_tokenizer: ClipTextTokenizer,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> torch.Tensor:
-    """L2-normalised text embeddings ``[N, D]`` (on CPU) of captions."""
-    device = model_device(model)
-    chunks = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="texts", disable=not progress, leave=False):
-        tokens = text_tokenizer(texts[start : start + batch_size])
-        output = model.get_text_features(
-            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-        )
-        chunks.append(_normalize(_features(output)).cpu())
-    return torch.cat(chunks)
 
 
 def _recalls(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> Dict[str, float]:
@@ -130,22 +71,6 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
 
-def _paired_batches(model: Any, loader: Iterable, progress: bool):
-    """Embeddings of a loader of collated image-caption batches (pair ``i`` matches ``i``)."""
-    images, texts = [], []
-    device = model_device(model)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="pairs", disable=not progress, leave=False):
-            if batch is None:
-                continue
-            images.append(encode_images(model, [batch], progress=False))
-            output = model.get_text_features(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            )
-            texts.append(_normalize(_features(output)).cpu())
-    return torch.cat(images), torch.cat(texts)
-
-
 def evaluate_retrieval(
     model: Any,
     data: Union[str, os.PathLike, RetrievalSet, ImageTextDataset, Iterable],
@@ -177,7 +102,7 @@ def evaluate_retrieval(
             context_length = default_context_length(model, tokenizer, context_length)
             transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
         else:
-            image_embeds, text_embeds = _paired_batches(model, data, progress)
+            image_embeds, text_embeds = encode_pairs(model, data, progress)
             return retrieval_metrics(image_embeds, text_embeds, torch.arange(len(text_embeds)), ks)
         return _evaluate_set(model, data, transform, text_tokenizer, batch_size, num_workers, ks, progress)
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from mllm_encoder.eval.retrieval import eval_mode, model_device
+from mllm_encoder.encode import eval_mode, model_device
 from mllm_encoder.moe.router import route
 from mllm_encoder.towers import TEXT, TOWERS, VISION
 

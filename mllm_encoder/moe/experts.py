@@ -31,7 +31,7 @@ from transformers.activations import ACT2FN
 
 from mllm_encoder.moe.dispatch import DispatchPlan
 
-BACKENDS = ("auto", "grouped", "loop")
+MATMUL_BACKENDS = ("auto", "grouped", "loop")
 QUICK_GELU_SCALE = 1.702
 
 
@@ -74,8 +74,8 @@ def resolve_backend(backend: str, hidden_states: torch.Tensor, *dims: int, dtype
     CPU      bf16                                                        grouped
     =======  ==========================================================  =======
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"dispatch backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in MATMUL_BACKENDS:
+        raise ValueError(f"dispatch backend must be one of {MATMUL_BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     dtype = dtype if dtype is not None else compute_dtype(hidden_states)

@@ -10,9 +10,12 @@ from mllm_encoder.data.synthetic import (
     SHAPES,
     TEXTURES,
     load_attributes,
-    swapped_captions,
+    sample_caption,
+    set_object_attribute,
     write_shapes_dataset,
 )
+from mllm_encoder.eval import classification
+from mllm_encoder.eval.caption_swap import swapped_captions
 from mllm_encoder.eval.classification import (
     classification_metrics,
     per_attribute_accuracy,
@@ -97,14 +100,27 @@ def test_caption_swap_mode_matches_manual_computation(tiny_moe, tmp_path):
     transform = ClipImageTransform.from_processor(processor)
     hits = 0
     for sample in load_attributes(paths["eval_attributes"])["samples"]:
-        captions = swapped_captions(sample, "shape", SHAPES)
+        captions = swapped_captions(sample, "shape", SHAPES, sample_caption, set_object_attribute)
         assert captions[SHAPES.index(sample["objects"][0]["shape"])] == sample["caption"]
         tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
         with torch.no_grad():
             texts = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             image = model.get_image_features(pixel_values=transform(Image.open(tmp_path / sample["image"]))[None])
         scores = torch.nn.functional.normalize(texts, dim=-1) @ torch.nn.functional.normalize(image, dim=-1)[0]
-        hits += int(scores.argmax()) == SHAPES.index(sample["objects"][0]["shape"])
+        truth = SHAPES.index(sample["objects"][0]["shape"])
+        hits += bool(scores[truth] > torch.cat([scores[:truth], scores[truth + 1 :]]).max())  # a tie is a miss
     assert results["shape"] == pytest.approx(100.0 * hits / 10)
     with pytest.raises(ValueError, match="mode"):
         per_attribute_accuracy(model, processor, tokenizer, paths["eval_attributes"], mode="other")
+
+
+def test_caption_swap_mode_counts_a_tie_as_a_miss(tiny_moe, tmp_path, monkeypatch):
+    model, processor, tokenizer = tiny_moe
+    paths = write_shapes_dataset(tmp_path, 0, 6, image_size=32, seed=2, progress=False)
+    one_embedding = lambda model, texts, *args, **kwargs: torch.ones(len(texts), 4)  # noqa: E731
+    monkeypatch.setattr(classification, "encode_texts", one_embedding)
+    monkeypatch.setattr(classification, "encode_images", lambda *args, **kwargs: torch.ones(6, 4))
+    results = per_attribute_accuracy(
+        model, processor, tokenizer, paths["eval_attributes"], mode="caption", progress=False
+    )
+    assert results == dict.fromkeys(["colour", "shape", "texture", "size", "position", "background", "mean"], 0.0)

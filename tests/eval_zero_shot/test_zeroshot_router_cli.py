@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 
 from mllm_encoder.cli import main
+from mllm_encoder.eval.classification import zero_shot_classify
+from mllm_encoder.eval.retrieval import evaluate_retrieval
 from mllm_encoder.eval.router_analysis import expert_load, format_load_table, plot_expert_load, routing_counts
 
 
@@ -57,7 +59,7 @@ def test_expert_load_rejects_dense_model(tiny_hf_clip_dir):
         expert_load(CLIPModel.from_pretrained(tiny_hf_clip_dir), [], progress=False)
 
 
-def test_cli_retrieval_and_classify(tiny_clip_moe_dir, karpathy_set, class_folder, tmp_path, capsys):
+def test_cli_retrieval_and_classify(tiny_moe, tiny_clip_moe_dir, karpathy_set, class_folder, tmp_path, capsys):
     root, _ = karpathy_set
     out = tmp_path / "out" / "retrieval.json"
     main(
@@ -78,6 +80,9 @@ def test_cli_retrieval_and_classify(tiny_clip_moe_dir, karpathy_set, class_folde
     result = json.loads(out.read_text())
     assert result["num_images"] == 3 and result["num_captions"] == 6 and "i2t_r10" in result
     assert "| i2t R@1 |" in printed and f"{result['t2i_r1']:.2f}" in printed
+    model, image_processor, tokenizer = tiny_moe  # the command's numbers are the library's on the same checkpoint
+    expected = evaluate_retrieval(model, root / "dataset_coco.json", image_processor, tokenizer, progress=False)
+    assert {key: result[key] for key in expected} == pytest.approx(expected)
     (tmp_path / "classes.txt").write_text("blue\ngreen\n# comment\nred\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na {} thing.\n")
     out = tmp_path / "classify.json"
@@ -100,3 +105,8 @@ def test_cli_retrieval_and_classify(tiny_clip_moe_dir, karpathy_set, class_folde
     result = json.loads(out.read_text())
     assert list(result["per_class"]) == ["blue", "green", "red"] and result["num_images"] == 6
     assert "| red |" in capsys.readouterr().out
+    templates = ["a photo of a {}.", "a {} thing."]
+    expected = zero_shot_classify(
+        model, tokenizer, class_folder, ["blue", "green", "red"], templates, image_processor, progress=False
+    )
+    assert {key: result[key] for key in expected} == expected

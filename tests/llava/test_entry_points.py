@@ -23,10 +23,19 @@ def test_cli_chat_answers_about_an_image(tiny_llava_dir, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (40, 30), (200, 20, 20)).save(image)
     args = ["llava_patch.serve.cli", "--model-path", str(tiny_llava_dir), "--image-file", str(image)]
-    args += ["--device", "cpu", "--temperature", "0", "--max-new-tokens", "4"]
-    output = _run(args, stdin="What color is the image?\n")
-    # LLaVA's chat loop: a prompt, the streamed answer, then "exit..." at the end of the input.
-    assert "ASSISTANT:" in output.upper() and output.rstrip().endswith("exit...")
+    args += ["--device", "cpu", "--temperature", "0"]
+
+    def answer(max_new_tokens: int) -> str:
+        output = _run([*args, "--max-new-tokens", str(max_new_tokens)], stdin="What color is the image?\n")
+        # LLaVA's chat loop: a prompt, the streamed answer, then "exit..." at the end of the input.
+        assert "ASSISTANT:" in output.upper() and output.rstrip().endswith("exit...")
+        turn = output[output.upper().index("ASSISTANT:") + len("ASSISTANT:") : output.rstrip().rindex("exit...")]
+        return turn.rsplit("\n", 1)[0]  # the streamed answer, without the next turn's prompt
+
+    short, longer = answer(4), answer(12)
+    # greedy decoding of the model: a non-empty answer, and a longer budget continues the same tokens
+    assert short.strip() and longer.strip() and len(longer) > len(short)
+    assert longer.startswith(short)
 
 
 def test_vqa_loader_entry_point_runs_llava_script():

@@ -1,6 +1,6 @@
 """``clip-moe demo --control-world WORLD``: the stage-level control alone, in a world of the marker generator.
 
-Both worlds are pre-registered in ``docs/dmu.md``; both use :mod:`mllm_encoder.data.marker_world` and, per
+Both worlds are pre-registered in ``docs/dmu.md``; both use :mod:`mllm_encoder.experiments.marker_world` and, per
 seed, MCL stage 1 of the pipeline (one-cluster batches) against the same stage on random batches (the demo's
 control), equal steps, with the demo's base recipe, run config, control and steps:
 
@@ -17,20 +17,19 @@ embeddings, R@1 both ways.
 """
 
 import functools
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
-from mllm_encoder.atomic import PathLike, atomic_write_json
-from mllm_encoder.data.marker_world import ATTRIBUTES, marker_caption, write_marker_split, write_marker_world
+from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.benchmark import Encoder
 from mllm_encoder.dmu.config import config_from_dict
-from mllm_encoder.dmu.demo import (
+from mllm_encoder.dmu.pipeline import cluster_stage, mcl_stage, train_stage
+from mllm_encoder.dmu.resources import load_model
+from mllm_encoder.dmu.run_state import Manifest
+from mllm_encoder.experiments.demo import (
     DEFAULT,
     QUICK,
     DemoSettings,
@@ -40,12 +39,14 @@ from mllm_encoder.dmu.demo import (
     single_threaded,
     train_base,
 )
-from mllm_encoder.dmu.report import compare, seed_statistics
-from mllm_encoder.dmu.resources import load_model
-from mllm_encoder.dmu.run_state import Manifest
-from mllm_encoder.eval.caption_swap import caption_swap_accuracy
-from mllm_encoder.eval.linear_probe import linear_probe_accuracy
-from mllm_encoder.eval.retrieval import eval_mode, retrieval_metrics
+from mllm_encoder.experiments.evaluator import WorldEvaluator, marker_world_evaluator
+from mllm_encoder.experiments.marker_world import (
+    ATTRIBUTES,
+    load_marker_samples,
+    write_marker_split,
+    write_marker_world,
+)
+from mllm_encoder.experiments.report import compare, seed_statistics
 
 METRICS = ("swap_size", "probe_size", "i2t_r1", "t2i_r1")
 MAX_BASE_SWAP_SIZE = 65.0  # gate G1 (pre-registered)
@@ -84,46 +85,6 @@ WORLDS = {
 }
 
 
-class MarkerEvaluator(Encoder):
-    """``swap_size``, ``probe_size``, ``i2t_r1`` and ``t2i_r1`` (percent) on the marker world's held-out pairs.
-
-    The probe is fitted on the first ``probe_train`` training images.
-    """
-
-    def __init__(self, paths: Dict[str, str], processors_dir: PathLike, probe_train: int):
-        super().__init__(processors_dir)
-        root, sizes = Path(paths["image_root"]), ATTRIBUTES["size"]
-        samples = {split: _samples(paths[f"{split}_attributes"]) for split in ("train", "eval")}
-        samples["train"] = samples["train"][:probe_train]
-        self.pixels = {split: self._load_images(root, split_samples) for split, split_samples in samples.items()}
-        self.labels = {split: torch.tensor([sizes.index(s["size"]) for s in samples[split]]) for split in samples}
-        self.tokens = self.text_tokenizer([marker_caption(s) for s in samples["eval"]])
-        self.swap_tokens = self.text_tokenizer(
-            [marker_caption({**s, "size": v}) for s in samples["eval"] for v in sizes]
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
-        with eval_mode(model):
-            images = {split: self._images(model, split) for split in self.pixels}
-            ranks = retrieval_metrics(
-                images["eval"], self._texts(model, self.tokens), torch.arange(len(images["eval"])), ks=(1,)
-            )
-            options = self._texts(model, self.swap_tokens).view(len(images["eval"]), len(ATTRIBUTES["size"]), -1)
-            return {
-                "swap_size": caption_swap_accuracy(images["eval"], options, self.labels["eval"]),
-                "probe_size": linear_probe_accuracy(
-                    images["train"], self.labels["train"], images["eval"], self.labels["eval"], num_classes=2
-                ),
-                "i2t_r1": ranks["i2t_r1"],
-                "t2i_r1": ranks["t2i_r1"],
-            }
-
-
-def _samples(path: str) -> List[Dict[str, Any]]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))["samples"]
-
-
 def size_purity(labels: np.ndarray, sizes: List[str], batch_size: int) -> float:
     """Sample-weighted share of each cluster's majority size, over the clusters that give at least one batch."""
     majority, total = 0, 0
@@ -153,12 +114,13 @@ def _run(out_dir: Path, world: ControlWorld, settings: DemoSettings) -> Dict[str
             out_dir / "data", settings.num_finetune, settings.num_eval, settings.image_size, settings.data_seed
         ),
     )
-    evaluators: List[MarkerEvaluator] = []  # built once, with the first base's processors
+    evaluators: List[WorldEvaluator] = []  # built once, with the first base's processors
 
     def evaluate(model_dir: str) -> Dict[str, Any]:
         if not evaluators:
-            evaluators.append(MarkerEvaluator(data, model_dir, settings.probe_train))
-        return {"metrics": evaluators[0].evaluate(load_model(model_dir))}
+            evaluators.append(marker_world_evaluator(data, model_dir, settings.probe_train))
+        metrics = evaluators[0].evaluate(load_model(model_dir))
+        return {"metrics": {name: metrics[name] for name in METRICS}}
 
     base, train, calibration = _base(step, out_dir, world, settings, data, evaluate, accelerator)
     results: Dict[str, Any] = {"seeds": list(settings.seeds)}
@@ -168,13 +130,13 @@ def _run(out_dir: Path, world: ControlWorld, settings: DemoSettings) -> Dict[str
         return _finish(out_dir, step, results, settings)
     arms: Dict[int, Dict[str, str]] = {}
     purity: Dict[int, float] = {}
-    train_sizes = [sample["size"] for sample in _samples(data["train_attributes"])]
+    train_sizes = [sample["size"] for sample in load_marker_samples(data["train_attributes"])]
     for seed in settings.seeds:
         seed_dir = out_dir / f"seed_{seed}"
         config = config_from_dict(run_config(seed_dir / "run", base, train, settings, seed), f"control seed {seed}")
         stages = step(f"seed_{seed}/control", functools.partial(run_method, config, "control", accelerator))["stages"]
-        arms[seed] = {"cluster": stages["dmu/mcl_1"]["model"], "random": stages["control/train"]["model"]}
-        labels = np.load(stages["dmu/cluster_0"]["labels"])
+        arms[seed] = {"cluster": stages[mcl_stage(1)]["model"], "random": stages[train_stage("control")]["model"]}
+        labels = np.load(stages[cluster_stage(0)]["labels"])
         purity[seed] = size_purity(labels, train_sizes, settings.batch_size)
     base_metrics = step("eval/base", functools.partial(evaluate, str(base)))["metrics"]
     metrics: Dict[int, Dict[str, Dict[str, float]]] = {seed: {} for seed in arms}

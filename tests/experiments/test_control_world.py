@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from mllm_encoder.cli import main
-from mllm_encoder.data.marker_world import (
+from mllm_encoder.experiments import control_world
+from mllm_encoder.experiments.control_world import METRICS, WORLDS, size_purity
+from mllm_encoder.experiments.marker_world import (
     COLOURS,
     MARKER_PIXELS,
     render_marker_world,
     write_marker_split,
     write_marker_world,
 )
-from mllm_encoder.dmu import control_world
-from mllm_encoder.dmu.control_world import METRICS, WORLDS, size_purity
 
 
 def test_marker_world_images_captions_and_determinism(tmp_path):

@@ -9,15 +9,16 @@ only with a given probability (never: the "suppressed-size" control world; seldo
 Everything is deterministic given the seed.
 """
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from mllm_encoder.data.generated_split import write_generated_split
-from mllm_encoder.data.synthetic_world import BANDS, FRAMES, PALETTE, SIZES
+from mllm_encoder.experiments.synthetic_world import BANDS, FRAMES, PALETTE, SIZES
 
 COLOURS = {**PALETTE, **dict(list(BANDS.items())[:6])}  # red ... yellow, orange, purple, pink, cyan, navy, olive
 MARKERS = FRAMES  # white, black, grey, brown
@@ -111,3 +112,8 @@ def write_marker_world(
     paths.update(write_marker_split(out_dir, "train", num_train, image_size, seed))
     paths.update(write_marker_split(out_dir, "eval", num_eval, image_size, seed))
     return paths
+
+
+def load_marker_samples(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """The per-sample attributes of a ``{split}_attributes.json`` written by :func:`write_marker_split`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))["samples"]

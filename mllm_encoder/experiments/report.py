@@ -8,11 +8,12 @@ With one seed nothing is called significant. Every sentence of the verdict is co
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mllm_encoder.atomic import atomic_write_text
+from mllm_encoder.atomic import PathLike, atomic_write_text
+from mllm_encoder.dmu.config import METHODS
 
-METHOD_ORDER = ("base", "finetune", "upcycle", "dmu")
+ROWS = ("base", *(method for method in METHODS if method != "control"))  # the methods table: the base, then each method
 METRICS = (
     "swap_size",
     "swap_light",
@@ -57,7 +58,7 @@ def aggregate_results(seeds: List[int], metrics: Dict[int, Dict[str, Dict[str, f
     experts = {"expert_0": rows("base"), **{f"expert_{s}": rows(f"expert_{s}") for s in range(1, num_experts)}}
     results = {
         "seeds": list(seeds),
-        "methods": {method: rows(method) for method in METHOD_ORDER},
+        "methods": {method: rows(method) for method in ROWS},
         "experts": experts,
         "control": {"cluster": experts["expert_1"], "random": rows("control_random")},
     }
@@ -134,25 +135,6 @@ def _table(rows: Dict[str, Stats], metrics: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def metric_columns(results: Dict[str, Dict[str, float]]) -> List[str]:
-    """Retrieval R@1 both ways, then every per-attribute accuracy (``acc_mean`` last)."""
-    keys = {key for metrics in results.values() for key in metrics}
-    attributes = sorted(key for key in keys if key.startswith("acc_") and key != "acc_mean")
-    return [*[k for k in ("i2t_r1", "t2i_r1") if k in keys], *attributes, *(["acc_mean"] if "acc_mean" in keys else [])]
-
-
-def format_table(results: Dict[str, Dict[str, float]]) -> str:
-    """``clip-moe dmu run``'s table: one row per method, one column per metric (percent), best in bold."""
-    columns = metric_columns(results)
-    names = [c.replace("_r1", " R@1").replace("acc_", "") for c in columns]
-    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
-    best = {c: max(m.get(c, float("-inf")) for m in results.values()) for c in columns}
-    for method, metrics in results.items():
-        cells = [f"**{metrics[c]:.1f}**" if metrics[c] == best[c] else f"{metrics[c]:.1f}" for c in columns]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def format_demo_table(results: Dict[str, Any]) -> str:
     """The headline table of ``results.json`` (methods x headline metrics, mean ± std over seeds)."""
     return _table(results["methods"], HEADLINE)
@@ -181,14 +163,21 @@ def plot_bars(groups: Dict[str, Stats], metrics: Sequence[str], png: Path, ylabe
     figure.savefig(png, dpi=110)
 
 
-def plot_losses(histories: Dict[str, Path], png: Path) -> None:
-    """Contrastive training loss per step of each stage whose ``history.json`` exists."""
+def loss_series(histories: Dict[str, PathLike]) -> Dict[str, Tuple[List[int], List[float]]]:
+    """``{label: (steps, contrastive losses)}`` read from each stage's ``history.json``."""
+    series = {}
+    for label, path in histories.items():
+        history = json.loads(Path(path).read_text())
+        series[label] = ([h["step"] for h in history], [h["contrastive"] for h in history])
+    return series
+
+
+def plot_losses(series: Dict[str, Tuple[List[int], List[float]]], png: Path) -> None:
+    """Contrastive training loss per step, one curve per entry of ``series`` (:func:`loss_series`)."""
     figure = _figure(7, 4)
     axis = figure.subplots()
-    for label, path in histories.items():
-        if path.exists():
-            history = json.loads(path.read_text())
-            axis.plot([h["step"] for h in history], [h["contrastive"] for h in history], label=label)
+    for label, (steps, losses) in series.items():
+        axis.plot(steps, losses, label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("contrastive loss")
     axis.legend(fontsize=7)
@@ -209,25 +198,21 @@ def _router_section(out_dir: Path, plots: Path, loads: Dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def write_report(out_dir: Path, results: Dict[str, Any], timings: Optional[Dict[str, float]] = None) -> Path:
-    """Write ``report.md`` and its plots (``plots/*.png``) into ``out_dir``."""
+def write_report(
+    out_dir: Path,
+    results: Dict[str, Any],
+    timings: Optional[Dict[str, float]] = None,
+    histories: Optional[Dict[str, PathLike]] = None,
+) -> Path:
+    """Write ``report.md`` and its plots (``plots/*.png``) into ``out_dir``; ``histories`` (``{curve label:
+    history.json}``, the paths the run manifest recorded) are the loss curves of the first seed."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     methods, experts, control = results["methods"], results["experts"], results["control"]
     plot_bars(methods, SWAP_BARS, plots / "attributes_methods.png", "caption-swap accuracy (%)")
     plot_bars(experts, SWAP_BARS, plots / "attributes_experts.png", "caption-swap accuracy (%)")
     seed = results["seeds"][0]
-    run = out_dir / f"seed_{seed}" / "run"
-    histories = {f"MCL stage {s}": run / "dmu" / f"mcl_{s}" / "history.json" for s in range(1, len(experts))}
-    histories.update(
-        {
-            "router tuning": run / "dmu" / "route" / "history.json",
-            "control (random batches)": out_dir / f"seed_{seed}" / "control_random" / "history.json",
-            "direct fine-tuning": run / "finetune" / "train" / "history.json",
-            "sparse upcycling": run / "upcycle" / "train" / "history.json",
-        }
-    )
-    plot_losses(histories, plots / "loss_curves.png")
+    plot_losses(loss_series(histories or {}), plots / "loss_curves.png")
     total = sum(timings.values()) if timings else 0.0
     text = "\n\n".join(
         [

@@ -7,12 +7,16 @@ import torch
 from transformers import AutoModel
 
 from mllm_encoder.cli import main
-from mllm_encoder.dmu.demo import QUICK
-from mllm_encoder.dmu.report import METRICS
+from mllm_encoder.experiments import report as report_module
+from mllm_encoder.experiments.demo import QUICK
+from mllm_encoder.experiments.report import METRICS, plot_losses
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
+def test_quick_demo_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    drawn = []
+    spy = lambda series, png: drawn.append(series) or plot_losses(series, png)  # noqa: E731
+    monkeypatch.setattr(report_module, "plot_losses", spy)
     main(["demo", "--quick", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "| dmu |" in printed and "Control, swap_size:" in printed and "report:" in printed
@@ -44,6 +48,23 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert stages["control/train"]["steps"] == stages["dmu/mcl_1"]["steps"] == QUICK.mcl_steps
     demo_steps = json.loads((tmp_path / "demo_manifest.json").read_text())["stages"]
 
+    # the loss plot draws every trained arm of seed 0, each over all of its steps (paths from the run manifest)
+    (series,) = drawn
+    expected = {f"MCL stage {s}": QUICK.mcl_steps for s in range(1, QUICK.num_experts)}
+    expected.update(
+        {
+            "router tuning": QUICK.route_steps,
+            "control (random batches)": QUICK.mcl_steps,
+            "direct fine-tuning": dmu_steps,
+            "sparse upcycling": dmu_steps,
+        }
+    )
+    assert {label: steps for label, (steps, _) in series.items()} == {
+        label: list(range(1, count + 1)) for label, count in expected.items()
+    }
+    assert all(len(losses) == len(steps) and all(v > 0 for v in losses) for steps, losses in series.values())
+    assert stages["control/train"]["history"] == str(tmp_path / "seed_0" / "run" / "control" / "train" / "history.json")
+
     before = (tmp_path / "results.json").read_bytes()
     main(["demo", "--quick", "--out", str(tmp_path)])  # everything is in the manifest: nothing reruns
     assert (tmp_path / "results.json").read_bytes() == before
@@ -60,7 +81,7 @@ def test_configs_demo_yaml_is_the_demo_config_of_seed_0():
     from pathlib import Path
 
     from mllm_encoder.dmu.config import config_from_dict, load_config
-    from mllm_encoder.dmu.demo import DEFAULT, run_config
+    from mllm_encoder.experiments.demo import DEFAULT, run_config
 
     data = {"finetune_train": "runs/demo/data/finetune_train.json"}
     values = run_config(Path("runs/demo/seed_0/run"), Path("runs/demo/base/train/model"), data, DEFAULT, 0)
@@ -68,7 +89,7 @@ def test_configs_demo_yaml_is_the_demo_config_of_seed_0():
 
 
 def test_demo_refuses_a_clip_moe_folder_it_did_not_write(tmp_path):
-    from mllm_encoder.dmu.demo import run_demo
+    from mllm_encoder.experiments.demo import run_demo
 
     mine = tmp_path / "clip-moe" / "notes.txt"
     mine.parent.mkdir()

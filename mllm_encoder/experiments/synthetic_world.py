@@ -25,7 +25,7 @@ Everything is deterministic given the seed.
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -125,12 +125,6 @@ def caption(sample: Dict[str, Any], distribution: str) -> str:
     text += f", {sample['grain']}" if "grain" in mentions else ""
     text += f", in {sample['light']} light" if "light" in mentions else ""
     return text + "."
-
-
-def swapped_captions(sample: Dict[str, Any], attribute: str, distribution: str) -> List[str]:
-    """The caption of ``sample`` with ``attribute`` set to each of its values, in the attribute's value order."""
-    values = (FINETUNE_ATTRIBUTES if distribution == "finetune" else PRETRAIN_ATTRIBUTES)[attribute]
-    return [caption({**sample, attribute: value}, distribution) for value in values]
 
 
 def render(sample: Dict[str, Any], rng: np.random.Generator, size: int = 32) -> Image.Image:

@@ -1,12 +1,12 @@
 """``clip-moe demo``: does DMU do what the paper claims, at CPU scale? (design: ``docs/dmu.md``).
 
-1. write the synthetic world (:mod:`mllm_encoder.data.synthetic_world`): a pretraining distribution for the
+1. write the synthetic world (:mod:`mllm_encoder.experiments.synthetic_world`): a pretraining distribution for the
    base and a fine-tuning distribution whose captions name three hidden attributes the base's seldom mention;
 2. train a tiny CLIP from scratch on the pretraining distribution: the dense base, shared by every seed;
 3. for every seed, on the fine-tuning distribution: DMU (3 MCL stages + router tuning), direct fine-tuning
    and sparse upcycling at equal optimizer steps (``clip-moe dmu run``), and the stage-level control (MCL
    stage 1's recipe on random batches);
-4. evaluate every model and every expert alone (:mod:`mllm_encoder.dmu.benchmark`); write ``results.json``
+4. evaluate every model and every expert alone (:mod:`mllm_encoder.experiments.evaluator`); write ``results.json``
    (mean, std, per seed), ``report.md`` (verdict computed from the numbers, plots), ``timings.json`` and the
    final CLIP-MoE checkpoint (``clip-moe/``, seed 0's DMU model, loadable with ``AutoModel.from_pretrained``).
 
@@ -26,18 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_directory, atomic_write_json
-from mllm_encoder.data.synthetic_world import write_world_dataset
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.benchmark import WorldEvaluator
-from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection, config_from_dict
-from mllm_encoder.dmu.pipeline import run_pipeline
-from mllm_encoder.dmu.report import aggregate_results, write_report
+from mllm_encoder.dmu.config import METHODS, DataSection, RuntimeSection, StageSection, config_from_dict
+from mllm_encoder.dmu.pipeline import ROUTE_STAGE, mcl_stage, run_pipeline, train_stage
 from mllm_encoder.dmu.resources import load_model
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import run_training, train_config
+from mllm_encoder.experiments.evaluator import WorldEvaluator, demo_world_evaluator
+from mllm_encoder.experiments.report import aggregate_results, write_report
+from mllm_encoder.experiments.synthetic_world import write_world_dataset
 
 logger = logging.getLogger(__name__)
-METHODS = ("finetune", "upcycle", "dmu")
 
 
 @dataclass(frozen=True)
@@ -200,11 +199,26 @@ class Steps:
 def _models_of_seed(stages: Dict[str, Any], num_experts: int) -> Dict[str, str]:
     """``{name: model directory}`` of one seed (its run manifest's ``stages``): the methods, each MCL expert
     alone and the control's random arm."""
-    models = {"finetune": stages["finetune/train"]["model"], "upcycle": stages["upcycle/train"]["model"]}
-    models["dmu"] = stages["dmu/route"]["model"]
-    models.update({f"expert_{s}": stages[f"dmu/mcl_{s}"]["model"] for s in range(1, num_experts)})
-    models["control_random"] = stages["control/train"]["model"]
+    models = {"finetune": stages[train_stage("finetune")]["model"], "upcycle": stages[train_stage("upcycle")]["model"]}
+    models["dmu"] = stages[ROUTE_STAGE]["model"]
+    models.update({f"expert_{s}": stages[mcl_stage(s)]["model"] for s in range(1, num_experts)})
+    models["control_random"] = stages[train_stage("control")]["model"]
     return models
+
+
+def loss_histories(stages: Dict[str, Any], num_experts: int) -> Dict[str, str]:
+    """``{curve label: history.json}`` of every training stage of one seed, from its run manifest's ``stages``
+    (what the report's loss plot draws; a manifest written before stages recorded their history has none)."""
+    names = {f"MCL stage {s}": mcl_stage(s) for s in range(1, num_experts)}
+    names.update(
+        {
+            "router tuning": ROUTE_STAGE,
+            "control (random batches)": train_stage("control"),
+            "direct fine-tuning": train_stage("finetune"),
+            "sparse upcycling": train_stage("upcycle"),
+        }
+    )
+    return {label: stages[name]["history"] for label, name in names.items() if "history" in stages[name]}
 
 
 @contextlib.contextmanager
@@ -249,14 +263,16 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
         step("base", lambda: {"model": str(train_base(out_dir / "base", data, settings, accelerator))})["model"]
     )
     models: Dict[int, Dict[str, str]] = {}
+    histories: Dict[str, str] = {}
     for seed in settings.seeds:
         seed_dir = out_dir / f"seed_{seed}"
         values = run_config(seed_dir / "run", base, data, settings, seed)
         atomic_write_json(seed_dir / "run_config.json", values)
         config = config_from_dict(values, f"demo config (seed {seed})")
-        for method in (*METHODS, "control"):
+        for method in METHODS:
             stages = step(f"seed_{seed}/{method}", functools.partial(run_method, config, method, accelerator))
         models[seed] = _models_of_seed(stages["stages"], settings.num_experts)
+        histories = histories or loss_histories(stages["stages"], settings.num_experts)  # the first seed's
     metrics, loads = _evaluate_all(step, data, base, models, settings)
     results = aggregate_results(list(settings.seeds), metrics, settings.num_experts)
     results["router_load"] = loads
@@ -265,7 +281,7 @@ def _run_demo(out_dir: Path, settings: DemoSettings) -> Dict:
     timings = {name: info["seconds"] for name, info in step.manifest.stages.items() if "seconds" in info}
     atomic_write_json(out_dir / "timings.json", timings)
     step("publish", lambda: _publish_checkpoint(Path(models[settings.seeds[0]]["dmu"]), published))
-    write_report(out_dir, results, timings)
+    write_report(out_dir, results, timings, histories)
     return results
 
 
@@ -276,7 +292,7 @@ def _evaluate_all(step: Steps, data, base: Path, models: Dict[int, Dict[str, str
     def evaluate(model_dir: str, with_load: bool = False) -> Callable[[], Dict[str, Any]]:
         def run() -> Dict[str, Any]:
             if not evaluator:
-                evaluator.append(WorldEvaluator(data, base, settings.probe_train))
+                evaluator.append(demo_world_evaluator(data, base, settings.probe_train))
             model = load_model(model_dir)
             result = {"metrics": evaluator[0].evaluate(model)}
             if with_load:

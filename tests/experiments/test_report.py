@@ -2,7 +2,7 @@
 
 import pytest
 
-from mllm_encoder.dmu.report import METRICS, aggregate_results, compare, seed_statistics
+from mllm_encoder.experiments.report import METRICS, aggregate_results, compare, seed_statistics
 
 
 def test_seed_statistics_and_significance_rule():

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from data_helpers import folder_digest
+from data.data_helpers import folder_digest
 
 from mllm_encoder.data import load_image_text_dataset
-from mllm_encoder.data.synthetic_world import (
+from mllm_encoder.eval.caption_swap import swapped_captions
+from mllm_encoder.experiments.synthetic_world import (
     BANDS,
     FINETUNE_ATTRIBUTES,
     FRAMES,
@@ -15,7 +16,6 @@ from mllm_encoder.data.synthetic_world import (
     load_world_attributes,
     render,
     sample_world,
-    swapped_captions,
     write_world_dataset,
 )
 
@@ -68,7 +68,7 @@ def test_captions_name_exactly_their_distribution_attributes():
 
 def test_swapped_captions_change_one_word():
     sample = {**sample_world(np.random.default_rng(3), "finetune"), "size": "medium"}
-    options = swapped_captions(sample, "size", "finetune")
+    options = swapped_captions(sample, "size", FINETUNE_ATTRIBUTES["size"], lambda s: caption(s, "finetune"))
     assert options[FINETUNE_ATTRIBUTES["size"].index("medium")] == caption(sample, "finetune")
     assert options[0].replace("large", "medium") == options[1]
 
