@@ -8,9 +8,11 @@ is imported when a command runs, so that ``clip-moe --help`` starts fast.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from mllm_encoder.dmu.config import (
     KMEANS_BACKENDS,
@@ -113,11 +115,12 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
-    dataset, _ = load_training_data(data, args.model)
+    training = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
-    steps = steps_for(stage, len(dataset), accelerator.num_processes)
+    steps = steps_for(stage, len(training), accelerator.num_processes)
     cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
-    model_dir, history = run_training(load_model(args.model), data, args.model, labels, cfg, args.out, accelerator)
+    model = load_model(args.model)
+    model_dir, history = run_training(model, data, args.model, labels, cfg, args.out, accelerator, training=training)
     if accelerator.is_main_process:
         print(f"{model_dir}: {steps} steps, final loss {history[-1]['loss']:.4f}")
 
@@ -192,37 +195,47 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.report import format_table
 
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
-    _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    for method in methods:
-        run_pipeline(config, method, accelerator)
+    with _logging_to(Path(config.run_dir) / "run.log", accelerator.is_main_process):
+        for method in methods:
+            run_pipeline(config, method, accelerator)
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
         print(format_table(results) if any(results.values()) else f"no evaluation data configured; see {results_path}")
 
 
-def _log_to_file(path: Path, is_main: bool) -> None:
+@contextlib.contextmanager
+def _logging_to(path: Path, is_main: bool) -> Iterator[None]:
+    """Copy the log to ``path`` (main process) while the block runs; the handler is removed and closed after."""
     if not is_main:
+        yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.demo import run_demo as demo
     from mllm_encoder.dmu.report import format_demo_table
 
-    _log_to_file(Path(args.out) / "demo.log", True)
     if args.control_world:
         from mllm_encoder.dmu.control_world import run_control_world
 
-        print("\n".join(run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]))
+        with _logging_to(Path(args.out) / "demo.log", True):
+            verdict = run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]
+        print("\n".join(verdict))
         print(f"\nresults: {Path(args.out) / f'control_{args.control_world}' / 'control.json'}")
         return
-    results = demo(args.out, quick=args.quick)
+    with _logging_to(Path(args.out) / "demo.log", True):
+        results = demo(args.out, quick=args.quick)
     print(format_demo_table(results))
     print("\n".join(results["verdict"]))
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")

@@ -2,6 +2,11 @@
 
 A record is an image path and a caption plus ``source``, the file and record index or line it came from,
 so that every error and every skipped sample can be traced back to its origin.
+
+A dataset keeps its records as a :class:`RecordIndex`: three UTF-8 string columns (image, caption, source),
+each one bytes buffer plus an offsets array, so a process holds 24 bytes of offsets per sample and the
+buffers can be memory-mapped from an index directory (:meth:`RecordIndex.save`, :func:`open_record_index`),
+built once per run and shared by every rank and stage.
 """
 
 import csv
@@ -10,9 +15,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from mllm_encoder.atomic import PathLike
+import numpy as np
+
+from mllm_encoder.atomic import PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +222,152 @@ def read_image_text_records(
     if not records:
         raise ValueError(f"{path}: no image-caption records (an empty training list)")
     return records
+
+
+@dataclass(frozen=True)
+class StringColumn:
+    """Strings stored as one UTF-8 buffer and ``[n + 1]`` offsets: string ``i`` is ``data[offsets[i]:offsets[i+1]]``."""
+
+    offsets: np.ndarray  # int64 [n + 1]
+    data: np.ndarray  # uint8, possibly memory-mapped
+
+    @classmethod
+    def from_strings(cls, strings: Sequence[str]) -> "StringColumn":
+        encoded = [text.encode("utf-8") for text in strings]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(item) for item in encoded], out=offsets[1:])
+        return cls(offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
+
+
+INDEX_META = "meta.json"  # written last: an index directory without it is incomplete
+_COLUMNS = ("image", "caption", "source")
+
+
+class RecordIndex:
+    """The records of a map-style dataset as compact string columns; ``index[i]`` is an :class:`ImageTextRecord`.
+
+    ``stamp`` describes what the index was built from (the data file, its size and modification time, the
+    reader's options); :func:`open_record_index` reuses a saved index only when it matches.
+    """
+
+    def __init__(self, columns: Dict[str, StringColumn], stamp: Optional[Dict[str, Any]] = None) -> None:
+        lengths = {len(column) for column in columns.values()}
+        assert set(columns) == set(_COLUMNS) and len(lengths) == 1, "one string column per field, equally long"
+        self.columns, self.stamp = columns, dict(stamp or {})
+
+    @classmethod
+    def from_records(cls, records: Sequence[ImageTextRecord], stamp: Optional[Dict[str, Any]] = None):
+        """The index of a list of records."""
+        columns = {name: StringColumn.from_strings([getattr(r, name) for r in records]) for name in _COLUMNS}
+        return cls(columns, stamp)
+
+    def __len__(self) -> int:
+        return len(self.columns["image"])
+
+    def __getitem__(self, index: int) -> ImageTextRecord:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        index = index % len(self)
+        return ImageTextRecord(*(self.columns[name][index] for name in _COLUMNS))
+
+    def __iter__(self) -> Iterator[ImageTextRecord]:
+        return (self[i] for i in range(len(self)))
+
+    def caption(self, index: int) -> str:
+        """The caption of record ``index`` (without decoding the image path and source)."""
+        return self.columns["caption"][index]
+
+    def save(self, directory: PathLike) -> Path:
+        """Write the index to ``directory`` (replaced atomically): ``.npy`` arrays and ``meta.json``."""
+        with atomic_directory(directory, overwrite=True) as staging:
+            for name, column in self.columns.items():
+                np.save(staging / f"{name}_offsets.npy", column.offsets)
+                np.save(staging / f"{name}_data.npy", column.data)
+            meta = {"num_records": len(self), "stamp": self.stamp}
+            (staging / INDEX_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: PathLike) -> "RecordIndex":
+        """A saved index, its string buffers memory-mapped (read-only, shared by every process that maps them)."""
+        directory = Path(directory)
+        meta = json.loads((directory / INDEX_META).read_text())
+        columns = {}
+        for name in _COLUMNS:
+            offsets = np.load(directory / f"{name}_offsets.npy")
+            data = np.load(directory / f"{name}_data.npy", mmap_mode="r") if offsets[-1] else np.zeros(0, np.uint8)
+            columns[name] = StringColumn(offsets, data)
+        index = cls(columns, meta["stamp"])
+        if len(index) != meta["num_records"]:
+            raise ValueError(f"{directory}: the index holds {len(index)} records, its {INDEX_META} says otherwise")
+        return index
+
+
+def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
+    """What a record index of ``path`` depends on: its absolute path, size and modification time (a folder: its
+    file count and newest modification time), the format and the reader's ``options``."""
+    path = Path(path)
+    if path.is_dir():
+        times = [entry.stat().st_mtime_ns for entry in path.rglob("*")] + [path.stat().st_mtime_ns]
+        size, mtime_ns = len(times), max(times)
+    else:
+        stat = path.stat()
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    return {"path": str(path.resolve()), "size": size, "mtime_ns": mtime_ns, "format": format, **options}
+
+
+def saved_record_index(directory: PathLike, stamp: Dict[str, Any]) -> Optional[RecordIndex]:
+    """The index saved in ``directory`` when it was built from what ``stamp`` describes, else ``None``."""
+    meta = Path(directory) / INDEX_META
+    if not stamp or not meta.is_file():
+        return None
+    try:
+        saved = json.loads(meta.read_text()).get("stamp")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return RecordIndex.load(directory) if saved == stamp else None
+
+
+def build_record_index(
+    path: PathLike,
+    format: str = "auto",
+    image_root: Optional[PathLike] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
+    index_dir: Optional[PathLike] = None,
+) -> RecordIndex:
+    """The :class:`RecordIndex` of a map-style dataset (see :func:`read_image_text_records` for the arguments).
+
+    With ``index_dir``: an index saved there from the same file and options is reused (memory-mapped);
+    otherwise the records are read, saved there and memory-mapped back. Without it the index lives in memory.
+    """
+    format = detect_format(path) if format == "auto" else format
+    options = dict(image_root=None if image_root is None else os.fspath(image_root), image_column=image_column)
+    options.update(caption_column=caption_column, allow_absolute_paths=allow_absolute_paths)
+    stamp = record_stamp(path, format, **options) if os.path.exists(path) else {}
+    if index_dir is not None:
+        saved = saved_record_index(index_dir, stamp)
+        if saved is not None:
+            logger.info("%s: reusing the record index in %s", path, index_dir)
+            return saved
+    records = read_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
+    index = RecordIndex.from_records(records, stamp)
+    del records
+    if index_dir is None:
+        return index
+    return RecordIndex.load(index.save(index_dir))
+
+
+def index_bytes(index: RecordIndex) -> int:
+    """Bytes of ``index`` a process holds in memory (offsets; memory-mapped buffers excluded)."""
+    resident = 0
+    for column in index.columns.values():
+        resident += column.offsets.nbytes + (0 if isinstance(column.data, np.memmap) else column.data.nbytes)
+    return resident
