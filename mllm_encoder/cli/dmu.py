@@ -1,4 +1,4 @@
-"""``clip-moe dmu {run,extract,cluster,mcl,assemble,route,eval}`` and ``clip-moe demo``.
+"""``clip-moe dmu {run,plan,extract,cluster,mcl,assemble,route,eval}`` and ``clip-moe demo``.
 
 ``run`` drives the whole method from a YAML config (resumable); the other subcommands run one stage each
 on explicit directories, with the same code. Launch any of them with ``accelerate launch`` or ``torchrun``
@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -205,6 +206,17 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         print(format_table(results) if any(results.values()) else f"no evaluation data configured; see {results_path}")
 
 
+def run_plan_command(args: argparse.Namespace) -> None:
+    """``clip-moe dmu plan``: the run's stages, steps, disk and memory from the config and the data index."""
+    config = load_config(args.config)
+    if args.run_dir:
+        config.run_dir = args.run_dir
+
+    from mllm_encoder.dmu.plan import format_plan, plan_run
+
+    print(format_plan(plan_run(config, args.method, args.world_size, where=args.config)))
+
+
 @contextlib.contextmanager
 def _logging_to(path: Path, is_main: bool) -> Iterator[None]:
     """Copy the log to ``path`` (main process) while the block runs; the handler is removed and closed after."""
@@ -303,6 +315,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
     run.set_defaults(func=run_pipeline_command)
+    plan = dmu_commands.add_parser("plan", help="dry run: stages, steps, clusters, disk and memory of a config")
+    plan.add_argument("config", help="YAML config (see configs/)")
+    plan.add_argument("--method", default="dmu", choices=METHODS, help="the method to plan (default dmu)")
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", 1)),
+        help="processes (GPUs) of the run (default: $WORLD_SIZE or 1)",
+    )
+    plan.add_argument("--run-dir", help="override the config's run_dir (its index and labels are read when present)")
+    plan.set_defaults(func=run_plan_command)
     _register_stages(dmu_commands)
 
     evaluate = dmu_commands.add_parser("eval", help="retrieval R@K, per-attribute accuracy, router load")
