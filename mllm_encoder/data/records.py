@@ -9,13 +9,14 @@ buffers can be memory-mapped from an index directory (:meth:`RecordIndex.save`, 
 built once per run and shared by every rank and stage.
 """
 
+import array
 import csv
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -76,27 +77,84 @@ def resolve_image_path(
     return relative if image_root is None else os.path.join(os.fspath(image_root), relative)
 
 
-def load_json_records(path: PathLike) -> List[Any]:
-    """The records of a JSON list file or a JSON-lines file, with errors naming the file and line."""
+JSON_CHUNK = 1 << 22  # characters read at a time when streaming a JSON list
+_JSON_KINDS = {"{": "an object", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def iter_json_records(path: PathLike) -> Iterator[Any]:
+    """The records of a JSON list file or a JSON-lines file, one at a time (a JSON list is decoded element by
+    element, so memory holds one chunk and one record, not the whole file); errors name the file and line."""
     path = Path(path)
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix.lower() == ".jsonl":
             for line_number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        yield json.loads(line)
                     except json.JSONDecodeError as error:
                         raise ValueError(f"{path}: line {line_number}: invalid JSON: {error.msg}") from error
-        return records
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from error
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+            return
+        decoder, text, position, lines_before, at_end = json.JSONDecoder(), "", 0, 0, False
+
+        def more() -> bool:  # drop the decoded text (counting its lines), read the next chunk
+            nonlocal text, position, lines_before, at_end
+            lines_before += text.count("\n", 0, position)
+            chunk = handle.read(JSON_CHUNK)
+            text, position, at_end = text[position:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def fail(message: str, at: int) -> ValueError:
+            return ValueError(f"{path}: line {lines_before + text.count(chr(10), 0, at) + 1}: invalid JSON: {message}")
+
+        more()
+        position = _skip_space(text, 0)
+        if not text[position:]:
+            raise fail("Expecting value", position)
+        if text[position] != "[":
+            kind = _JSON_KINDS.get(text[position], "a number")
+            raise ValueError(f"{path}: expected a JSON list of records, got {kind}")
+        position, first = position + 1, True
+        while True:
+            position = _skip_space(text, position)
+            while position >= len(text) and more():
+                position = _skip_space(text, position)
+            if position >= len(text):
+                raise fail("Expecting ',' delimiter or ']'", position)
+            if text[position] == "]":
+                break
+            if not first:
+                if text[position] != ",":
+                    raise fail("Expecting ',' delimiter", position)
+                position = _skip_space(text, position + 1)
+            while True:  # a record cut by the chunk's end decodes once more text is read
+                try:
+                    record, end = decoder.raw_decode(text, _skip_space(text, position))
+                    if end < len(text) or at_end or not more():  # a number at the text's end may go on
+                        break
+                except json.JSONDecodeError as error:
+                    failure = fail(error.msg, error.pos)  # before more() moves the text
+                    if at_end or not more():
+                        raise failure from error
+            yield record
+            position, first = end, False
+            if position > JSON_CHUNK:
+                more()
+        position = _skip_space(text, position + 1)
+        while position >= len(text) and more():
+            position = _skip_space(text, position)
+        if position < len(text):
+            raise fail("Extra data", position)
+
+
+def load_json_records(path: PathLike) -> List[Any]:
+    """The records of a JSON list file or a JSON-lines file, with errors naming the file and line."""
+    return list(iter_json_records(path))
 
 
 def _sharegpt4v_caption(record: Any, where: str) -> str:
@@ -118,9 +176,16 @@ def read_sharegpt4v(
     ``ValueError`` naming the file and the record index. ``image_root`` defaults to the JSON's folder; see
     :func:`resolve_image_path` for the paths accepted.
     """
+    return list(iter_sharegpt4v(path, image_root, allow_absolute_paths))
+
+
+def iter_sharegpt4v(
+    path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_sharegpt4v`, one at a time."""
     image_root = Path(path).parent if image_root is None else image_root
-    records, text_only = [], 0
-    for index, record in enumerate(load_json_records(path)):
+    text_only = 0
+    for index, record in enumerate(iter_json_records(path)):
         where = f"{path}: record {index}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
@@ -131,10 +196,9 @@ def read_sharegpt4v(
             raise ValueError(f"{where}: 'image' must be a string path, got {type(record['image']).__name__}")
         caption = _sharegpt4v_caption(record, where)
         image = resolve_image_path(record["image"], image_root, where, allow_absolute_paths)
-        records.append(ImageTextRecord(image, caption, where))
+        yield ImageTextRecord(image, caption, where)
     if text_only:
         logger.warning("%s: skipped %d text-only records without an 'image'", path, text_only)
-    return records
 
 
 def read_image_folder(root: PathLike) -> List[ImageTextRecord]:
@@ -178,10 +242,21 @@ def read_table(
     allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
     """Records of a CSV/TSV file with a header row; ``image_root`` defaults to the file's folder."""
+    return list(iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths))
+
+
+def iter_table(
+    path: PathLike,
+    delimiter: Optional[str] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    image_root: Optional[PathLike] = None,
+    allow_absolute_paths: bool = False,
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_table`, one at a time."""
     path = Path(path)
     delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     image_root = path.parent if image_root is None else image_root
-    records = []
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         if not reader.fieldnames:
@@ -196,8 +271,7 @@ def read_table(
             if not image.strip():
                 raise ValueError(f"{where}: empty image path")
             image = resolve_image_path(image.strip(), image_root, where, allow_absolute_paths)
-            records.append(ImageTextRecord(image, caption.strip(), where))
-    return records
+            yield ImageTextRecord(image, caption.strip(), where)
 
 
 def read_image_text_records(
@@ -209,19 +283,32 @@ def read_image_text_records(
     allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
     """Records of a map-style dataset in any supported on-disk format (not webdataset); never empty."""
-    format = detect_format(path) if format == "auto" else format
-    if format == "sharegpt4v":
-        records = read_sharegpt4v(path, image_root, allow_absolute_paths)
-    elif format == "folder":
-        records = read_image_folder(path)
-    elif format in ("csv", "tsv"):
-        delimiter = "\t" if format == "tsv" else ","
-        records = read_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
-    else:
-        raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
+    records = list(
+        iter_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
+    )
     if not records:
         raise ValueError(f"{path}: no image-caption records (an empty training list)")
     return records
+
+
+def iter_image_text_records(
+    path: PathLike,
+    format: str = "auto",
+    image_root: Optional[PathLike] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_image_text_records`, one at a time (possibly none)."""
+    format = detect_format(path) if format == "auto" else format
+    if format == "sharegpt4v":
+        return iter_sharegpt4v(path, image_root, allow_absolute_paths)
+    if format == "folder":
+        return iter(read_image_folder(path))
+    if format in ("csv", "tsv"):
+        delimiter = "\t" if format == "tsv" else ","
+        return iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
+    raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
 
 
 @dataclass(frozen=True)
@@ -230,13 +317,6 @@ class StringColumn:
 
     offsets: np.ndarray  # int64 [n + 1]
     data: np.ndarray  # uint8, possibly memory-mapped
-
-    @classmethod
-    def from_strings(cls, strings: Sequence[str]) -> "StringColumn":
-        encoded = [text.encode("utf-8") for text in strings]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(item) for item in encoded], out=offsets[1:])
-        return cls(offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -262,9 +342,19 @@ class RecordIndex:
         self.columns, self.stamp = columns, dict(stamp or {})
 
     @classmethod
-    def from_records(cls, records: Sequence[ImageTextRecord], stamp: Optional[Dict[str, Any]] = None):
-        """The index of a list of records."""
-        columns = {name: StringColumn.from_strings([getattr(r, name) for r in records]) for name in _COLUMNS}
+    def from_records(cls, records: Iterable[ImageTextRecord], stamp: Optional[Dict[str, Any]] = None):
+        """The index of records (a list or a stream: only the encoded strings are accumulated)."""
+        data = {name: bytearray() for name in _COLUMNS}
+        ends: Dict[str, array.array] = {name: array.array("q") for name in _COLUMNS}
+        for record in records:
+            for name in _COLUMNS:
+                data[name] += getattr(record, name).encode("utf-8")
+                ends[name].append(len(data[name]))
+        columns = {}
+        for name in _COLUMNS:
+            offsets = np.zeros(len(ends[name]) + 1, dtype=np.int64)
+            offsets[1:] = np.frombuffer(ends[name], dtype=np.int64) if len(ends[name]) else 0
+            columns[name] = StringColumn(offsets, np.frombuffer(bytes(data[name]), dtype=np.uint8))
         return cls(columns, stamp)
 
     def __len__(self) -> int:
@@ -357,9 +447,10 @@ def build_record_index(
         if saved is not None:
             logger.info("%s: reusing the record index in %s", path, index_dir)
             return saved
-    records = read_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
+    records = iter_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
     index = RecordIndex.from_records(records, stamp)
-    del records
+    if not len(index):
+        raise ValueError(f"{path}: no image-caption records (an empty training list)")
     if index_dir is None:
         return index
     return RecordIndex.load(index.save(index_dir))

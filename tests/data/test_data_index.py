@@ -41,8 +41,8 @@ def test_a_saved_record_index_is_reused_and_rebuilt_when_the_data_changes(tmp_pa
     data = _sharegpt4v(tmp_path / "train.json", 20)
     build_record_index(data, index_dir=tmp_path / "index")
     reads = []
-    original = records_module.read_image_text_records
-    monkeypatch.setattr(records_module, "read_image_text_records", lambda *a: reads.append(a) or original(*a))
+    original = records_module.iter_image_text_records
+    monkeypatch.setattr(records_module, "iter_image_text_records", lambda *a: reads.append(a) or original(*a))
     assert len(build_record_index(data, index_dir=tmp_path / "index")) == 19 and reads == []
     assert len(build_record_index(data, image_root="elsewhere", index_dir=tmp_path / "index")) == 19
     assert len(reads) == 1  # another option: read again
@@ -106,3 +106,23 @@ def test_a_changed_shard_is_indexed_again(tmp_path):
     assert build_shard_index(shards, tmp_path / "index") == [shards[1]]
     dataset = webdataset_module.TarShardDataset(shards, None, None, index_dir=tmp_path / "index")
     assert len(dataset) == 4 and dataset.indices[1].key(0) == "0099"
+
+
+def test_a_json_list_is_streamed_record_by_record_across_chunk_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(records_module, "JSON_CHUNK", 7)  # every record crosses a chunk's end
+    rng = np.random.default_rng(0)
+    for case in range(100):
+        data = [
+            {"image": f"a{i}.jpg", "n": int(rng.integers(10**6)), "conversations": [{"value": "é\n" * i}]}
+            for i in range(int(rng.integers(13)))
+        ] + [123456789, [1, 22, 333]]
+        text = json.dumps(data, indent=[None, 1, 2][case % 3])
+        (tmp_path / "x.json").write_text(text + ["", "\n", "  \n"][case % 3])
+        assert records_module.load_json_records(tmp_path / "x.json") == data
+    for broken, line in [('[\n{"a": 1},\n{"b": }\n]', 3), ("[1, 2\n", 2), ("[1,]", 1), ("[1] 2", 1), ("[1\n 2]", 2)]:
+        (tmp_path / "x.json").write_text(broken)
+        with pytest.raises(ValueError, match=f"x.json: line {line}: invalid JSON"):
+            records_module.load_json_records(tmp_path / "x.json")
+    (tmp_path / "x.json").write_text('{"image": "a.jpg"}')
+    with pytest.raises(ValueError, match="x.json: expected a JSON list of records, got an object"):
+        records_module.load_json_records(tmp_path / "x.json")
