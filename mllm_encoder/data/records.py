@@ -10,13 +10,16 @@ built once per run and shared by every rank and stage.
 """
 
 import array
+import contextlib
 import csv
+import io
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -311,6 +314,9 @@ def iter_image_text_records(
     raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
 
 
+_COLUMNS = ("image", "caption", "source")
+
+
 @dataclass(frozen=True)
 class StringColumn:
     """Strings stored as one UTF-8 buffer and ``[n + 1]`` offsets: string ``i`` is ``data[offsets[i]:offsets[i+1]]``."""
@@ -325,8 +331,18 @@ class StringColumn:
         return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
 
 
+def _write_columns(records: Iterable[ImageTextRecord], sinks: Dict[str, BinaryIO]) -> Dict[str, np.ndarray]:
+    """Append each record's fields (UTF-8) to the column sinks; returns each column's ``[n + 1]`` offsets."""
+    ends = {name: array.array("q", [0]) for name in _COLUMNS}
+    for record in records:
+        for name in _COLUMNS:
+            encoded = getattr(record, name).encode("utf-8")
+            sinks[name].write(encoded)
+            ends[name].append(ends[name][-1] + len(encoded))
+    return {name: np.frombuffer(ends[name], dtype=np.int64).copy() for name in _COLUMNS}
+
+
 INDEX_META = "meta.json"  # written last: an index directory without it is incomplete
-_COLUMNS = ("image", "caption", "source")
 
 
 class RecordIndex:
@@ -343,19 +359,43 @@ class RecordIndex:
 
     @classmethod
     def from_records(cls, records: Iterable[ImageTextRecord], stamp: Optional[Dict[str, Any]] = None):
-        """The index of records (a list or a stream: only the encoded strings are accumulated)."""
-        data = {name: bytearray() for name in _COLUMNS}
-        ends: Dict[str, array.array] = {name: array.array("q") for name in _COLUMNS}
-        for record in records:
+        """The index of records (a list or a stream), in memory."""
+        sinks = {name: io.BytesIO() for name in _COLUMNS}
+        offsets = _write_columns(records, sinks)
+        data = {name: np.frombuffer(sink.getbuffer(), dtype=np.uint8) for name, sink in sinks.items()}
+        return cls({name: StringColumn(offsets[name], data[name]) for name in _COLUMNS}, stamp)
+
+    @classmethod
+    def write(
+        cls, records: Iterable[ImageTextRecord], directory: PathLike, stamp: Optional[Dict[str, Any]] = None
+    ) -> "RecordIndex":
+        """Write the index of records (a list or a stream) to ``directory`` (replaced atomically) as they come,
+        so memory holds only the offsets; returns it memory-mapped (:meth:`load`)."""
+        with atomic_directory(directory, overwrite=True) as staging:
+            with contextlib.ExitStack() as files:
+                sinks = {name: files.enter_context(open(staging / f"{name}_data.bin", "wb")) for name in _COLUMNS}
+                offsets = _write_columns(records, sinks)
             for name in _COLUMNS:
-                data[name] += getattr(record, name).encode("utf-8")
-                ends[name].append(len(data[name]))
+                np.save(staging / f"{name}_offsets.npy", offsets[name])
+            meta = {"num_records": len(offsets["image"]) - 1, "stamp": dict(stamp or {})}
+            (staging / INDEX_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: PathLike) -> "RecordIndex":
+        """A saved index, its string buffers memory-mapped (read-only, shared by every process that maps them)."""
+        directory = Path(directory)
+        meta = json.loads((directory / INDEX_META).read_text())
         columns = {}
         for name in _COLUMNS:
-            offsets = np.zeros(len(ends[name]) + 1, dtype=np.int64)
-            offsets[1:] = np.frombuffer(ends[name], dtype=np.int64) if len(ends[name]) else 0
-            columns[name] = StringColumn(offsets, np.frombuffer(bytes(data[name]), dtype=np.uint8))
-        return cls(columns, stamp)
+            offsets = np.load(directory / f"{name}_offsets.npy")
+            path = directory / f"{name}_data.bin"
+            data = np.memmap(path, dtype=np.uint8, mode="r") if offsets[-1] else np.zeros(0, np.uint8)
+            columns[name] = StringColumn(offsets, data)
+        index = cls(columns, meta["stamp"])
+        if len(index) != meta["num_records"]:
+            raise ValueError(f"{directory}: the index holds {len(index)} records, its {INDEX_META} says otherwise")
+        return index
 
     def __len__(self) -> int:
         return len(self.columns["image"])
@@ -372,31 +412,6 @@ class RecordIndex:
     def caption(self, index: int) -> str:
         """The caption of record ``index`` (without decoding the image path and source)."""
         return self.columns["caption"][index]
-
-    def save(self, directory: PathLike) -> Path:
-        """Write the index to ``directory`` (replaced atomically): ``.npy`` arrays and ``meta.json``."""
-        with atomic_directory(directory, overwrite=True) as staging:
-            for name, column in self.columns.items():
-                np.save(staging / f"{name}_offsets.npy", column.offsets)
-                np.save(staging / f"{name}_data.npy", column.data)
-            meta = {"num_records": len(self), "stamp": self.stamp}
-            (staging / INDEX_META).write_text(json.dumps(meta, indent=2) + "\n")
-        return Path(directory)
-
-    @classmethod
-    def load(cls, directory: PathLike) -> "RecordIndex":
-        """A saved index, its string buffers memory-mapped (read-only, shared by every process that maps them)."""
-        directory = Path(directory)
-        meta = json.loads((directory / INDEX_META).read_text())
-        columns = {}
-        for name in _COLUMNS:
-            offsets = np.load(directory / f"{name}_offsets.npy")
-            data = np.load(directory / f"{name}_data.npy", mmap_mode="r") if offsets[-1] else np.zeros(0, np.uint8)
-            columns[name] = StringColumn(offsets, data)
-        index = cls(columns, meta["stamp"])
-        if len(index) != meta["num_records"]:
-            raise ValueError(f"{directory}: the index holds {len(index)} records, its {INDEX_META} says otherwise")
-        return index
 
 
 def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
@@ -448,12 +463,13 @@ def build_record_index(
             logger.info("%s: reusing the record index in %s", path, index_dir)
             return saved
     records = iter_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
-    index = RecordIndex.from_records(records, stamp)
-    if not len(index):
+    first = next(records, None)  # the file opens and its first record reads before anything is written
+    if first is None:
         raise ValueError(f"{path}: no image-caption records (an empty training list)")
+    records = itertools.chain([first], records)
     if index_dir is None:
-        return index
-    return RecordIndex.load(index.save(index_dir))
+        return RecordIndex.from_records(records, stamp)
+    return RecordIndex.write(records, index_dir, stamp)
 
 
 def index_bytes(index: RecordIndex) -> int:
