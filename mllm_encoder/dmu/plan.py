@@ -11,6 +11,7 @@ A config that cannot run (no cluster reaches one global batch) is refused with o
 """
 
 import dataclasses
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ class RunPlan:
 
 def count_samples(config: RunConfig) -> int:
     """The training set's size from its index: the run's (``run_dir/data_index``) when it is there, else one
-    built in memory and discarded (nothing is written)."""
+    built in a temporary directory (records) or in memory (tar shards) and discarded."""
     data, index_dir = config.data, Path(config.run_dir) / DATA_INDEX
     fmt = data_format(data)
     if fmt not in INDEXED_FORMATS:
@@ -79,11 +80,10 @@ def count_samples(config: RunConfig) -> int:
         if fmt == "webdataset":
             shards_dir = index_dir / "shards"
             return len(TarShardDataset(expand_shards(data.train), None, None, index_dir=_existing(shards_dir)))
-        records_dir = _existing(index_dir / "records")
-        index = build_record_index(
-            data.train, fmt, data.image_root, allow_absolute_paths=data.allow_absolute_paths, index_dir=records_dir
-        )
-        return len(index)
+        with tempfile.TemporaryDirectory() as scratch:  # the strings stream to disk, not into memory
+            records_dir = _existing(index_dir / "records") or Path(scratch) / "records"
+            options = dict(allow_absolute_paths=data.allow_absolute_paths, index_dir=records_dir)
+            return len(build_record_index(data.train, fmt, data.image_root, **options))
     except OSError as error:
         raise ValueError(f"data.train: cannot open {data.train} ({error.strerror or error})") from error
 
