@@ -304,7 +304,8 @@ def test_two_runs_in_one_process_share_no_dataset_counters_or_log_handlers(
         runs.append(handed_out[:])
         handed_out.clear()
         handlers.append(list(logging.getLogger().handlers))
-        assert not any(isinstance(handler, logging.FileHandler) for handler in handlers[-1])  # run.log's is removed
+        run_logs = [h for h in handlers[-1] if getattr(h, "baseFilename", "").endswith("run.log")]
+        assert not run_logs  # the run removed the run.log handler it added
     assert handlers[0] == handlers[1]  # (the entry point's logging.basicConfig handler, added once, stays)
     first, second = runs
     assert len(first) == len(second) == 3  # extract_0, mcl_1 and the control's training: one dataset per run
@@ -316,5 +317,5 @@ def test_two_runs_in_one_process_share_no_dataset_counters_or_log_handlers(
     last = second[-1][0]  # after the control's training: only that stage's bad samples are listed
     assert len(last.bad_samples) == last.num_bad == second[-1][2].num_bad < 2 * len(bad)
     first_log, second_log = (tmp_path / name / "run.log" for name in ("first", "second"))
-    assert str(tmp_path / "second") not in first_log.read_text()
-    assert "dmu/mcl_1: running" in second_log.read_text() and str(tmp_path / "first") not in second_log.read_text()
+    for log, stages in ((first_log, first), (second_log, second)):  # each bad sample warned once, in its run's log
+        assert log.read_text().count("skipping sample") == sum(collator.num_bad for _, _, collator in stages) >= 4
