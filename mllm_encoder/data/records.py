@@ -5,8 +5,8 @@ so that every error and every skipped sample can be traced back to its origin.
 
 A dataset keeps its records as a :class:`RecordIndex`: three UTF-8 string columns (image, caption, source),
 each one bytes buffer plus an offsets array, so a process holds 24 bytes of offsets per sample and the
-buffers can be memory-mapped from an index directory (:meth:`RecordIndex.save`, :func:`open_record_index`),
-built once per run and shared by every rank and stage.
+buffers can be memory-mapped from an index directory (:func:`build_record_index`), built once per run and
+shared by every rank and stage.
 """
 
 import array
@@ -349,7 +349,7 @@ class RecordIndex:
     """The records of a map-style dataset as compact string columns; ``index[i]`` is an :class:`ImageTextRecord`.
 
     ``stamp`` describes what the index was built from (the data file, its size and modification time, the
-    reader's options); :func:`open_record_index` reuses a saved index only when it matches.
+    reader's options); :func:`build_record_index` reuses a saved index only when it matches.
     """
 
     def __init__(self, columns: Dict[str, StringColumn], stamp: Optional[Dict[str, Any]] = None) -> None:
@@ -416,7 +416,8 @@ class RecordIndex:
 
 def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
     """What a record index of ``path`` depends on: its absolute path, size and modification time (a folder: its
-    file count and newest modification time), the format and the reader's ``options``."""
+    file count and newest modification time), the format, the reader's ``options`` and the working directory
+    (relative image paths are kept relative to it)."""
     path = Path(path)
     if path.is_dir():
         times = [entry.stat().st_mtime_ns for entry in path.rglob("*")] + [path.stat().st_mtime_ns]
@@ -424,7 +425,8 @@ def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
     else:
         stat = path.stat()
         size, mtime_ns = stat.st_size, stat.st_mtime_ns
-    return {"path": str(path.resolve()), "size": size, "mtime_ns": mtime_ns, "format": format, **options}
+    stamp = {"path": str(path.resolve()), "size": size, "mtime_ns": mtime_ns, "format": format, **options}
+    return {**stamp, "cwd": os.getcwd()}
 
 
 def saved_record_index(directory: PathLike, stamp: Dict[str, Any]) -> Optional[RecordIndex]:
