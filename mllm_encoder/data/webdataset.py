@@ -453,7 +453,7 @@ def build_shard_index(
     for shard in expand_shards(shards)[rank::world_size]:
         if _is_url(shard):
             raise ValueError(f"random access (DMU training) needs local .tar shards, got {shard!r}")
-        if saved_shard_index(shard, index_dir) is None:
+        if not os.path.isfile(_index_files(shard, index_dir)[1]):
             save_shard_index(shard, index_shard(shard), index_dir)
             indexed.append(shard)
     return indexed
