@@ -126,3 +126,38 @@ def test_a_json_list_is_streamed_record_by_record_across_chunk_ends(tmp_path, mo
     (tmp_path / "x.json").write_text('{"image": "a.jpg"}')
     with pytest.raises(ValueError, match="x.json: expected a JSON list of records, got an object"):
         records_module.load_json_records(tmp_path / "x.json")
+
+
+class _Rank:
+    """The accelerator of one of two processes, its collectives replaced by what the other rank sends."""
+
+    def __init__(self, rank, other_error):
+        self.process_index, self.num_processes, self.other_error, self.waited = rank, 2, other_error, False
+
+    def gather(self, objects):
+        return objects + [self.other_error] if self.process_index == 0 else [self.other_error] + objects
+
+    def wait_for_everyone(self):
+        self.waited = True
+
+
+def test_a_build_error_on_one_rank_is_raised_on_every_rank(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    from mllm_encoder.dmu.config import DataSection
+    from mllm_encoder.dmu.resources import build_data_index
+
+    (tmp_path / "broken.json").write_text('[{"image": "a.jpg", "conversations": [}]')
+    data = DataSection(train=str(tmp_path / "broken.json"))
+    message = f"{tmp_path / 'broken.json'}: line 1: invalid JSON"
+    rank0, rank1 = _Rank(0, None), _Rank(1, message)
+    for rank in (rank0, rank1):  # rank 0 reads the file and fails; rank 1 reads nothing and learns of it
+        monkeypatch.setattr(accelerate.utils, "gather_object", rank.gather)
+        with pytest.raises(ValueError, match="broken.json: line 1: invalid JSON"):
+            build_data_index(data, tmp_path / "index", rank)
+    assert not (tmp_path / "index").exists() and not rank0.waited and not rank1.waited
+    good = _sharegpt4v(tmp_path / "good.json", 10)
+    monkeypatch.setattr(accelerate.utils, "gather_object", rank1.gather)
+    rank1.other_error = None
+    build_data_index(DataSection(train=str(good)), tmp_path / "index", rank1)
+    assert rank1.waited and not (tmp_path / "index").exists()  # only the main process writes a record index
