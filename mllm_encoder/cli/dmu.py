@@ -1,4 +1,4 @@
-"""``clip-moe dmu {run,extract,cluster,mcl,assemble,route,eval}`` and ``clip-moe demo``.
+"""``clip-moe dmu {run,plan,extract,cluster,mcl,assemble,route,eval}`` and ``clip-moe demo``.
 
 ``run`` drives the whole method from a YAML config (resumable); the other subcommands run one stage each
 on explicit directories, with the same code. Launch any of them with ``accelerate launch`` or ``torchrun``
@@ -8,9 +8,12 @@ is imported when a command runs, so that ``clip-moe --help`` starts fast.
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Iterator
 
 from mllm_encoder.cli.model import add_assemble_arguments
 from mllm_encoder.dmu.config import (
@@ -114,11 +117,12 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
-    dataset, _ = load_training_data(data, args.model)
+    training = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
-    steps = steps_for(stage, len(dataset), accelerator.num_processes)
+    steps = steps_for(stage, len(training), accelerator.num_processes)
     cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
-    model_dir, history = run_training(load_model(args.model), data, args.model, labels, cfg, args.out, accelerator)
+    model = load_model(args.model)
+    model_dir, history = run_training(model, data, args.model, labels, cfg, args.out, accelerator, training=training)
     if accelerator.is_main_process:
         print(f"{model_dir}: {steps} steps, final loss {history[-1]['loss']:.4f}")
 
@@ -193,10 +197,10 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
 
     check_run_inputs(config)  # the base model and the data, before run_dir/run.log is written
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
-    _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    for method in methods:
-        run_pipeline(config, method, accelerator)
+    with _logging_to(Path(config.run_dir) / "run.log", accelerator.is_main_process):
+        for method in methods:
+            run_pipeline(config, method, accelerator)
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
@@ -204,27 +208,48 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         print(format_results_table(results) if any(results.values()) else empty)
 
 
-def _log_to_file(path: Path, is_main: bool) -> None:
+def run_plan_command(args: argparse.Namespace) -> None:
+    """``clip-moe dmu plan``: the run's stages, steps, disk and memory from the config and the data index."""
+    config = load_config(args.config)
+    if args.run_dir:
+        config.run_dir = args.run_dir
+
+    from mllm_encoder.dmu.plan import format_plan, plan_run
+
+    print(format_plan(plan_run(config, args.method, args.world_size, where=args.config)))
+
+
+@contextlib.contextmanager
+def _logging_to(path: Path, is_main: bool) -> Iterator[None]:
+    """Copy the log to ``path`` (main process) while the block runs; the handler is removed and closed after."""
     if not is_main:
+        yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.experiments.demo import run_demo as demo
     from mllm_encoder.experiments.report import format_demo_table
 
-    _log_to_file(Path(args.out) / "demo.log", True)
     if args.control_world:
         from mllm_encoder.experiments.control_world import run_control_world
 
-        print("\n".join(run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]))
+        with _logging_to(Path(args.out) / "demo.log", True):
+            verdict = run_control_world(args.out, args.control_world, quick=args.quick)["verdict"]
+        print("\n".join(verdict))
         print(f"\nresults: {Path(args.out) / f'control_{args.control_world}' / 'control.json'}")
         return
-    results = demo(args.out, quick=args.quick)
+    with _logging_to(Path(args.out) / "demo.log", True):
+        results = demo(args.out, quick=args.quick)
     print(format_demo_table(results))
     print("\n".join(results["verdict"]))
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
@@ -289,6 +314,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
     run.set_defaults(func=run_pipeline_command)
+    plan = dmu_commands.add_parser("plan", help="dry run: stages, steps, clusters, disk and memory of a config")
+    plan.add_argument("config", help="YAML config (see configs/)")
+    plan.add_argument("--method", default="dmu", choices=METHODS, help="the method to plan (default dmu)")
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", 1)),
+        help="processes (GPUs) of the run (default: $WORLD_SIZE or 1)",
+    )
+    plan.add_argument("--run-dir", help="override the config's run_dir (its index and labels are read when present)")
+    plan.set_defaults(func=run_plan_command)
     _register_stages(dmu_commands)
 
     evaluate = dmu_commands.add_parser("eval", help="retrieval R@K, per-attribute accuracy, router load")

@@ -10,9 +10,16 @@ from mllm_encoder.data.dataset import (
     build_transforms,
 )
 from mllm_encoder.data.preprocess import ClipImageTransform, ClipTextTokenizer, resolve_context_length
-from mllm_encoder.data.records import FORMATS, ImageTextRecord, detect_format, read_image_text_records
+from mllm_encoder.data.records import (
+    FORMATS,
+    ImageTextRecord,
+    RecordIndex,
+    build_record_index,
+    detect_format,
+    read_image_text_records,
+)
 from mllm_encoder.data.retrieval_sets import read_karpathy_records
-from mllm_encoder.data.webdataset import TarShardDataset, WebDatasetImageText, expand_shards
+from mllm_encoder.data.webdataset import TarShardDataset, WebDatasetImageText, build_shard_index, expand_shards
 
 
 def load_image_text_dataset(
@@ -27,6 +34,7 @@ def load_image_text_dataset(
     split: Optional[str] = "test",
     random_access: bool = False,
     allow_absolute_paths: bool = False,
+    index_dir: Optional[Union[str, os.PathLike]] = None,
     **webdataset_kwargs: Any,
 ) -> Union[ImageTextDataset, WebDatasetImageText, TarShardDataset]:
     """Load an image-caption dataset preprocessed for a CLIP checkpoint.
@@ -40,6 +48,8 @@ def load_image_text_dataset(
     checkpoint's tokenizer; captions are padded/truncated to ``context_length`` (default: the
     tokenizer's ``model_max_length``). Image paths are relative to ``image_root`` (default: the file's
     folder) and may not leave it; ``allow_absolute_paths`` accepts absolute paths in the data file.
+    ``index_dir``: where the index of a map-style dataset (records, or tar-shard member offsets) is saved
+    and reused (see :func:`build_record_index`, :func:`build_shard_index`); default: kept in memory.
     """
     format = detect_format(path) if format == "auto" else format
     if format not in FORMATS:
@@ -47,15 +57,15 @@ def load_image_text_dataset(
     transform, text_tokenizer = build_transforms(image_processor, tokenizer, context_length)
     if format == "webdataset":
         if random_access:
-            return TarShardDataset(path, transform, text_tokenizer, **webdataset_kwargs)
+            return TarShardDataset(path, transform, text_tokenizer, index_dir=index_dir, **webdataset_kwargs)
         return WebDatasetImageText(path, transform, text_tokenizer, **webdataset_kwargs)
     if webdataset_kwargs:
         raise ValueError(f"unexpected arguments for format {format!r}: {sorted(webdataset_kwargs)}")
     if format == "karpathy":
         records = read_karpathy_records(path, split, image_root)
     else:
-        records = read_image_text_records(
-            path, format, image_root, image_column, caption_column, allow_absolute_paths=allow_absolute_paths
+        records = build_record_index(
+            path, format, image_root, image_column, caption_column, allow_absolute_paths, index_dir
         )
     return ImageTextDataset(records, transform, text_tokenizer)
 
@@ -67,8 +77,11 @@ __all__ = [
     "ImageTextCollator",
     "ImageTextDataset",
     "ImageTextRecord",
+    "RecordIndex",
     "TarShardDataset",
     "WebDatasetImageText",
+    "build_record_index",
+    "build_shard_index",
     "build_transforms",
     "detect_format",
     "expand_shards",

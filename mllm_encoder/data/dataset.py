@@ -1,14 +1,14 @@
 """Map-style image-caption dataset, the bad-sample-aware collator and ``load_image_text_dataset``."""
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mllm_encoder.data.preprocess import ClipImageTransform, ClipTextTokenizer
-from mllm_encoder.data.records import ImageTextRecord
+from mllm_encoder.data.records import ImageTextRecord, RecordIndex
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,10 @@ class BadSampleLog:
     """Counts bad samples and remembers the first ones (index, source, reason) for error messages."""
 
     def __init__(self) -> None:
+        self.reset_bad_samples()
+
+    def reset_bad_samples(self) -> None:
+        """Forget the bad samples counted so far (a new stage of a run counts its own)."""
         self.num_bad = 0
         self.bad_samples: List[Tuple[int, str, str]] = []
 
@@ -60,12 +64,18 @@ class ImageTextDataset(Dataset, BadSampleLog):
 
     ``dataset[i]`` is a sample dict whose ``index`` is ``i`` (``records[i].source`` names the file and
     record it came from), or ``None`` when the image is missing/corrupt or the caption empty; such
-    samples are counted in ``num_bad`` and listed in ``bad_samples`` (per process).
+    samples are counted in ``num_bad`` and listed in ``bad_samples`` (per process). The records are kept
+    as a compact :class:`RecordIndex` (a list of records is converted).
     """
 
-    def __init__(self, records: Sequence[ImageTextRecord], transform: Callable, text_tokenizer: ClipTextTokenizer):
+    def __init__(
+        self,
+        records: Union[RecordIndex, Sequence[ImageTextRecord]],
+        transform: Callable,
+        text_tokenizer: ClipTextTokenizer,
+    ):
         BadSampleLog.__init__(self)
-        self.records = list(records)
+        self.records = records if isinstance(records, RecordIndex) else RecordIndex.from_records(records)
         self.transform = transform
         self.text_tokenizer = text_tokenizer
 
@@ -75,7 +85,7 @@ class ImageTextDataset(Dataset, BadSampleLog):
     @property
     def captions(self) -> List[str]:
         """The caption of every sample, in index order."""
-        return [record.caption for record in self.records]
+        return [self.records.caption(i) for i in range(len(self.records))]
 
     def __getitem__(self, index: int) -> Optional[Sample]:
         record = self.records[index]

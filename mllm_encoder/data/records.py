@@ -2,17 +2,28 @@
 
 A record is an image path and a caption plus ``source``, the file and record index or line it came from,
 so that every error and every skipped sample can be traced back to its origin.
+
+A dataset keeps its records as a :class:`RecordIndex`: three UTF-8 string columns (image, caption, source),
+each one bytes buffer plus an offsets array, so a process holds 24 bytes of offsets per sample and the
+buffers can be memory-mapped from an index directory (:func:`build_record_index`), built once per run and
+shared by every rank and stage.
 """
 
+import array
+import contextlib
 import csv
+import io
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from mllm_encoder.atomic import PathLike
+import numpy as np
+
+from mllm_encoder.atomic import PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -69,27 +80,84 @@ def resolve_image_path(
     return relative if image_root is None else os.path.join(os.fspath(image_root), relative)
 
 
-def load_json_records(path: PathLike) -> List[Any]:
-    """The records of a JSON list file or a JSON-lines file, with errors naming the file and line."""
+JSON_CHUNK = 1 << 22  # characters read at a time when streaming a JSON list
+_JSON_KINDS = {"{": "an object", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def iter_json_records(path: PathLike) -> Iterator[Any]:
+    """The records of a JSON list file or a JSON-lines file, one at a time (a JSON list is decoded element by
+    element, so memory holds one chunk and one record, not the whole file); errors name the file and line."""
     path = Path(path)
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix.lower() == ".jsonl":
             for line_number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        yield json.loads(line)
                     except json.JSONDecodeError as error:
                         raise ValueError(f"{path}: line {line_number}: invalid JSON: {error.msg}") from error
-        return records
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from error
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+            return
+        decoder, text, position, lines_before, at_end = json.JSONDecoder(), "", 0, 0, False
+
+        def more() -> bool:  # drop the decoded text (counting its lines), read the next chunk
+            nonlocal text, position, lines_before, at_end
+            lines_before += text.count("\n", 0, position)
+            chunk = handle.read(JSON_CHUNK)
+            text, position, at_end = text[position:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def fail(message: str, at: int) -> ValueError:
+            return ValueError(f"{path}: line {lines_before + text.count(chr(10), 0, at) + 1}: invalid JSON: {message}")
+
+        more()
+        position = _skip_space(text, 0)
+        if not text[position:]:
+            raise fail("Expecting value", position)
+        if text[position] != "[":
+            kind = _JSON_KINDS.get(text[position], "a number")
+            raise ValueError(f"{path}: expected a JSON list of records, got {kind}")
+        position, first = position + 1, True
+        while True:
+            position = _skip_space(text, position)
+            while position >= len(text) and more():
+                position = _skip_space(text, position)
+            if position >= len(text):
+                raise fail("Expecting ',' delimiter or ']'", position)
+            if text[position] == "]":
+                break
+            if not first:
+                if text[position] != ",":
+                    raise fail("Expecting ',' delimiter", position)
+                position = _skip_space(text, position + 1)
+            while True:  # a record cut by the chunk's end decodes once more text is read
+                try:
+                    record, end = decoder.raw_decode(text, _skip_space(text, position))
+                    if end < len(text) or at_end or not more():  # a number at the text's end may go on
+                        break
+                except json.JSONDecodeError as error:
+                    failure = fail(error.msg, error.pos)  # before more() moves the text
+                    if at_end or not more():
+                        raise failure from error
+            yield record
+            position, first = end, False
+            if position > JSON_CHUNK:
+                more()
+        position = _skip_space(text, position + 1)
+        while position >= len(text) and more():
+            position = _skip_space(text, position)
+        if position < len(text):
+            raise fail("Extra data", position)
+
+
+def load_json_records(path: PathLike) -> List[Any]:
+    """The records of a JSON list file or a JSON-lines file, with errors naming the file and line."""
+    return list(iter_json_records(path))
 
 
 def _sharegpt4v_caption(record: Any, where: str) -> str:
@@ -111,9 +179,16 @@ def read_sharegpt4v(
     ``ValueError`` naming the file and the record index. ``image_root`` defaults to the JSON's folder; see
     :func:`resolve_image_path` for the paths accepted.
     """
+    return list(iter_sharegpt4v(path, image_root, allow_absolute_paths))
+
+
+def iter_sharegpt4v(
+    path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_sharegpt4v`, one at a time."""
     image_root = Path(path).parent if image_root is None else image_root
-    records, text_only = [], 0
-    for index, record in enumerate(load_json_records(path)):
+    text_only = 0
+    for index, record in enumerate(iter_json_records(path)):
         where = f"{path}: record {index}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
@@ -124,10 +199,9 @@ def read_sharegpt4v(
             raise ValueError(f"{where}: 'image' must be a string path, got {type(record['image']).__name__}")
         caption = _sharegpt4v_caption(record, where)
         image = resolve_image_path(record["image"], image_root, where, allow_absolute_paths)
-        records.append(ImageTextRecord(image, caption, where))
+        yield ImageTextRecord(image, caption, where)
     if text_only:
         logger.warning("%s: skipped %d text-only records without an 'image'", path, text_only)
-    return records
 
 
 def read_image_folder(root: PathLike) -> List[ImageTextRecord]:
@@ -171,10 +245,21 @@ def read_table(
     allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
     """Records of a CSV/TSV file with a header row; ``image_root`` defaults to the file's folder."""
+    return list(iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths))
+
+
+def iter_table(
+    path: PathLike,
+    delimiter: Optional[str] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    image_root: Optional[PathLike] = None,
+    allow_absolute_paths: bool = False,
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_table`, one at a time."""
     path = Path(path)
     delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     image_root = path.parent if image_root is None else image_root
-    records = []
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         if not reader.fieldnames:
@@ -189,8 +274,7 @@ def read_table(
             if not image.strip():
                 raise ValueError(f"{where}: empty image path")
             image = resolve_image_path(image.strip(), image_root, where, allow_absolute_paths)
-            records.append(ImageTextRecord(image, caption.strip(), where))
-    return records
+            yield ImageTextRecord(image, caption.strip(), where)
 
 
 def read_image_text_records(
@@ -202,16 +286,197 @@ def read_image_text_records(
     allow_absolute_paths: bool = False,
 ) -> List[ImageTextRecord]:
     """Records of a map-style dataset in any supported on-disk format (not webdataset); never empty."""
-    format = detect_format(path) if format == "auto" else format
-    if format == "sharegpt4v":
-        records = read_sharegpt4v(path, image_root, allow_absolute_paths)
-    elif format == "folder":
-        records = read_image_folder(path)
-    elif format in ("csv", "tsv"):
-        delimiter = "\t" if format == "tsv" else ","
-        records = read_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
-    else:
-        raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
+    records = list(
+        iter_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
+    )
     if not records:
         raise ValueError(f"{path}: no image-caption records (an empty training list)")
     return records
+
+
+def iter_image_text_records(
+    path: PathLike,
+    format: str = "auto",
+    image_root: Optional[PathLike] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
+) -> Iterator[ImageTextRecord]:
+    """The records of :func:`read_image_text_records`, one at a time (possibly none)."""
+    format = detect_format(path) if format == "auto" else format
+    if format == "sharegpt4v":
+        return iter_sharegpt4v(path, image_root, allow_absolute_paths)
+    if format == "folder":
+        return iter(read_image_folder(path))
+    if format in ("csv", "tsv"):
+        delimiter = "\t" if format == "tsv" else ","
+        return iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
+    raise ValueError(f"unknown map-style dataset format {format!r}; expected one of {FORMATS[:-1]}")
+
+
+_COLUMNS = ("image", "caption", "source")
+
+
+@dataclass(frozen=True)
+class StringColumn:
+    """Strings stored as one UTF-8 buffer and ``[n + 1]`` offsets: string ``i`` is ``data[offsets[i]:offsets[i+1]]``."""
+
+    offsets: np.ndarray  # int64 [n + 1]
+    data: np.ndarray  # uint8, possibly memory-mapped
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
+
+
+def _write_columns(records: Iterable[ImageTextRecord], sinks: Dict[str, BinaryIO]) -> Dict[str, np.ndarray]:
+    """Append each record's fields (UTF-8) to the column sinks; returns each column's ``[n + 1]`` offsets."""
+    ends = {name: array.array("q", [0]) for name in _COLUMNS}
+    for record in records:
+        for name in _COLUMNS:
+            encoded = getattr(record, name).encode("utf-8")
+            sinks[name].write(encoded)
+            ends[name].append(ends[name][-1] + len(encoded))
+    return {name: np.frombuffer(ends[name], dtype=np.int64).copy() for name in _COLUMNS}
+
+
+INDEX_META = "meta.json"  # written last: an index directory without it is incomplete
+
+
+class RecordIndex:
+    """The records of a map-style dataset as compact string columns; ``index[i]`` is an :class:`ImageTextRecord`.
+
+    ``stamp`` describes what the index was built from (the data file, its size and modification time, the
+    reader's options); :func:`build_record_index` reuses a saved index only when it matches.
+    """
+
+    def __init__(self, columns: Dict[str, StringColumn], stamp: Optional[Dict[str, Any]] = None) -> None:
+        lengths = {len(column) for column in columns.values()}
+        assert set(columns) == set(_COLUMNS) and len(lengths) == 1, "one string column per field, equally long"
+        self.columns, self.stamp = columns, dict(stamp or {})
+
+    @classmethod
+    def from_records(cls, records: Iterable[ImageTextRecord], stamp: Optional[Dict[str, Any]] = None):
+        """The index of records (a list or a stream), in memory."""
+        sinks = {name: io.BytesIO() for name in _COLUMNS}
+        offsets = _write_columns(records, sinks)
+        data = {name: np.frombuffer(sink.getbuffer(), dtype=np.uint8) for name, sink in sinks.items()}
+        return cls({name: StringColumn(offsets[name], data[name]) for name in _COLUMNS}, stamp)
+
+    @classmethod
+    def write(
+        cls, records: Iterable[ImageTextRecord], directory: PathLike, stamp: Optional[Dict[str, Any]] = None
+    ) -> "RecordIndex":
+        """Write the index of records (a list or a stream) to ``directory`` (replaced atomically) as they come,
+        so memory holds only the offsets; returns it memory-mapped (:meth:`load`)."""
+        with atomic_directory(directory, overwrite=True) as staging:
+            with contextlib.ExitStack() as files:
+                sinks = {name: files.enter_context(open(staging / f"{name}_data.bin", "wb")) for name in _COLUMNS}
+                offsets = _write_columns(records, sinks)
+            for name in _COLUMNS:
+                np.save(staging / f"{name}_offsets.npy", offsets[name])
+            meta = {"num_records": len(offsets["image"]) - 1, "stamp": dict(stamp or {})}
+            (staging / INDEX_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: PathLike) -> "RecordIndex":
+        """A saved index, its string buffers memory-mapped (read-only, shared by every process that maps them)."""
+        directory = Path(directory)
+        meta = json.loads((directory / INDEX_META).read_text())
+        columns = {}
+        for name in _COLUMNS:
+            offsets = np.load(directory / f"{name}_offsets.npy")
+            path = directory / f"{name}_data.bin"
+            data = np.memmap(path, dtype=np.uint8, mode="r") if offsets[-1] else np.zeros(0, np.uint8)
+            columns[name] = StringColumn(offsets, data)
+        index = cls(columns, meta["stamp"])
+        if len(index) != meta["num_records"]:
+            raise ValueError(f"{directory}: the index holds {len(index)} records, its {INDEX_META} says otherwise")
+        return index
+
+    def __len__(self) -> int:
+        return len(self.columns["image"])
+
+    def __getitem__(self, index: int) -> ImageTextRecord:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        index = index % len(self)
+        return ImageTextRecord(*(self.columns[name][index] for name in _COLUMNS))
+
+    def __iter__(self) -> Iterator[ImageTextRecord]:
+        return (self[i] for i in range(len(self)))
+
+    def caption(self, index: int) -> str:
+        """The caption of record ``index`` (without decoding the image path and source)."""
+        return self.columns["caption"][index]
+
+
+def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
+    """What a record index of ``path`` depends on: its absolute path, size and modification time (a folder: its
+    file count and newest modification time), the format, the reader's ``options`` and the working directory
+    (relative image paths are kept relative to it)."""
+    path = Path(path)
+    if path.is_dir():
+        times = [entry.stat().st_mtime_ns for entry in path.rglob("*")] + [path.stat().st_mtime_ns]
+        size, mtime_ns = len(times), max(times)
+    else:
+        stat = path.stat()
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    stamp = {"path": str(path.resolve()), "size": size, "mtime_ns": mtime_ns, "format": format, **options}
+    return {**stamp, "cwd": os.getcwd()}
+
+
+def saved_record_index(directory: PathLike, stamp: Dict[str, Any]) -> Optional[RecordIndex]:
+    """The index saved in ``directory`` when it was built from what ``stamp`` describes, else ``None``."""
+    meta = Path(directory) / INDEX_META
+    if not stamp or not meta.is_file():
+        return None
+    try:
+        saved = json.loads(meta.read_text()).get("stamp")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return RecordIndex.load(directory) if saved == stamp else None
+
+
+def build_record_index(
+    path: PathLike,
+    format: str = "auto",
+    image_root: Optional[PathLike] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
+    index_dir: Optional[PathLike] = None,
+) -> RecordIndex:
+    """The :class:`RecordIndex` of a map-style dataset (see :func:`read_image_text_records` for the arguments).
+
+    With ``index_dir``: an index saved there from the same file and options is reused (memory-mapped);
+    otherwise the records are read, saved there and memory-mapped back. Without it the index lives in memory.
+    """
+    format = detect_format(path) if format == "auto" else format
+    options = dict(image_root=None if image_root is None else os.fspath(image_root), image_column=image_column)
+    options.update(caption_column=caption_column, allow_absolute_paths=allow_absolute_paths)
+    stamp = record_stamp(path, format, **options) if os.path.exists(path) else {}
+    if index_dir is not None:
+        saved = saved_record_index(index_dir, stamp)
+        if saved is not None:
+            logger.info("%s: reusing the record index in %s", path, index_dir)
+            return saved
+    records = iter_image_text_records(path, format, image_root, image_column, caption_column, allow_absolute_paths)
+    first = next(records, None)  # the file opens and its first record reads before anything is written
+    if first is None:
+        raise ValueError(f"{path}: no image-caption records (an empty training list)")
+    records = itertools.chain([first], records)
+    if index_dir is None:
+        return RecordIndex.from_records(records, stamp)
+    return RecordIndex.write(records, index_dir, stamp)
+
+
+def index_bytes(index: RecordIndex) -> int:
+    """Bytes of ``index`` a process holds in memory (offsets; memory-mapped buffers excluded)."""
+    resident = 0
+    for column in index.columns.values():
+        resident += column.offsets.nbytes + (0 if isinstance(column.data, np.memmap) else column.data.nbytes)
+    return resident

@@ -8,7 +8,8 @@ Members sharing a key (the path up to the first dot of the file name) form one s
   shuffling per epoch and resampling with replacement. Sample index ``shard_number * shard_stride +
   position_in_shard``.
 - :class:`TarShardDataset` is map-style over local ``.tar`` files: each shard's member offsets are read
-  once per process, then ``dataset[i]`` seeks to the sample. This is what DMU trains on (one-cluster
+  once (per run with an index directory, the ranks splitting the shards: :func:`build_shard_index`), then
+  ``dataset[i]`` seeks to the sample. This is what DMU trains on (one-cluster
   batches, features keyed by index). Sample index: contiguous over the shards in order.
 
 Nothing is lost silently. An undecodable image, a missing caption or image, and every sample a damaged
@@ -23,6 +24,7 @@ import bisect
 import collections
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -36,6 +38,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from mllm_encoder.atomic import atomic_write_bytes, atomic_write_json
 from mllm_encoder.data.dataset import BadSampleLog, Sample, encode_sample
 from mllm_encoder.data.preprocess import ClipTextTokenizer
 
@@ -224,6 +227,10 @@ class _DecodedShards:
     def bad_samples(self) -> List[Tuple[int, str, str]]:
         return self.decoder.bad_samples
 
+    def reset_bad_samples(self) -> None:
+        """Forget the bad samples counted so far (a new stage of a run counts its own)."""
+        self.decoder.reset_bad_samples()
+
 
 class WebDatasetImageText(_DecodedShards, IterableDataset):
     """Streams tar shards (the `webdataset` package), yielding the sample dicts of ``ImageTextDataset``.
@@ -330,23 +337,43 @@ def _worker_seed(rank: int, wds) -> int:
 
 
 @dataclass(frozen=True)
-class _ShardIndex:
-    """Where each sample's image and caption bytes lie in one local tar file (-1: member absent)."""
+class ShardIndex:
+    """Where each sample's image and caption bytes lie in one local tar file.
 
-    keys: List[str]
-    image: np.ndarray  # [n, 2] offset, size
-    caption: np.ndarray  # [n, 2] offset, size
-    damage: Optional[str]  # why the shard ended early, or None
+    ``entries`` is a structured array, one row per sample: ``key`` (bytes), ``image`` and ``caption``
+    (``[offset, size]``; ``-1`` when the member is absent); ``damage`` says why the shard ended early, or None.
+    """
+
+    entries: np.ndarray
+    damage: Optional[str]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def key(self, position: int) -> str:
+        """The webdataset key of the sample at ``position``."""
+        return self.entries["key"][position].decode("utf-8", errors="replace")
 
 
-@functools.lru_cache(maxsize=4096)
-def _index_shard(path: str, size: int, mtime_ns: int) -> _ShardIndex:
-    """Member offsets of a tar file, read from its headers only (``size``/``mtime_ns`` key the cache)."""
+def _entries(keys: List[str], image: List[Tuple[int, int]], caption: List[Tuple[int, int]]) -> np.ndarray:
+    encoded = [key.encode("utf-8") for key in keys]
+    width = max((len(key) for key in encoded), default=1)
+    dtype = np.dtype([("key", f"S{max(width, 1)}"), ("image", "<i8", (2,)), ("caption", "<i8", (2,))])
+    entries = np.zeros(len(keys), dtype=dtype)
+    entries["key"] = encoded
+    entries["image"] = np.asarray(image, dtype=np.int64).reshape(-1, 2)
+    entries["caption"] = np.asarray(caption, dtype=np.int64).reshape(-1, 2)
+    return entries
+
+
+def index_shard(path: str) -> ShardIndex:
+    """Member offsets of a local tar file, read from its headers only (a compressed shard is refused)."""
     keys: List[str] = []
     image: List[Tuple[int, int]] = []
     caption: List[Tuple[int, int]] = []
     members: Dict[str, Tuple[int, int]] = {}
     damage = None
+    size = os.stat(path).st_size
 
     def close_sample() -> None:
         if keys and len(image) < len(keys):
@@ -379,20 +406,64 @@ def _index_shard(path: str, size: int, mtime_ns: int) -> _ShardIndex:
         if keys and len(image) < len(keys):
             keys.pop()  # the sample being read when the damage was found may be incomplete
     close_sample()
-    as_array = functools.partial(np.asarray, dtype=np.int64)
-    return _ShardIndex(keys, as_array(image).reshape(-1, 2), as_array(caption).reshape(-1, 2), damage)
+    return ShardIndex(_entries(keys, image, caption), damage)
 
 
-def index_local_shard(path: str) -> _ShardIndex:
-    """The (cached) member index of a local tar shard."""
-    stat = os.stat(path)
-    return _index_shard(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+def _index_files(shard: str, index_dir: Union[str, os.PathLike]) -> Tuple[str, str]:
+    """The ``.npy`` (entries) and ``.json`` (damage; written last) index files of one shard version: named by the
+    shard's absolute path, size and modification time, so a changed shard is indexed again."""
+    path, stat = os.path.abspath(shard), os.stat(shard)
+    digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+    stem = os.path.join(os.fspath(index_dir), f"{os.path.basename(path)}-{digest}-{stat.st_size}-{stat.st_mtime_ns}")
+    return stem + ".npy", stem + ".json"
+
+
+def saved_shard_index(shard: str, index_dir: Union[str, os.PathLike]) -> Optional[ShardIndex]:
+    """The index of ``shard`` saved in ``index_dir`` for its current version (memory-mapped), else ``None``."""
+    entries_file, meta_file = _index_files(shard, index_dir)
+    if not os.path.isfile(meta_file):
+        return None
+    meta = _read_json(meta_file)
+    entries = np.load(entries_file, mmap_mode="r" if meta["num_samples"] else None)
+    return ShardIndex(entries, meta["damage"])
+
+
+def save_shard_index(shard: str, index: ShardIndex, index_dir: Union[str, os.PathLike]) -> None:
+    """Write the index of ``shard`` to ``index_dir`` (the entries first, then the JSON that completes it)."""
+    entries_file, meta_file = _index_files(shard, index_dir)
+    buffer = io.BytesIO()
+    np.save(buffer, index.entries)
+    atomic_write_bytes(entries_file, buffer.getvalue())
+    atomic_write_json(meta_file, {"shard": os.path.abspath(shard), "num_samples": len(index), "damage": index.damage})
+
+
+def build_shard_index(
+    shards: ShardSpec, index_dir: Union[str, os.PathLike], rank: int = 0, world_size: int = 1
+) -> List[str]:
+    """Index this rank's share (``shards[rank::world_size]``) of local tar shards into ``index_dir``.
+
+    Shards whose current version is indexed there already are skipped (a resumed run re-reads nothing).
+    Every rank of a run calls this, then waits for the others; afterwards :class:`TarShardDataset` with the
+    same ``index_dir`` maps every shard's index instead of reading the shards' headers. Returns the shards
+    this call indexed.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    indexed = []
+    for shard in expand_shards(shards)[rank::world_size]:
+        if _is_url(shard):
+            raise ValueError(f"random access (DMU training) needs local .tar shards, got {shard!r}")
+        if not os.path.isfile(_index_files(shard, index_dir)[1]):
+            save_shard_index(shard, index_shard(shard), index_dir)
+            indexed.append(shard)
+    return indexed
 
 
 class TarShardDataset(_DecodedShards, Dataset):
     """Map-style random access to local tar shards: ``dataset[i]`` is the sample dict of index ``i`` or ``None``.
 
-    The shards' member offsets are read once per process (headers only) and cached; samples are read with
+    The shards' member offsets are read once (headers only): from ``index_dir`` when given (written there by
+    :func:`build_shard_index`, or here for the shards missing), else into memory; samples are read with
     one seek each, in any order, from any data-loader worker. Indices run over the shards in order and
     include the lost samples of damaged shards (always ``None``, counted and named when fetched; a damaged
     shard of unknown size has one such entry), so ``len()`` counts every sample the shards should hold.
@@ -411,6 +482,7 @@ class TarShardDataset(_DecodedShards, Dataset):
         transform: Callable,
         text_tokenizer: ClipTextTokenizer,
         shard_sizes: Optional[Dict[str, int]] = None,
+        index_dir: Optional[Union[str, os.PathLike]] = None,
     ):
         self.shards = expand_shards(shards)
         remote = [shard for shard in self.shards if _is_url(shard)]
@@ -422,11 +494,15 @@ class TarShardDataset(_DecodedShards, Dataset):
         self.decoder = _SampleDecoder(transform, text_tokenizer)
         self.lost_shards: List[Tuple[str, str]] = []  # damaged shards of unknown size: (shard, what was lost)
         sizes = read_shard_sizes(self.shards) if shard_sizes is None else dict(shard_sizes)
-        self.indices = [index_local_shard(shard) for shard in self.shards]
+        if index_dir is not None:
+            build_shard_index(self.shards, index_dir)  # only the shards no rank has indexed
+            self.indices = [saved_shard_index(shard, index_dir) for shard in self.shards]
+        else:
+            self.indices = [index_shard(shard) for shard in self.shards]
         self.sizes_known = [shard in sizes for shard in self.shards]
         lengths = []
         for shard, index in zip(self.shards, self.indices):
-            found, expected = len(index.keys), sizes.get(shard)
+            found, expected = len(index), sizes.get(shard)
             if expected is not None and expected < found:
                 logger.warning("%s: %d samples, but its size manifest says %d", shard, found, expected)
             if index.damage is not None and expected is None:
@@ -483,17 +559,17 @@ class TarShardDataset(_DecodedShards, Dataset):
     def __getitem__(self, index: int) -> Optional[Sample]:
         number, position = self._locate(index)
         shard, shard_index = self.shards[number], self.indices[number]
-        if position >= len(shard_index.keys):
+        if position >= len(shard_index):
             reason = shard_index.damage or "the shard holds fewer samples than its size manifest lists"
             self.decoder.mark_lost(index, shard, position, reason, self.sizes_known[number])
             return None
         parts = {}
         handle = self._file(number)
         for key, (offset, size) in (
-            (IMAGE_KEYS[0], shard_index.image[position]),
-            (CAPTION_KEYS[0], shard_index.caption[position]),
+            (IMAGE_KEYS[0], shard_index.entries["image"][position]),
+            (CAPTION_KEYS[0], shard_index.entries["caption"][position]),
         ):
             if offset >= 0:
                 handle.seek(offset)
                 parts[key] = handle.read(size)
-        return self.decoder.decode(index, f"{shard}: {shard_index.keys[position]}", parts)
+        return self.decoder.decode(index, f"{shard}: {shard_index.key(position)}", parts)

@@ -5,6 +5,7 @@ Run directory::
     manifest.json            finished stages and what they produced (atomic)
     config.yaml              the config the run was started with (a resume must use the same)
     run.log                  the log of every invocation
+    data_index/              the training data's index: records/ (JSON/CSV/folder) or shards/ (tar offsets)
     base/stretch/model/      the base with a stretched text context (only with dmu.text_context)
     base/eval/metrics.json
     dmu/extract_{s}/         features_rank{r}.safetensors
@@ -33,7 +34,7 @@ from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
-from mllm_encoder.dmu.resources import load_model, load_training_data
+from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
     assemble_models,
@@ -49,6 +50,7 @@ from mllm_encoder.locking import directory_lock, hold
 from mllm_encoder.upcycle import sparse_upcycle
 
 logger = logging.getLogger(__name__)
+DATA_INDEX = "data_index"  # run_dir/data_index/: the training data's index (records/ or shards/), built once
 Stage = Tuple[str, Callable[[], Dict[str, Any]]]
 ROUTE_STAGE = "dmu/route"
 
@@ -77,6 +79,7 @@ class RunContext:
     accelerator: Any
     num_samples: int
     stop_after_step: Optional[int] = None
+    training: Optional[TrainingData] = None  # the run's training set, built once and shared by every stage
 
     @property
     def run_dir(self) -> Path:
@@ -127,6 +130,7 @@ def _train_stage(
             ctx.accelerator,
             ctx.stop_after_step,
             desc=str(stage_dir.relative_to(ctx.run_dir)),
+            training=ctx.training,
         )
         return {**training_outputs(stage_dir), "steps": steps, "final_loss": history[-1]["loss"]}
 
@@ -166,7 +170,9 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
 def _extract_stage(ctx: RunContext, model_dir: Path, out: Path):
     def run() -> Dict[str, Any]:
         cfg = ctx.config
-        features = run_extract(model_dir, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size, ctx.base_model)
+        features = run_extract(
+            model_dir, cfg.data, out, ctx.accelerator, cfg.dmu.extract_batch_size, ctx.base_model, ctx.training
+        )
         return {"features": str(features)}
 
     return run
@@ -275,15 +281,16 @@ def _check_config_copy(config: RunConfig, run_dir: Path, manifest: Manifest, is_
         atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def check_run_inputs(config: RunConfig) -> int:
-    """Open the base model's config and processors and the training data before anything is written;
-    returns the number of training samples."""
+def check_run_inputs(config: RunConfig, accelerator=None) -> TrainingData:
+    """Open the base model's config and processors and the training data before any stage runs; returns the
+    run's training data. Its index is built once under ``run_dir/data_index`` (only when the data is readable)
+    and reused by every stage, rank and resume."""
     read_model_type(config.base_model)
+    index_dir = Path(config.run_dir) / DATA_INDEX
     try:
-        dataset, _ = load_training_data(config.data, config.base_model)
+        return load_training_data(config.data, config.base_model, index_dir, accelerator, config.dmu.text_context)
     except OSError as error:
         raise ValueError(f"data.train: cannot open {config.data.train} ({error.strerror or error})") from error
-    return len(dataset)
 
 
 def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
@@ -294,14 +301,21 @@ def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: O
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    num_samples = check_run_inputs(config)
+    training = check_run_inputs(config, accelerator)
+    try:
+        return _run_stages(config, method, accelerator, stop_after_step, training)
+    finally:
+        training.close()  # the run leaves no shard file open
+
+
+def _run_stages(config: RunConfig, method: str, accelerator, stop_after_step, training: TrainingData) -> Dict[str, Any]:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with hold(directory_lock(run_dir), enabled=accelerator.is_main_process):  # a second run is refused
         manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
         _check_config_copy(config, run_dir, manifest, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # every rank has read the same manifest before any stage starts
-        ctx = RunContext(config, accelerator, num_samples, stop_after_step)
+        ctx = RunContext(config, accelerator, len(training), stop_after_step, training)
         for position, (name, run) in enumerate(plan(ctx, method)):
             if manifest.is_done(name):
                 logger.info("%s: done already, skipped", name)

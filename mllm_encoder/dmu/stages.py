@@ -23,7 +23,7 @@ from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.features import extract_features, load_features
-from mllm_encoder.dmu.resources import load_model, load_training_data, save_model
+from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_data, save_model
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import TrainConfig, train
 from mllm_encoder.text_context import stretch_checkpoint
@@ -59,11 +59,13 @@ def run_extract(
     accelerator,
     batch_size: int = 256,
     processors_dir: Optional[PathLike] = None,
+    training: Optional[TrainingData] = None,
 ) -> Path:
     """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``.
 
     Samples are preprocessed with the processors of ``processors_dir`` (default ``model_dir``'s): the pipeline
-    passes the base, whose processors every stage's checkpoint carries, so the training set is built once.
+    passes the base, whose processors every stage's checkpoint carries, and the run's ``training`` data (built
+    once per run); without it the training set is built here.
 
     Shards of an earlier, interrupted extraction (possibly with another number of processes) are removed
     first by the main process, so the directory ends with exactly one shard per rank of this run.
@@ -74,7 +76,8 @@ def run_extract(
             stale.unlink()
     accelerator.wait_for_everyone()
     model = load_model(model_dir).to(accelerator.device)
-    dataset, collator = load_training_data(data, processors_dir or model_dir)
+    training = training if training is not None else load_training_data(data, processors_dir or model_dir)
+    dataset, collator = training.for_stage()
     state = DistState(accelerator.num_processes, accelerator.process_index)
     with accelerator.autocast():
         extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
@@ -125,13 +128,16 @@ def run_training(
     accelerator,
     stop_after_step: Optional[int] = None,
     desc: str = "train",
+    training: Optional[TrainingData] = None,
 ) -> Tuple[Path, List[Dict[str, float]]]:
     """Train ``model`` (resuming from ``stage_dir/train_state``), then save ``stage_dir/model`` and the history.
 
-    ``labels`` None: random batches (one cluster holding everything).
+    ``labels`` None: random batches (one cluster holding everything). ``training``: the run's training data
+    (built once per run); without it the training set is built here.
     """
     stage_dir = Path(stage_dir)
-    dataset, collator = load_training_data(data, processors_dir)
+    training = training if training is not None else load_training_data(data, processors_dir)
+    dataset, collator = training.for_stage()
     labels = np.zeros(len(dataset), dtype=np.int64) if labels is None else np.asarray(labels)
     if len(labels) != len(dataset):
         raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -288,3 +289,47 @@ def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_pa
     after = json.loads((run / "manifest.json").read_text())["stages"]
     assert after["dmu/mcl_1"] == stages["dmu/mcl_1"] and "dmu/route" in after
     assert all(np.array_equal(mcl[name], value) for name, value in _weights(run / "dmu", "mcl_1").items())
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_process_share_no_dataset_counters_or_log_handlers(
+    tmp_path, tiny_base_dir, shapes_data, monkeypatch
+):
+    from mllm_encoder.dmu.resources import TrainingData
+
+    train, bad = _copy_with_corrupt_images(shapes_data, tmp_path, corrupt=4)
+    handed_out = []  # (run, dataset, bad samples counted when the stage got it)
+    for_stage = TrainingData.for_stage
+
+    def spy(self):
+        dataset, collator = for_stage(self)
+        handed_out.append((dataset, dataset.num_bad, collator))
+        return dataset, collator
+
+    monkeypatch.setattr(TrainingData, "for_stage", spy)
+    runs, handlers = [], []
+    for name in ("first", "second"):
+        values = _values(tmp_path / name, tiny_base_dir, {"train": train}, num_experts=2)
+        values["data"]["max_bad_fraction"] = 0.5
+        values["eval"] = {"data": shapes_data["eval"]}
+        config_file = tmp_path / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(values))
+        main(["dmu", "run", str(config_file), "--method", "control"])
+        runs.append(handed_out[:])
+        handed_out.clear()
+        handlers.append(list(logging.getLogger().handlers))
+        run_logs = [h for h in handlers[-1] if getattr(h, "baseFilename", "").endswith("run.log")]
+        assert not run_logs  # the run removed the run.log handler it added
+    assert handlers[0] == handlers[1]  # (the entry point's logging.basicConfig handler, added once, stays)
+    first, second = runs
+    assert len(first) == len(second) == 3  # extract_0, mcl_1 and the control's training: one dataset per run
+    assert len({id(dataset) for dataset, _, _ in first}) == len({id(dataset) for dataset, _, _ in second}) == 1
+    assert first[0][0] is not second[0][0]
+    assert first[0][2].num_bad == len(bad)  # the extraction reads every sample: all the corrupt ones, once
+    assert [counted for _, counted, _ in second] == [0, 0, 0]  # each stage starts its own count
+    assert second[0][2].num_bad == len(bad)
+    last = second[-1][0]  # after the control's training: only that stage's bad samples are listed
+    assert len(last.bad_samples) == last.num_bad == second[-1][2].num_bad < 2 * len(bad)
+    first_log, second_log = (tmp_path / name / "run.log" for name in ("first", "second"))
+    for log, stages in ((first_log, first), (second_log, second)):  # each bad sample warned once, in its run's log
+        assert log.read_text().count("skipping sample") == sum(collator.num_bad for _, _, collator in stages) >= 4
