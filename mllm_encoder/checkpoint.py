@@ -18,7 +18,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel, SiglipImageProcessor
 
-from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
+from mllm_encoder.atomic import PathLike, atomic_directory, check_output
 from mllm_encoder.families import family_name
 
 logger = logging.getLogger(__name__)
@@ -123,31 +123,22 @@ def is_clip_moe_checkpoint(directory: PathLike) -> bool:
     )
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
 def check_output_dir(out_dir: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> None:
     """Raise ``ValueError`` unless a checkpoint may be written to ``out_dir``; call it before any work.
 
-    Refused: an output that is one of ``inputs`` or contains one; an existing file; a non-empty directory
-    that is not a CLIP-MoE checkpoint (see :func:`is_clip_moe_checkpoint`); an existing checkpoint unless
-    ``overwrite``. An absent or empty directory is fine.
+    The output rule (:func:`mllm_encoder.atomic.check_output`), stricter for checkpoints: a non-empty directory
+    that is not a CLIP-MoE checkpoint (see :func:`is_clip_moe_checkpoint`) is refused even with ``overwrite``;
+    an existing checkpoint is replaced only with ``overwrite``. An absent or empty directory is fine.
     """
-    out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
-    for source in inputs:
-        if _inside(Path(source).resolve(), resolved):
-            raise ValueError(f"{out_dir}: the output is the input {source} (or holds it); choose another output")
-    check_replaceable(out_dir, overwrite=True)
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
-    if not is_clip_moe_checkpoint(out_dir):
-        raise ValueError(
-            f"{out_dir}: exists and is not a CLIP-MoE checkpoint directory; refusing to replace it "
-            "(choose a new or empty output directory)"
-        )
-    if not overwrite:
+    ours = check_output(
+        out_dir,
+        inputs,
+        ours=is_clip_moe_checkpoint,
+        directory=True,
+        what="a CLIP-MoE checkpoint directory",
+        foreign_replaceable=False,
+    )
+    if ours and not overwrite:
         raise ValueError(f"{out_dir}: a checkpoint already exists there; pass --overwrite to replace it")
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from mllm_encoder.atomic import check_output
 from mllm_encoder.dmu.config import (
     KMEANS_BACKENDS,
     METHODS,
@@ -188,14 +189,15 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.config}: --method control compares two models on held-out data; set eval.data")
 
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.pipeline import run_pipeline
+    from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
     from mllm_encoder.dmu.report import format_table
 
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
-    _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     methods = list(METHODS) if args.method == "all" else [args.method]
+    num_samples = check_run_inputs(config, methods, args.config, accelerator.num_processes, args.overwrite)
+    _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     for method in methods:
-        run_pipeline(config, method, accelerator)
+        run_pipeline(config, method, accelerator, where=args.config, config_file=args.config, num_samples=num_samples)
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
@@ -215,6 +217,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.demo import run_demo as demo
     from mllm_encoder.dmu.report import format_demo_table
 
+    check_output(args.out, overwrite=args.overwrite, ours=_is_demo_directory, directory=True, what="a demo directory")
     _log_to_file(Path(args.out) / "demo.log", True)
     if args.control_world:
         from mllm_encoder.dmu.control_world import run_control_world
@@ -226,6 +229,13 @@ def run_demo(args: argparse.Namespace) -> None:
     print(format_demo_table(results))
     print("\n".join(results["verdict"]))
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
+
+
+def _is_demo_directory(path: Path) -> bool:
+    """A directory ``clip-moe demo`` wrote: its manifest (or a control world's), or only the log of a demo that
+    stopped before writing one."""
+    names = {entry.name for entry in path.iterdir()}
+    return "demo_manifest.json" in names or any(path.glob("control_*/manifest.json")) or names <= {"demo.log"}
 
 
 def _register_stages(dmu_commands) -> None:
@@ -289,6 +299,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "random batches); default dmu",
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
+    run.add_argument(
+        "--overwrite", action="store_true", help="use a non-empty --run-dir that has no run manifest"
+    )
     run.set_defaults(func=run_pipeline_command)
     _register_stages(dmu_commands)
 
@@ -306,6 +319,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic data (CPU)")
     demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that is not a demo directory"
+    )
     demo.add_argument(
         "--control-world",
         choices=("audit", "suppressed", "seldom"),
