@@ -10,6 +10,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -161,6 +162,7 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, inputs, overwrite)
+    check_finite(model, f"{', '.join(map(str, inputs)) or 'the model'} -> {out_dir}")
     processor = image_processor or _family_image_processor(model)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
@@ -170,6 +172,14 @@ def save_checkpoint(
         elif hasattr(model.config, "text_config"):
             logger.warning("%s: saved without tokenizer files (pass tokenizer=...)", out_dir)
     return out_dir
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the first tensor that holds NaN or infinite values (such weights
+    are never written: they would spread through every model built from them)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: tensor {name} holds NaN or infinite values; refusing to write them")
 
 
 def has_tokenizer(directory: PathLike) -> bool:
@@ -243,6 +253,7 @@ _READ_ERRORS = (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pi
 
 
 def _load_torch_file(file: Path, mmap: bool = False) -> Dict[str, Any]:
+    mmap = mmap and zipfile.is_zipfile(file)  # the legacy (pre-1.6) format cannot be memory-mapped
     try:
         loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
     except _READ_ERRORS as error:
@@ -283,13 +294,14 @@ def tensor_names(file: PathLike) -> Set[str]:
 
 
 def check_weight_files(directory: PathLike) -> None:
-    """Raise ``ValueError`` naming the file when a safetensors weight file of ``directory`` is corrupt.
+    """Raise ``ValueError`` naming the file when a weight file of ``directory`` is corrupt, or a pickle that is not a
+    plain state dict (one that would run code).
 
-    Reads only the headers (a truncated or damaged file fails here, before any model is built).
+    Reads the safetensors headers and the torch pickles' records (memory-mapped; a truncated or damaged file, or a
+    pickle payload, fails here, before any model is built).
     """
     for file in _weight_files(Path(directory), ""):
-        if file.suffix == ".safetensors":
-            tensor_names(file)
+        tensor_names(file)
 
 
 def read_checkpoint_tensors(directory: PathLike, prefix: str = "") -> Dict[str, torch.Tensor]:

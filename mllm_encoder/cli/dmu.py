@@ -299,9 +299,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "random batches); default dmu",
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
-    run.add_argument(
-        "--overwrite", action="store_true", help="use a non-empty --run-dir that has no run manifest"
-    )
+    run.add_argument("--overwrite", action="store_true", help="use a non-empty --run-dir that has no run manifest")
     run.set_defaults(func=run_pipeline_command)
     _register_stages(dmu_commands)
 

@@ -152,3 +152,13 @@ def test_every_file_of_a_run_follows_the_umask_and_nothing_else_is_written(tmp_p
         assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"
     assert {path: path.stat().st_mtime_ns for path in before} == before, "an input was modified"
     assert set(tmp_path.iterdir()) == {tmp_path / "run.yaml", tmp_path / "run"}
+
+
+def test_extract_with_every_image_missing_fails_even_with_max_bad_fraction_one(
+    tmp_path, tiny_base_dir, shapes_data, capsys
+):
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    argv = ["dmu", "extract", "--model", tiny_base_dir, "--out", tmp_path / "features", "--data", shapes_data["train"]]
+    code, err = _run_cli(capsys, *argv, "--image-root", empty, "--max-bad-fraction", "1.0")
+    assert code == 1 and f"{shapes_data['train']}: none of the 40 samples could be read" in err
