@@ -10,6 +10,7 @@ is imported when a command runs, so that ``clip-moe --help`` starts fast.
 import argparse
 import json
 import logging
+from fnmatch import fnmatch
 from pathlib import Path
 
 from mllm_encoder.atomic import check_output
@@ -111,6 +112,7 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     from mllm_encoder.dmu.resources import load_model, load_training_data
     from mllm_encoder.dmu.stages import run_training, steps_for, train_config
 
+    _check_stage_output(args, "train", args.model, args.data, labels, args.image_root)
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
@@ -135,6 +137,7 @@ def run_extract(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.stages import run_extract as extract
 
+    _check_stage_output(args, "extract", args.model, args.data, args.image_root)
     data = _data_section(args)
     print(extract(args.model, data, args.out, build_accelerator(args.mixed_precision), args.batch_size))
 
@@ -143,6 +146,7 @@ def run_cluster(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.features import load_features
     from mllm_encoder.dmu.stages import run_cluster as cluster
 
+    _check_stage_output(args, "cluster", args.features, args.previous)
     num_samples = args.num_samples or int(load_features(args.features)["index"].max()) + 1
     path = cluster(
         args.features,
@@ -158,8 +162,10 @@ def run_cluster(args: argparse.Namespace) -> None:
 
 
 def run_assemble(args: argparse.Namespace) -> None:
+    from mllm_encoder.checkpoint import check_output_dir
     from mllm_encoder.dmu.stages import run_assemble as assemble
 
+    check_output_dir(args.out, args.models, overwrite=True)  # never an input; an earlier assembly is replaced
     print(assemble(args.models, args.top_k, args.out))
 
 
@@ -175,7 +181,9 @@ def run_eval(args: argparse.Namespace) -> None:
         attributes=args.attributes,
         batch_size=args.batch_size,
     )
-    out = args.out or str(Path(args.model).resolve().parent / "eval")
+    args.out = args.out or str(Path(args.model).resolve().parent / "eval")
+    _check_stage_output(args, "eval", args.model, args.data, args.image_root, args.attributes)
+    out = args.out
     metrics = evaluate_checkpoint(args.model, section, build_accelerator("no"), out)
     print(json.dumps(metrics, indent=2))
 
@@ -231,6 +239,34 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
 
 
+# What each stage command writes into its --out directory (a directory holding only these is ours).
+STAGE_OUTPUTS = {
+    "extract": ("features_rank*.safetensors",),
+    "cluster": ("labels.npy", "cluster_sizes.json", "cluster_sizes.png"),
+    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json"),
+    "eval": ("metrics.json", "expert_load.json", "expert_load.png"),
+}
+
+
+def _check_stage_output(args: argparse.Namespace, stage: str, *inputs) -> None:
+    """The output rule for a stage command's ``--out`` (a directory of that stage's outputs is resumed/replaced)."""
+
+    def ours(path: Path) -> bool:
+        patterns = STAGE_OUTPUTS[stage]
+        return all(
+            entry.name.startswith(".") or any(fnmatch(entry.name, p) for p in patterns) for entry in path.iterdir()
+        )
+
+    check_output(
+        args.out,
+        inputs,
+        args.overwrite,
+        ours=ours,
+        directory=True,
+        what=f"an output of clip-moe dmu {args.dmu_command}",
+    )
+
+
 def _is_demo_directory(path: Path) -> bool:
     """A directory ``clip-moe demo`` wrote: its manifest (or a control world's), or only the log of a demo that
     stopped before writing one."""
@@ -246,6 +282,7 @@ def _register_stages(dmu_commands) -> None:
     extract.add_argument("--batch-size", type=int, default=dmu_defaults.extract_batch_size)
     extract.add_argument("--mixed-precision", default=RuntimeSection().mixed_precision, choices=PRECISIONS)
     _add_data_arguments(extract)
+    extract.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     extract.set_defaults(func=run_extract)
 
     cluster = dmu_commands.add_parser("cluster", help="k-means image and text features into pseudo-labels")
@@ -257,6 +294,7 @@ def _register_stages(dmu_commands) -> None:
     cluster.add_argument("--text-clusters", type=int, default=dmu_defaults.text_clusters)
     cluster.add_argument("--backend", default=dmu_defaults.kmeans_backend, choices=KMEANS_BACKENDS)
     cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     cluster.set_defaults(func=run_cluster)
 
     mcl = dmu_commands.add_parser("mcl", help="one multistage-contrastive stage: FFNs on one-cluster batches")
@@ -265,6 +303,7 @@ def _register_stages(dmu_commands) -> None:
     mcl.add_argument("--out", required=True, help="stage directory (model/, train_state/, tensorboard/)")
     _add_data_arguments(mcl)
     _add_training_arguments(mcl, StageSection())
+    mcl.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     mcl.set_defaults(func=run_mcl)
 
     assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer")
@@ -282,6 +321,7 @@ def _register_stages(dmu_commands) -> None:
     )
     _add_data_arguments(route)
     _add_training_arguments(route, route_defaults())
+    route.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     route.set_defaults(func=run_route)
 
 
@@ -312,6 +352,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--attributes", help="synthetic attributes file for per-attribute accuracy")
     evaluate.add_argument("--batch-size", type=int, default=EvalSection().batch_size)
     evaluate.add_argument("--out", help="output directory (default: eval/ next to MODEL)")
+    evaluate.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     evaluate.set_defaults(func=run_eval)
 
     demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic data (CPU)")

@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from mllm_encoder.cli import main
-from mllm_encoder.dmu import preflight
 from mllm_encoder.dmu.accelerator import build_accelerator
 from mllm_encoder.dmu.config import config_from_dict
-from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
+from mllm_encoder.dmu.pipeline import run_pipeline
 from mllm_encoder.dmu.trainer import TrainingInterrupted
 
 
@@ -70,6 +69,9 @@ def test_config_is_checked_against_the_base_and_the_data_before_any_stage(
 
 
 def test_a_kmeans_backend_that_is_not_installed_is_refused_first(tmp_path, tiny_base_dir, shapes_data, monkeypatch):
+    from mllm_encoder.dmu import preflight
+    from mllm_encoder.dmu.pipeline import check_run_inputs
+
     monkeypatch.setitem(preflight.KMEANS_MODULES, "faiss", "no_such_module_for_the_test")
     assert "faiss" not in preflight.installed_kmeans_backends() and "sklearn" in preflight.installed_kmeans_backends()
     config = config_from_dict(_values(tmp_path / "run", tiny_base_dir, shapes_data, kmeans_backend="faiss"), "r.yaml")
@@ -162,3 +164,18 @@ def test_extract_with_every_image_missing_fails_even_with_max_bad_fraction_one(
     argv = ["dmu", "extract", "--model", tiny_base_dir, "--out", tmp_path / "features", "--data", shapes_data["train"]]
     code, err = _run_cli(capsys, *argv, "--image-root", empty, "--max-bad-fraction", "1.0")
     assert code == 1 and f"{shapes_data['train']}: none of the 40 samples could be read" in err
+
+
+def test_stage_commands_never_write_over_their_inputs_or_the_users_files(tmp_path, tiny_base_dir, shapes_data, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "history.json").write_text("my history\n")
+    (user / "notes.txt").write_text("mine\n")
+    data = ["--data", shapes_data["train"]]
+    code, err = _run_cli(capsys, "dmu", "extract", "--model", tiny_base_dir, "--out", user, *data)
+    assert code == 1 and f"{user}: exists and is not an output of clip-moe dmu extract" in err and "--overwrite" in err
+    code, err = _run_cli(capsys, "dmu", "mcl", "--model", tiny_base_dir, "--labels", "l.npy", "--out", user, *data)
+    assert code == 1 and f"{user}: exists and is not an output of clip-moe dmu mcl" in err
+    code, err = _run_cli(capsys, "dmu", "assemble", tiny_base_dir, tiny_base_dir, "--out", tiny_base_dir)
+    assert code == 1 and "the output is the input" in err
+    assert sorted(os.listdir(user)) == ["history.json", "notes.txt"]
