@@ -176,10 +176,10 @@ def save_checkpoint(
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
     """Raise ``ValueError`` naming ``where`` and the first tensor that holds NaN or infinite values (such weights
-    are never written: they would spread through every model built from them)."""
+    are never loaded nor written: they would spread through every model built from them)."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{where}: tensor {name} holds NaN or infinite values; refusing to write them")
+            raise ValueError(f"{where}: tensor {name} holds NaN or infinite values (a damaged or diverged model)")
 
 
 def has_tokenizer(directory: PathLike) -> bool:
