@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from mllm_encoder.atomic import check_output
 from mllm_encoder.cli import eval_mllm, main
 
 
@@ -25,6 +24,8 @@ def _questions(path, count=3, **extra):
 
 
 def test_check_output_rules(tmp_path):
+    from mllm_encoder.atomic import check_output
+
     mine = tmp_path / "mine.json"
     mine.write_text("{}")
     assert check_output(tmp_path / "new.json") is False and check_output(None) is False
