@@ -118,12 +118,23 @@ def _check_model_location(path: Any, what: str) -> None:
     raise ValueError(f"{path}: no such model directory ({what}); give an existing LLaVA checkpoint directory")
 
 
+def _check_weight_headers(path: Any) -> None:
+    """Read the header of every safetensors file of a local checkpoint directory, so that a truncated or damaged
+    file is named (``ValueError``) before LLaVA loads it."""
+    root = Path(str(path)).expanduser() if path is not None else None
+    if root is not None and root.is_dir():
+        for file in sorted(root.glob("*.safetensors")):
+            tensor_names(file)
+
+
 def _wrap(original: Callable) -> Callable:
     @functools.wraps(original)
     def load_pretrained_model(model_path: str, model_base: Any, model_name: str, *args: Any, **kwargs: Any):
         trusted = kwargs.pop("trust_remote_code", None)
         _check_model_location(model_path, "--model-path")
         _check_model_location(model_base, "--model-base")
+        for path in (model_path, model_base):
+            _check_weight_headers(path)
         scope = trust_remote_code(trusted) if trusted is not None else contextlib.nullcontext()
         with scope:
             tokenizer, model, image_processor, context_len = original(

@@ -2,7 +2,9 @@
 
 Staging names carry the writer's host and pid (``.NAME.tmp-HOST-PID-RANDOM``, ``.NAME.old-HOST-PID``), so the
 next write of ``NAME`` removes what a killed writer on this host left behind. Outputs get the permissions of
-the process's umask, like any file the user creates.
+the process's umask, like any file the user creates (:func:`apply_umask`; libraries such as safetensors create
+``0600`` files, which a staged directory is normalised from). :func:`check_output` is the output rule every
+command applies to its outputs before any work (``docs/guarantees.md``).
 """
 
 import contextlib
@@ -15,7 +17,7 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,80 @@ def check_replaceable(path: PathLike, overwrite: bool) -> None:
         raise ValueError(f"{path}: already exists and is not empty; refusing to replace it")
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def check_output(
+    path: Optional[PathLike],
+    inputs: Iterable[Optional[PathLike]] = (),
+    overwrite: bool = False,
+    ours: Optional[Callable[[Path], bool]] = None,
+    directory: bool = False,
+    what: str = "an output of this command",
+    foreign_replaceable: bool = True,
+) -> bool:
+    """The output rule, checked before any work; returns whether ``path`` holds an output the project wrote.
+
+    Refused whatever ``overwrite`` says: an output that is one of ``inputs`` (``None`` entries are ignored) or a
+    directory holding one; a symbolic link where a directory is written; a directory where a file is written
+    and a file where a directory is. Refused unless ``overwrite`` (and ``foreign_replaceable``): an existing file
+    or non-empty directory that ``ours`` does not recognise (``what`` names what it would be). A file carries
+    no mark of its writer, so without ``ours`` every existing file is foreign. Absent paths and empty directories
+    are fine, and so is no output (``path`` None). A ``True`` result (recognised as ours) is for the caller to
+    resume or replace.
+    """
+    if path is None:
+        return False
+    path = Path(path)
+    resolved = path.resolve()
+    for source in inputs:
+        if source is not None and _inside(Path(source).resolve(), resolved):
+            raise ValueError(f"{path}: the output is the input {source} (or holds it); choose another output")
+    if directory:
+        if path.is_symlink():
+            raise ValueError(f"{path}: is a symbolic link; refusing to replace it (give the directory it points to)")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a directory; refusing to replace it (choose another output)")
+        if not path.exists() or _is_empty_directory(path):
+            return False
+    else:
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory; give a file name for this output")
+        if not path.exists() and not path.is_symlink():
+            return False
+    if ours is not None and ours(path):
+        return True
+    if overwrite and foreign_replaceable:
+        return False
+    fix = "choose another output or pass --overwrite" if foreign_replaceable else "choose a new or empty output"
+    found = "exists" if ours is None else f"exists and is not {what}"
+    raise ValueError(f"{path}: {found}; refusing to replace it ({fix})")
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where Linux reports it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: PathLike) -> None:
+    """Give ``root`` and everything under it the permissions of a new file or directory under the umask
+    (``0666 & ~umask`` for files, ``0777 & ~umask`` for directories; executables keep their x bits)."""
+    mask = current_umask()
+    root = Path(root)
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` when the block succeeds.
@@ -101,6 +177,7 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield staging
         check_replaceable(path, overwrite)
+        apply_umask(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

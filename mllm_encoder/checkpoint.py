@@ -10,6 +10,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -18,7 +19,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedModel
 
-from mllm_encoder.atomic import PathLike, atomic_directory, check_replaceable
+from mllm_encoder.atomic import PathLike, atomic_directory, check_output
 from mllm_encoder.families import DEFAULT_FAMILY, FAMILIES, OUR_MODEL_TYPES, family_of
 
 logger = logging.getLogger(__name__)
@@ -113,31 +114,22 @@ def is_clip_moe_checkpoint(directory: PathLike) -> bool:
     )
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
 def check_output_dir(out_dir: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> None:
     """Raise ``ValueError`` unless a checkpoint may be written to ``out_dir``; call it before any work.
 
-    Refused: an output that is one of ``inputs`` or contains one; an existing file; a non-empty directory
-    that is not a CLIP-MoE checkpoint (see :func:`is_clip_moe_checkpoint`); an existing checkpoint unless
-    ``overwrite``. An absent or empty directory is fine.
+    The output rule (:func:`mllm_encoder.atomic.check_output`), stricter for checkpoints: a non-empty directory
+    that is not a CLIP-MoE checkpoint (see :func:`is_clip_moe_checkpoint`) is refused even with ``overwrite``;
+    an existing checkpoint is replaced only with ``overwrite``. An absent or empty directory is fine.
     """
-    out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
-    for source in inputs:
-        if _inside(Path(source).resolve(), resolved):
-            raise ValueError(f"{out_dir}: the output is the input {source} (or holds it); choose another output")
-    check_replaceable(out_dir, overwrite=True)
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
-    if not is_clip_moe_checkpoint(out_dir):
-        raise ValueError(
-            f"{out_dir}: exists and is not a CLIP-MoE checkpoint directory; refusing to replace it "
-            "(choose a new or empty output directory)"
-        )
-    if not overwrite:
+    ours = check_output(
+        out_dir,
+        inputs,
+        ours=is_clip_moe_checkpoint,
+        directory=True,
+        what="a CLIP-MoE checkpoint directory",
+        foreign_replaceable=False,
+    )
+    if ours and not overwrite:
         raise ValueError(f"{out_dir}: a checkpoint already exists there; pass --overwrite to replace it")
 
 
@@ -161,6 +153,7 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, inputs, overwrite)
+    check_finite(model, f"{', '.join(map(str, inputs)) or 'the model'} -> {out_dir}")
     processor = image_processor or _family_image_processor(model)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
@@ -205,6 +198,14 @@ def make_tokenizer_files_portable(directory: PathLike) -> None:
         path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not (directory / "vocab.json").exists() and not (directory / "merges.txt").exists():
         write_slow_tokenizer_files(directory, model["vocab"], lines)
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the first tensor that holds NaN or infinite values (such weights
+    are never loaded nor written: they would spread through every model built from them)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: tensor {name} holds NaN or infinite values (a damaged or diverged model)")
 
 
 def has_tokenizer(directory: PathLike) -> bool:
@@ -275,6 +276,7 @@ _READ_ERRORS = (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pi
 
 
 def _load_torch_file(file: Path, mmap: bool = False) -> Dict[str, Any]:
+    mmap = mmap and zipfile.is_zipfile(file)  # the legacy (pre-1.6) format cannot be memory-mapped
     try:
         loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
     except _READ_ERRORS as error:
@@ -315,13 +317,14 @@ def tensor_names(file: PathLike) -> Set[str]:
 
 
 def check_weight_files(directory: PathLike) -> None:
-    """Raise ``ValueError`` naming the file when a safetensors weight file of ``directory`` is corrupt.
+    """Raise ``ValueError`` naming the file when a weight file of ``directory`` is corrupt, or a pickle that is not a
+    plain state dict (one that would run code).
 
-    Reads only the headers (a truncated or damaged file fails here, before any model is built).
+    Reads the safetensors headers and the torch pickles' records (memory-mapped; a truncated or damaged file, or a
+    pickle payload, fails here, before any model is built).
     """
     for file in _weight_files(Path(directory), ""):
-        if file.suffix == ".safetensors":
-            tensor_names(file)
+        tensor_names(file)
 
 
 def read_checkpoint_tensors(directory: PathLike, prefix: str = "") -> Dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from mllm_encoder.checkpoint import check_weight_files, read_model_type
+from mllm_encoder.checkpoint import check_finite, check_weight_files, read_model_type
 from mllm_encoder.families import MODEL_CLASS_BY_TYPE, MODEL_CLASSES, family_of_model
 
 ModelSource = Union[str, os.PathLike, PreTrainedModel]
@@ -97,7 +97,7 @@ def load_clip_moe(
 
     ``model_class`` defaults to the class matching the directory's ``model_type``; a tower class reads that
     tower out of a two-tower directory. Raises ``ValueError`` naming the file for a bad config field, an
-    unreadable weight file, or weights that do not match the config.
+    unreadable weight file, weights that do not match the config, or NaN / infinite weights.
     """
     if isinstance(source, MODEL_CLASSES):
         return source
@@ -119,4 +119,5 @@ def load_clip_moe(
     finally:
         transformers_logging.set_verbosity(verbosity)
     check_loading_info(info, source)
+    check_finite(model, str(source))
     return model

@@ -77,7 +77,9 @@ class CLIPMoEVisionTower(nn.Module):
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if self.select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"Unexpected mm_vision_select_feature: {self.select_feature!r}")
-        self.family, self.cfg_only = self._build_config(getattr(args, "mm_vision_config", None))
+        self.family, self.cfg_only = self._build_config(
+            getattr(args, "mm_vision_config", None), getattr(args, "_name_or_path", "")
+        )
         self.image_processor = self._build_image_processor(getattr(args, "mm_vision_image_processor", None))
         self.num_computed_layers = resolve_select_layer(self.select_layer, self.cfg_only.num_hidden_layers)
         self.vision_tower = self._build_encoder()
@@ -99,12 +101,22 @@ class CLIPMoEVisionTower(nn.Module):
             )
         return Path(self.source)
 
-    def _build_config(self, saved: Optional[Dict[str, Any]]) -> Tuple[Family, MoETowerConfig]:
-        config = dict(saved) if saved else read_vision_config_dict(self._require_source("its config"))
+    def _build_config(self, saved: Optional[Dict[str, Any]], llava_dir: str = "") -> Tuple[Family, MoETowerConfig]:
+        """The tower's family and config: ``saved`` (a LLaVA config's ``mm_vision_config``, from ``llava_dir``) or
+        the source checkpoint's; a bad field raises ``ValueError`` naming the file and the field."""
+        if saved:
+            config = dict(saved)
+            where = f"{Path(llava_dir) / 'config.json' if llava_dir else 'the LLaVA config'}: mm_vision_config"
+        else:
+            config = read_vision_config_dict(self._require_source("its config"))
+            where = str(Path(self.source) / "config.json")
         family = tower_family(config, f"vision tower {self.vision_tower_name!r}")
         for key in CONFIG_META_KEYS:
             config.pop(key, None)
-        return family, family.vision_model.config_class(**config)
+        try:
+            return family, family.vision_model.config_class(**config)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: {error}") from error
 
     def _build_image_processor(self, saved: Optional[Dict[str, Any]]) -> CLIPImageProcessor:
         if saved:

@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from mllm_encoder.cli import dmu, eval_mllm, eval_zero_shot, model
+from mllm_encoder.locking import LockError
 
 DEBUG_ENV = "MLLM_ENCODER_DEBUG"
 # Errors that describe bad input or a broken environment: their message is the whole story.
@@ -35,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 def error_line(error: BaseException) -> str:
     """One line describing ``error``: the message of a user error, the type too for anything else."""
     message = " ".join(str(error).split()) or type(error).__name__
-    if type(error) is ValueError:
+    if type(error) is ValueError or isinstance(error, LockError):  # bad input, or another run holds the output
         return message
     if isinstance(error, USER_ERRORS):
         return f"{type(error).__name__}: {message}"
     return f"internal error ({type(error).__name__}: {message}); rerun with --debug and report the traceback"
+
+
+def _check_device(device: Optional[str]) -> None:
+    """Refuse ``--device cuda`` (or ``cuda:N``) on a machine where torch finds no CUDA GPU, before any work."""
+    if not device or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} finds no CUDA GPU here; use --device cpu")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -49,11 +60,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        _check_device(getattr(args, "device", None))
         args.func(args)
         return
     words = ["clip-moe", args.command, getattr(args, "eval_command", None), getattr(args, "dmu_command", None)]
     command = " ".join(filter(None, words))
     try:
+        _check_device(getattr(args, "device", None))
         args.func(args)
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

@@ -12,9 +12,11 @@ import contextlib
 import json
 import logging
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator
 
+from mllm_encoder.atomic import check_output
 from mllm_encoder.cli.model import add_assemble_arguments
 from mllm_encoder.dmu.config import (
     KMEANS_BACKENDS,
@@ -114,6 +116,7 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     from mllm_encoder.dmu.resources import load_model, load_training_data
     from mllm_encoder.dmu.stages import run_training, steps_for, train_config
 
+    _check_stage_output(args, "train", args.model, args.data, labels, args.image_root)
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
@@ -139,6 +142,7 @@ def run_extract(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.stages import run_extract as extract
 
+    _check_stage_output(args, "extract", args.model, args.data, args.image_root)
     data = _data_section(args)
     print(extract(args.model, data, args.out, build_accelerator(args.mixed_precision), args.batch_size))
 
@@ -147,6 +151,7 @@ def run_cluster(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.features import load_features
     from mllm_encoder.dmu.stages import run_cluster as cluster
 
+    _check_stage_output(args, "cluster", args.features, args.previous)
     num_samples = args.num_samples or int(load_features(args.features)["index"].max()) + 1
     path = cluster(
         args.features,
@@ -173,7 +178,9 @@ def run_eval(args: argparse.Namespace) -> None:
         attributes=args.attributes,
         batch_size=args.batch_size,
     )
-    out = args.out or str(Path(args.model).resolve().parent / "eval")
+    args.out = args.out or str(Path(args.model).resolve().parent / "eval")
+    _check_stage_output(args, "eval", args.model, args.data, args.image_root, args.attributes)
+    out = args.out
     metrics = evaluate_checkpoint(args.model, section, build_accelerator("no"), out)
     print(json.dumps(metrics, indent=2))
 
@@ -195,12 +202,16 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.evaluation import format_results_table
     from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
 
-    check_run_inputs(config)  # the base model and the data, before run_dir/run.log is written
     accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    with _logging_to(Path(config.run_dir) / "run.log", accelerator.is_main_process):
-        for method in methods:
-            run_pipeline(config, method, accelerator)
+    # the run directory, the base, the config against both and the data, before run_dir/run.log is written
+    training = check_run_inputs(config, methods, args.config, accelerator, args.overwrite)
+    try:
+        with _logging_to(Path(config.run_dir) / "run.log", accelerator.is_main_process):
+            for method in methods:
+                run_pipeline(config, method, accelerator, where=args.config, config_file=args.config, training=training)
+    finally:
+        training.close()
     results_path = Path(config.run_dir) / "results.json"
     if accelerator.is_main_process and results_path.exists():
         results = json.loads(results_path.read_text())
@@ -240,6 +251,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from mllm_encoder.experiments.demo import run_demo as demo
     from mllm_encoder.experiments.report import format_demo_table
 
+    check_output(args.out, overwrite=args.overwrite, ours=_is_demo_directory, directory=True, what="a demo directory")
     if args.control_world:
         from mllm_encoder.experiments.control_world import run_control_world
 
@@ -255,6 +267,41 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"\nreport: {Path(args.out) / 'report.md'}   checkpoint: {Path(args.out) / 'clip-moe'}")
 
 
+# What each stage command writes into its --out directory (a directory holding only these is ours).
+STAGE_OUTPUTS = {
+    "extract": ("features_rank*.safetensors",),
+    "cluster": ("labels.npy", "cluster_sizes.json", "cluster_sizes.png"),
+    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json"),
+    "eval": ("metrics.json", "expert_load.json", "expert_load.png"),
+}
+
+
+def _check_stage_output(args: argparse.Namespace, stage: str, *inputs) -> None:
+    """The output rule for a stage command's ``--out`` (a directory of that stage's outputs is resumed/replaced)."""
+
+    def ours(path: Path) -> bool:
+        patterns = STAGE_OUTPUTS[stage]
+        return all(
+            entry.name.startswith(".") or any(fnmatch(entry.name, p) for p in patterns) for entry in path.iterdir()
+        )
+
+    check_output(
+        args.out,
+        inputs,
+        args.overwrite,
+        ours=ours,
+        directory=True,
+        what=f"an output of clip-moe dmu {args.dmu_command}",
+    )
+
+
+def _is_demo_directory(path: Path) -> bool:
+    """A directory ``clip-moe demo`` wrote: its manifest (or a control world's), or only the log of a demo that
+    stopped before writing one."""
+    names = {entry.name for entry in path.iterdir()}
+    return "demo_manifest.json" in names or any(path.glob("control_*/manifest.json")) or names <= {"demo.log"}
+
+
 def _register_stages(dmu_commands) -> None:
     dmu_defaults = DMUSection()
     extract = dmu_commands.add_parser("extract", help="embed the training set with a model (sharded per rank)")
@@ -263,6 +310,7 @@ def _register_stages(dmu_commands) -> None:
     extract.add_argument("--batch-size", type=int, default=dmu_defaults.extract_batch_size)
     extract.add_argument("--mixed-precision", default=RuntimeSection().mixed_precision, choices=PRECISIONS)
     _add_data_arguments(extract)
+    extract.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     extract.set_defaults(func=run_extract)
 
     cluster = dmu_commands.add_parser("cluster", help="k-means image and text features into pseudo-labels")
@@ -274,6 +322,7 @@ def _register_stages(dmu_commands) -> None:
     cluster.add_argument("--text-clusters", type=int, default=dmu_defaults.text_clusters)
     cluster.add_argument("--backend", default=dmu_defaults.kmeans_backend, choices=KMEANS_BACKENDS)
     cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     cluster.set_defaults(func=run_cluster)
 
     mcl = dmu_commands.add_parser("mcl", help="one multistage-contrastive stage: FFNs on one-cluster batches")
@@ -282,6 +331,7 @@ def _register_stages(dmu_commands) -> None:
     mcl.add_argument("--out", required=True, help="stage directory (model/, train_state/, tensorboard/)")
     _add_data_arguments(mcl)
     _add_training_arguments(mcl, StageSection())
+    mcl.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     mcl.set_defaults(func=run_mcl)
 
     assemble = dmu_commands.add_parser("assemble", help="N dense models -> N experts per layer (= clip-moe assemble)")
@@ -296,6 +346,7 @@ def _register_stages(dmu_commands) -> None:
     )
     _add_data_arguments(route)
     _add_training_arguments(route, route_defaults())
+    route.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     route.set_defaults(func=run_route)
 
 
@@ -313,6 +364,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "random batches); default dmu",
     )
     run.add_argument("--run-dir", help="override the config's run_dir")
+    run.add_argument("--overwrite", action="store_true", help="use a non-empty --run-dir that has no run manifest")
     run.set_defaults(func=run_pipeline_command)
     plan = dmu_commands.add_parser("plan", help="dry run: stages, steps, clusters, disk and memory of a config")
     plan.add_argument("config", help="YAML config (see configs/)")
@@ -336,11 +388,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--attributes", help="synthetic attributes file for per-attribute accuracy")
     evaluate.add_argument("--batch-size", type=int, default=EvalSection().batch_size)
     evaluate.add_argument("--out", help="output directory (default: eval/ next to MODEL)")
+    evaluate.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     evaluate.set_defaults(func=run_eval)
 
     demo = commands.add_parser("demo", help="DMU vs fine-tuning vs sparse upcycling on synthetic data (CPU)")
     demo.add_argument("--quick", action="store_true", help="a tiny version for tests (< 60 s)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out that is not a demo directory"
+    )
     demo.add_argument(
         "--control-world",
         choices=("audit", "suppressed", "seldom"),

@@ -2,18 +2,21 @@
 VLMEvalKit's protocol (or all three side by side)."""
 
 import argparse
+import json
 import logging
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import atomic_write_json, check_output
 from mllm_encoder.eval.mllm.answering import (
     answer_questions,
     get_chunk,
     load_question_file,
     merge_answer_files,
 )
+from mllm_encoder.eval.mllm.jsonl import JsonlRecord
 from mllm_encoder.eval.mllm.mme import COGNITION, PERCEPTION, MMEResult, compare_mme_protocols, evaluate_mme
 from mllm_encoder.eval.mllm.pope import PopeResult, compare_pope_protocols, evaluate_pope
 from mllm_encoder.eval.mllm.protocols import PROTOCOLS, ProtocolComparison
@@ -38,6 +41,7 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-file", required=True, help="LLaVA's question file (JSON lines)")
     parser.add_argument("--result-file", required=True, help="answer file in LLaVA's format (JSON lines)")
     parser.add_argument("--output", help="write every number to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any data problem is found")
     parser.add_argument(
         "--protocol",
@@ -94,6 +98,7 @@ def _register_merge(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("merge", help="merge sharded answer files in question-file order")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--output", required=True, help="the merged answer file (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--allow-missing", action="store_true", help="merge even if some questions lack answers")
     parser.add_argument("shards", nargs="+", help="the answer files of the shards")
     parser.set_defaults(func=run_merge)
@@ -146,6 +151,7 @@ def _score(
     print_comparison: Callable[[ProtocolComparison], None],
 ) -> None:
     """Score ``--result-file`` under ``--protocol`` (or all three, with their disagreements) and print it."""
+    check_output(args.output, [args.question_file, args.result_file, data], args.overwrite)
     if args.protocol == "all":
         report = compare(data, args.question_file, args.result_file)
         print_comparison(report)
@@ -261,7 +267,12 @@ def answerer_class(name: str = ANSWERER_NAME) -> Callable[..., Any]:
 
 def run_answer(args: argparse.Namespace) -> None:
     """Answer this shard's questions with a LLaVA checkpoint, resuming an existing answer file."""
+    if not Path(args.image_folder).is_dir():
+        raise ValueError(f"{args.image_folder}: no such image folder (--image-folder)")
+    inputs = [args.question_file, args.image_folder, args.model_path, args.model_base]
+    check_output(args.answers_file, inputs, ours=_is_answer_file, what="an answer file", foreign_replaceable=False)
     records = load_question_file(args.question_file, args.image_folder, args.allow_absolute_image_paths)
+    _warn_shared_question_ids(args.question_file, records)
     questions = get_chunk([record.data for record in records], args.num_chunks, args.chunk_idx)
     answerer = answerer_class()(
         args.model_path,
@@ -282,9 +293,54 @@ def run_answer(args: argparse.Namespace) -> None:
         f"{stats.num_skipped} skipped (unreadable image) "
         f"({stats.num_questions} questions in chunk {args.chunk_idx} of {args.num_chunks})"
     )
+    if stats.num_skipped and not stats.num_answered_now:
+        raise ValueError(
+            f"{args.answers_file}: none of the {stats.num_skipped} questions left was answered (first: "
+            f"{stats.skipped[0]}); check --image-folder and the question file's image paths"
+        )
+
+
+def _is_answer_file(path: Path) -> bool:
+    """Whether ``path`` is an answer file (to resume): empty, or JSON lines with ``question_id``, ``prompt`` and
+    ``text``, the last one possibly cut off by a killed writer."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return False
+    for position, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line) if line.strip() else {"question_id": 0, "prompt": "", "text": ""}
+        except json.JSONDecodeError:
+            if position == len(lines) and not line.endswith("\n") and line.lstrip().startswith("{"):
+                continue
+            return False
+        if not isinstance(record, dict) or not {"question_id", "prompt", "text"} <= record.keys():
+            return False
+    return True
+
+
+def _warn_shared_question_ids(question_file: str, records: Sequence[JsonlRecord]) -> None:
+    """Warn about questions that share a ``question_id`` (scorers matching answers by id alone confuse them)."""
+    first: Dict[str, int] = {}
+    shared = []
+    for record in records:
+        key = json.dumps(record.data["question_id"])
+        if key in first:
+            shared.append(f"line {record.line} (as line {first[key]})")
+        first.setdefault(key, record.line)
+    if shared:
+        logger.warning(
+            "%s: %d questions share a question_id with an earlier one: %s%s; each is answered, but a scorer "
+            "that matches answers by question_id alone cannot tell them apart",
+            question_file,
+            len(shared),
+            ", ".join(shared[:3]),
+            ", ..." if len(shared) > 3 else "",
+        )
 
 
 def run_merge(args: argparse.Namespace) -> None:
     """Merge shard answer files into one answer file in question-file order."""
+    check_output(args.output, [args.question_file, *args.shards], args.overwrite)
     missing = merge_answer_files(args.question_file, args.shards, args.output, allow_missing=args.allow_missing)
     print(f"wrote {args.output} ({missing} questions without an answer)")

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.atomic import atomic_write_json, check_output
 from mllm_encoder.data.retrieval_sets import RETRIEVAL_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 
 def run_retrieval(args: argparse.Namespace) -> None:
     """Handler of ``clip-moe eval retrieval``."""
+    check_output(args.output, [args.model, args.data, args.image_root], args.overwrite)
     from mllm_encoder.data.retrieval_sets import read_retrieval_set
     from mllm_encoder.eval.retrieval import evaluate_retrieval, format_retrieval_table
 
@@ -54,6 +55,7 @@ def run_retrieval(args: argparse.Namespace) -> None:
 
 def run_classify(args: argparse.Namespace) -> None:
     """Handler of ``clip-moe eval classify``."""
+    check_output(args.output, [args.model, args.image_folder, args.classes, args.templates], args.overwrite)
     from mllm_encoder.eval.classification import DEFAULT_TEMPLATES, read_lines, zero_shot_classify
 
     model, image_processor, tokenizer = load_model_and_processors(args.model, args.device or _default_device())
@@ -81,6 +83,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -115,7 +115,13 @@ def convert_checkpoint(
     out_dir = Path(out_dir)
     inputs = [source] + ([tokenizer_dir] if tokenizer_dir is not None else [])
     check_output_dir(out_dir, inputs, overwrite)
-    model = _converted_model(read_state_dict(source), source_format, top_k, num_heads)
+    try:
+        model = _converted_model(read_state_dict(source), source_format, top_k, num_heads)
+    except KeyError as error:  # a tensor the layout needs is absent (an incomplete or differently laid out file)
+        raise ValueError(
+            f"{source}: the state dict lacks the tensor {error.args[0]!r}; is it a complete --from {source_format} "
+            "checkpoint?"
+        ) from error
     if num_experts is not None and num_experts > 1:
         model = sparse_upcycle(model, num_experts, top_k)
     if dtype is not None:

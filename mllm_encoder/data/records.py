@@ -12,6 +12,7 @@ shared by every rank and stage.
 import array
 import contextlib
 import csv
+import functools
 import io
 import itertools
 import json
@@ -67,8 +68,8 @@ def resolve_image_path(
     """``image`` joined to ``image_root`` (default: the working directory); ``where`` names the record in errors.
 
     Raises:
-        ValueError: when the path leaves ``image_root`` (``../``), or is absolute and ``allow_absolute`` is
-            False: a data file must not make us read arbitrary files.
+        ValueError: when the path leaves ``image_root`` (``../``, or a symbolic link leading outside it), or is
+            absolute, and ``allow_absolute`` is False: a data file must not make us read arbitrary files.
     """
     if os.path.isabs(image):
         if not allow_absolute:
@@ -77,7 +78,20 @@ def resolve_image_path(
     relative = os.path.normpath(image)
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise ValueError(f"{where}: image path {image!r} leaves the image root {os.fspath(image_root or '.')!r}")
-    return relative if image_root is None else os.path.join(os.fspath(image_root), relative)
+    path = relative if image_root is None else os.path.join(os.fspath(image_root), relative)
+    root = _real_root(os.path.abspath(image_root or "."))
+    if not allow_absolute and os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ValueError(
+            f"{where}: image path {image!r} is a symbolic link (or lies under one) that leads outside the image root "
+            f"{os.fspath(image_root or '.')!r}; pass allow_absolute_paths=True (--allow-absolute-image-paths) to "
+            "read outside it"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
 
 
 JSON_CHUNK = 1 << 22  # characters read at a time when streaming a JSON list

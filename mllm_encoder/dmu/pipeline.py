@@ -3,7 +3,8 @@
 Run directory::
 
     manifest.json            finished stages and what they produced (atomic)
-    config.yaml              the config the run was started with (a resume must use the same)
+    run_config.yaml          the config the run's stages use (a copy of the manifest's ``config``; a resume
+                             may change only what no finished stage depends on, see ``dmu/preflight.py``)
     run.log                  the log of every invocation
     data_index/              the training data's index: records/ (JSON/CSV/folder) or shards/ (tar offsets)
     base/stretch/model/      the base with a stretched text context (only with dmu.text_context)
@@ -24,7 +25,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -32,8 +33,14 @@ from accelerate.utils import set_seed
 
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
-from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
+from mllm_encoder.dmu.config import METHODS, RunConfig
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
+from mllm_encoder.dmu.preflight import (
+    check_against_base,
+    check_against_data,
+    check_config_change,
+    check_run_directory,
+)
 from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
@@ -69,6 +76,9 @@ def train_stage(method: str) -> str:
     """The manifest name of the one training stage of a baseline (``finetune``, ``upcycle``) or of the control's
     random-batch arm (``control``)."""
     return f"{method}/train"
+
+
+FROZEN_CONFIG_NAME = "run_config.yaml"
 
 
 @dataclass
@@ -264,56 +274,97 @@ def plan(ctx: RunContext, method: str) -> List[Stage]:
     return base + (stages(ctx) if stages else baseline_stages(ctx, method))
 
 
-def _check_config_copy(config: RunConfig, run_dir: Path, manifest: Manifest, is_main: bool) -> None:
-    """Pin the run directory to its config once a stage has finished; until then a corrected config may replace
-    the saved one. A differing config is refused with the differing keys named (``runtime`` may change)."""
-    saved = run_dir / "config.yaml"
-    current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
-    if saved.exists() and manifest.stages:
-        previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
-        differing = config_differences(previous, current)
-        if differing:
-            raise ValueError(
-                f"{saved}: the run directory was started with a different config (differs in "
-                f"{', '.join(differing)}); restore those values or use a new run_dir"
-            )
-    elif is_main:
-        atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def _record_config(config: RunConfig, manifest: Manifest, where: str, config_file: Optional[str]) -> None:
+    """Check a changed config against the finished stages (:func:`check_config_change`), then record the config
+    in the manifest and its readable copy ``run_config.yaml`` (never the user's config file itself)."""
+    run_dir = Path(config.run_dir)
+    current = config.to_dict()
+    previous = manifest.config
+    legacy = run_dir / "config.yaml"  # run directories made before the manifest recorded the config
+    if previous is None and legacy.is_file() and manifest.stages:
+        previous = yaml.safe_load(legacy.read_text())
+    if previous is not None:
+        changed = check_config_change(previous, current, manifest.stages, run_dir, where)
+        if changed and manifest.writable:
+            logger.warning("%s: applying the changed %s (no finished stage depends on them)", run_dir, changed)
+    manifest.record_config(current)
+    copy = run_dir / FROZEN_CONFIG_NAME
+    if manifest.writable and (config_file is None or copy.resolve() != Path(config_file).resolve()):
+        atomic_write_text(copy, yaml.safe_dump(current, sort_keys=False))
 
 
-def check_run_inputs(config: RunConfig, accelerator=None) -> TrainingData:
-    """Open the base model's config and processors and the training data before any stage runs; returns the
-    run's training data. Its index is built once under ``run_dir/data_index`` (only when the data is readable)
-    and reused by every stage, rank and resume."""
+def check_run_inputs(
+    config: RunConfig,
+    methods: Sequence[str] = METHODS,
+    where: str = "config",
+    accelerator=None,
+    overwrite: bool = False,
+) -> TrainingData:
+    """Check everything before any stage runs: the run directory (the output rule), the base model, the config
+    against the base and the installed libraries, the training data and the config against its size; returns
+    the run's training data. Its index is built once under ``run_dir/data_index`` (only when the data is
+    readable) and reused by every stage, rank and resume."""
+    data_inputs = (config.data.train, config.data.image_root, config.eval.data, config.eval.image_root)
+    check_run_directory(config.run_dir, (config.base_model, *data_inputs), overwrite)
     read_model_type(config.base_model)
+    check_against_base(config, where, methods)
     index_dir = Path(config.run_dir) / DATA_INDEX
     try:
-        return load_training_data(config.data, config.base_model, index_dir, accelerator, config.dmu.text_context)
+        training = load_training_data(config.data, config.base_model, index_dir, accelerator, config.dmu.text_context)
     except OSError as error:
         raise ValueError(f"data.train: cannot open {config.data.train} ({error.strerror or error})") from error
+    world_size = accelerator.num_processes if accelerator is not None else 1
+    try:
+        check_against_data(config, where, methods, len(training), world_size)
+    except ValueError:
+        training.close()
+        raise
+    return training
 
 
-def run_pipeline(config: RunConfig, method: str, accelerator, stop_after_step: Optional[int] = None) -> Dict[str, Any]:
+def run_pipeline(
+    config: RunConfig,
+    method: str,
+    accelerator,
+    stop_after_step: Optional[int] = None,
+    where: str = "config",
+    config_file: Optional[str] = None,
+    overwrite: bool = False,
+    training: Optional[TrainingData] = None,
+) -> Dict[str, Any]:
     """Run (or resume) every unfinished stage of ``method``; returns ``{stage: result}`` of the manifest.
 
-    Everything is checked (the config when it was built, then the base model and the data here) before the
-    run directory is touched. ``stop_after_step`` interrupts a training stage after that step (for tests).
+    Everything is checked (the config when it was built, then :func:`check_run_inputs`, unless the caller did
+    and passes its ``training`` data) before the run directory is touched. ``where`` names the config in errors
+    (``config_file``, the user's file, is never written). ``stop_after_step`` interrupts a training stage after
+    that step (for tests).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    training = check_run_inputs(config, accelerator)
+    owned = training is None
+    if owned:
+        training = check_run_inputs(config, [method], where, accelerator, overwrite)
     try:
-        return _run_stages(config, method, accelerator, stop_after_step, training)
+        return _run_stages(config, method, accelerator, stop_after_step, training, where, config_file)
     finally:
-        training.close()  # the run leaves no shard file open
+        if owned:
+            training.close()  # the run leaves no shard file open
 
 
-def _run_stages(config: RunConfig, method: str, accelerator, stop_after_step, training: TrainingData) -> Dict[str, Any]:
+def _run_stages(
+    config: RunConfig,
+    method: str,
+    accelerator,
+    stop_after_step: Optional[int],
+    training: TrainingData,
+    where: str,
+    config_file: Optional[str],
+) -> Dict[str, Any]:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with hold(directory_lock(run_dir), enabled=accelerator.is_main_process):  # a second run is refused
         manifest = Manifest(run_dir / "manifest.json", writable=accelerator.is_main_process)
-        _check_config_copy(config, run_dir, manifest, accelerator.is_main_process)
+        _record_config(config, manifest, where, config_file)
         accelerator.wait_for_everyone()  # every rank has read the same manifest before any stage starts
         ctx = RunContext(config, accelerator, len(training), stop_after_step, training)
         for position, (name, run) in enumerate(plan(ctx, method)):

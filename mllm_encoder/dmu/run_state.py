@@ -14,7 +14,8 @@ STATE_PREFIX = "step_"
 
 
 class Manifest:
-    """``manifest.json``: which stages of a run are finished, with what they produced.
+    """``manifest.json``: which stages of a run are finished, with what they produced, and (for a DMU run) the
+    config they were run with (``config``, None until recorded).
 
     Only the main process writes (``writable``); the others keep the same record in memory.
     """
@@ -22,11 +23,23 @@ class Manifest:
     def __init__(self, path: Union[str, Path], writable: bool = True) -> None:
         self.path, self.writable = Path(path), writable
         self.stages: Dict[str, Dict[str, Any]] = {}
+        self.config: Optional[Dict[str, Any]] = None
         if self.path.exists():
             try:
-                self.stages = json.loads(self.path.read_text())["stages"]
-            except (json.JSONDecodeError, KeyError) as error:
+                saved = json.loads(self.path.read_text())
+                self.stages, self.config = saved["stages"], saved.get("config")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{self.path}: not a run manifest ({error})") from error
+
+    def record_config(self, config: Dict[str, Any]) -> None:
+        """Record the config the run's stages use (written at once)."""
+        self.config = config
+        self._write()
+
+    def _write(self) -> None:
+        if self.writable:
+            config = {} if self.config is None else {"config": self.config}
+            atomic_write_json(self.path, {**config, "stages": self.stages})
 
     def is_done(self, stage: str) -> bool:
         return stage in self.stages
@@ -36,8 +49,7 @@ class Manifest:
 
     def mark_done(self, stage: str, **info: Any) -> None:
         self.stages[stage] = info
-        if self.writable:
-            atomic_write_json(self.path, {"stages": self.stages})
+        self._write()
 
 
 def _trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -82,6 +82,11 @@ def run_extract(
     with accelerator.autocast():
         extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
     collator.check(final=True)
+    if collator.num_seen and collator.num_bad == collator.num_seen:  # even max_bad_fraction 1.0 needs one sample
+        raise ValueError(
+            f"{data.train}: none of the {collator.num_seen} samples could be read (see the warnings above); check "
+            "the image paths and data.image_root (--image-root)"
+        )
     accelerator.wait_for_everyone()
     return out_dir
 

@@ -149,11 +149,13 @@ def test_the_command_writes_no_run_log_for_a_missing_base(tmp_path, shapes_data,
 def test_a_run_without_a_finished_stage_accepts_a_corrected_config(tmp_path, tiny_base_dir, shapes_data):
     accelerator = build_accelerator("no")
     first = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=3)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))  # a run that died in its first stage
+    with pytest.raises(TrainingInterrupted):  # base/eval finished, finetune/train stopped before its first save
+        run_pipeline(first, "finetune", accelerator, stop_after_step=1)
     corrected = _config(tmp_path, tiny_base_dir, shapes_data, num_experts=2)
     stages = run_pipeline(corrected, "finetune", accelerator)
     assert "finetune/train" in stages
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["dmu"]["num_experts"] == 2
+    assert yaml.safe_load((tmp_path / "run_config.yaml").read_text())["dmu"]["num_experts"] == 2
+    assert json.loads((tmp_path / "manifest.json").read_text())["config"]["dmu"]["num_experts"] == 2
 
 
 def test_text_context_stretches_the_base_for_every_method(tmp_path, tiny_base_dir, shapes_data):
@@ -219,7 +221,7 @@ def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(tm
     with directory_lock(tmp_path):  # another run holds the directory
         with pytest.raises(LockError, match=rf"run directory {tmp_path} is in use by pid {os.getpid()}"):
             run_pipeline(config, "finetune", accelerator)
-    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "manifest.json").exists()
+    assert not (tmp_path / "run_config.yaml").exists() and not (tmp_path / "manifest.json").exists()
     killed = subprocess.Popen([sys.executable, "-c", "pass"])
     killed.wait()
     record = {"pid": killed.pid, "host": socket.gethostname(), "started": None, "command": "clip-moe", "token": "x"}

@@ -77,6 +77,8 @@ def load_question_file(
     seen: Dict[QuestionKey, int] = {}
     for record in questions:
         require_fields(question_file, record, ("question_id", "text"))
+        if not isinstance(record.data["text"], str):
+            raise ValueError(f"{question_file}:{record.line}: 'text' must be a string, got {record.data['text']!r}")
         if image_folder is not None:
             require_fields(question_file, record, ("image",))
             where = f"{question_file}:{record.line}"
