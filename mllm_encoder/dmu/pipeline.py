@@ -23,6 +23,7 @@ The stage names are this module's (:func:`mcl_stage`, :func:`cluster_stage`, :fu
 
 import functools
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +37,7 @@ from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.dmu.config import METHODS, RunConfig
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
 from mllm_encoder.dmu.preflight import (
+    DATA_INDEX,
     check_against_base,
     check_against_data,
     check_config_change,
@@ -57,7 +59,6 @@ from mllm_encoder.locking import directory_lock, hold
 from mllm_encoder.upcycle import sparse_upcycle
 
 logger = logging.getLogger(__name__)
-DATA_INDEX = "data_index"  # run_dir/data_index/: the training data's index (records/ or shards/), built once
 Stage = Tuple[str, Callable[[], Dict[str, Any]]]
 ROUTE_STAGE = "dmu/route"
 
@@ -309,6 +310,7 @@ def check_run_inputs(
     read_model_type(config.base_model)
     check_against_base(config, where, methods)
     index_dir = Path(config.run_dir) / DATA_INDEX
+    new_run_dir = not Path(config.run_dir).exists()
     try:
         training = load_training_data(config.data, config.base_model, index_dir, accelerator, config.dmu.text_context)
     except OSError as error:
@@ -318,6 +320,8 @@ def check_run_inputs(
         check_against_data(config, where, methods, len(training), world_size)
     except ValueError:
         training.close()
+        if new_run_dir and (accelerator is None or accelerator.is_main_process):
+            shutil.rmtree(config.run_dir, ignore_errors=True)  # only the index this call wrote: nothing was run
         raise
     return training
 

@@ -23,7 +23,8 @@ import torch
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.data import TarShardDataset, build_record_index, expand_shards
 from mllm_encoder.dmu.config import METHODS, RunConfig, StageSection
-from mllm_encoder.dmu.pipeline import DATA_INDEX, RunContext
+from mllm_encoder.dmu.pipeline import RunContext
+from mllm_encoder.dmu.preflight import DATA_INDEX
 from mllm_encoder.dmu.resources import INDEXED_FORMATS, data_format
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.trainer import select_trainable

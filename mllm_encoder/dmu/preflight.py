@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "run.log"
+DATA_INDEX = "data_index"  # run_dir/data_index/: the training data's index (records/ or shards/), built once
 # The k-means backends and the module each needs (``auto`` needs none: it picks among the installed ones).
 KMEANS_MODULES = {"sklearn": "sklearn", "torch": "torch", "faiss": "faiss"}
 
@@ -92,10 +93,10 @@ def check_against_data(
 
 
 def is_run_directory(path: Path) -> bool:
-    """Whether ``path`` is a DMU run directory: it has a run manifest (or only the log of a run that stopped
-    before writing one)."""
+    """Whether ``path`` is a DMU run directory: it has a run manifest (or only the log, lock and data index of a
+    run that stopped before writing one)."""
     names = {entry.name for entry in path.iterdir()}
-    return MANIFEST_NAME in names or names <= {LOG_NAME, ".lock"}
+    return MANIFEST_NAME in names or names <= {LOG_NAME, ".lock", DATA_INDEX}
 
 
 def check_run_directory(run_dir: PathLike, inputs: Iterable[Optional[PathLike]], overwrite: bool) -> None:

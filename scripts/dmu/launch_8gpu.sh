@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DMU on one node with 8 GPUs. usage: scripts/dmu/launch_8gpu.sh [CONFIG] [--method dmu|upcycle|finetune|control|all]
+# DMU on one node with 8 GPUs. usage: scripts/dmu/launch_8gpu.sh [CONFIG] [--method finetune|upcycle|dmu|control|all]
 # Run it again after a crash or kill: finished stages are skipped, an interrupted one resumes.
 # NPROC changes the process count (default 8); LAUNCHER=torchrun uses torchrun instead of accelerate.
 set -euo pipefail
