@@ -229,3 +229,45 @@ def test_generation_settings_and_stop_strings(lmms_eval_api):
     settings, _ = module.generation_settings({"do_sample": True, "temperature": 0.7, "top_p": 0.9})
     assert settings == {"max_new_tokens": 128, "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
     assert module.cut_at_stop_strings("Yes.\n\nUSER: more", ["\n\n", "", "USER:"]) == "Yes."
+
+
+@pytest.mark.skipif(
+    not hasattr(transformers, "LlavaNextForConditionalGeneration"),
+    reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
+)
+@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+def test_batched_answers_equal_one_at_a_time_with_anyres_images_of_different_sizes(
+    lmms_eval_api, llava_workdir, tmp_path, kind
+):
+    from llava_patch.hf_llava_next import build_anyres_llava
+
+    if kind == "llava_onevision" and not hasattr(transformers, "LlavaOnevisionForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no LlavaOnevisionForConditionalGeneration")
+    torch.manual_seed(0)
+    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind=kind)
+    checkpoint = tmp_path / f"{kind}-clip-moe"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]  # three sizes, three ratios
+    contexts = ["Is there a dog?", "What color is the shape in this picture? Describe it.", "Is it a car?"]
+    gen_kwargs = {"max_new_tokens": 6, "until": []}
+    answers = {}
+    for batch_size in (1, 3):
+        lm = model_class(pretrained=str(checkpoint), device="cpu", dtype="float32", batch_size=batch_size)
+        answers[batch_size] = lm.generate_until(local_requests(lmms_eval_api, lm, contexts, images, gen_kwargs))
+    assert answers[3] == answers[1] and len(set(answers[1])) > 1, answers
+
+
+def test_batched_answers_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]
+    contexts = ["What color is the image?", "Is it red? Answer yes or no.", "Describe the shape."]
+    gen_kwargs = {"max_new_tokens": 6, "temperature": 0, "until": []}
+    answers = {}
+    for batch_size in (1, 2):
+        lm = model_class(pretrained=str(tiny_llava_dir), device="cpu", batch_size=batch_size)
+        answers[batch_size] = lm.generate_until(local_requests(lmms_eval_api, lm, contexts, images, gen_kwargs))
+    assert answers[2] == answers[1], answers
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):
+        model_class(pretrained=str(tiny_llava_dir), device="cpu", batch_size="auto")
