@@ -75,6 +75,16 @@ def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
     return text
 
 
+def continuation_score(logits: torch.Tensor, continuation_ids: torch.Tensor) -> Tuple[float, bool]:
+    """lmms-eval's loglikelihood answer from the logits of a sequence ending in ``continuation_ids``: the summed
+    log-probability of the continuation's tokens, and whether greedy decoding would have produced them."""
+    count = continuation_ids.shape[-1]
+    predicting = logits[0, -count - 1 : -1].float().log_softmax(-1)  # position t predicts token t + 1
+    token_logprobs = predicting.gather(-1, continuation_ids.view(-1, 1).to(predicting.device)).squeeze(-1)
+    greedy = bool((predicting.argmax(-1) == continuation_ids.view(-1).to(predicting.device)).all())
+    return float(token_logprobs.sum()), greedy
+
+
 class _HFBackend:
     """A transformers Llava / LlavaNext / LlavaOnevision checkpoint with its ``AutoProcessor``."""
 
@@ -118,6 +128,18 @@ class _HFBackend:
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
+    @torch.inference_mode()
+    def loglikelihood(self, context: str, images: List[Image.Image], continuation: str) -> Tuple[float, bool]:
+        """The log-probability of ``continuation`` right after the prompt of ``context`` (and its greediness)."""
+        inputs = self.processor(images=images or None, text=self.prompt(context, len(images)), return_tensors="pt")
+        continuation_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation_ids], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return continuation_score(self.model(**inputs).logits, continuation_ids)
+
 
 class _LlavaBackend:
     """A LLaVA-1.5 checkpoint (``llava-torch`` code, patched by :mod:`llava_patch`), prompted as model_vqa_loader."""
@@ -144,6 +166,24 @@ class _LlavaBackend:
                     f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(request_images)}"
                 )
         return self.answerer.answer_batch(contexts, [request_images[0] for request_images in images], settings)
+
+    @torch.inference_mode()
+    def loglikelihood(self, context: str, images: List[Image.Image], continuation: str) -> Tuple[float, bool]:
+        """The log-probability of ``continuation`` right after LLaVA's prompt of ``context`` with one image."""
+        if len(images) != 1:
+            raise ValueError(f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(images)}")
+        a = self.answerer
+        prompt_ids = a.mm_utils.tokenizer_image_token(
+            a.build_prompt(context), a.tokenizer, a.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
+        )
+        continuation_ids = a.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        pixels = a.mm_utils.process_images(images, a.image_processor, a.model.config)
+        logits = a.model(
+            input_ids=torch.cat([prompt_ids, continuation_ids]).unsqueeze(0).to(a.model.device),
+            images=pixels.to(dtype=a.model.dtype, device=a.model.device),
+            image_sizes=[images[0].size],
+        ).logits
+        return continuation_score(logits, continuation_ids)
 
 
 class CLIPMoELlava(lmms):
@@ -204,13 +244,14 @@ class CLIPMoELlava(lmms):
         """Where the model runs."""
         return self._device
 
-    def _visuals(self, request: Instance) -> Tuple[str, Dict[str, Any], List[Image.Image]]:
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+    def _visuals(self, request: Instance) -> Tuple[str, Any, List[Image.Image]]:
+        """A request's context, second argument (generation kwargs or continuation) and images."""
+        context, second, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
         images = [visual.convert("RGB") for visual in visuals if isinstance(visual, Image.Image)]
         if len(images) != len(visuals):
             raise ValueError(f"{MODEL_ID}: task {task!r} gives non-image visuals (video/audio are not supported)")
-        return context, gen_kwargs, images
+        return context, second, images
 
     def generate_until(self, requests: List[Instance]) -> List[str]:
         """Answer the requests (context, generation kwargs, images) greedily unless they ask to sample, in batches
@@ -240,8 +281,15 @@ class CLIPMoELlava(lmms):
         return batches
 
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        """Not supported: MME and POPE (and most image tasks) are ``generate_until`` tasks."""
-        raise NotImplementedError(f"{MODEL_ID} does not implement loglikelihood")
+        """For each request (context, continuation, images): the summed log-probability of the continuation's
+        tokens after the prompt of the context, and whether greedy decoding would produce them (one at a time)."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc=f"{MODEL_ID} loglikelihood"):
+            context, continuation, images = self._visuals(request)  # a loglikelihood request's 2nd argument
+            result = self.backend.loglikelihood(context, images, continuation)
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+            results.append(result)
+        return results
 
     def generate_until_multi_round(self, requests: List[Instance]) -> List[str]:
         """Not supported."""
