@@ -12,8 +12,8 @@ python=${PYTHON:-python3}
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip "$@"; }
-pip install -q -c requirements/constraints.txt -c requirements/lmms-eval.txt torch==2.13.0
-pip install -q -c requirements/constraints.txt -c requirements/lmms-eval.txt lmms-eval==0.7.3 -e ".[llava,lmms-eval,dev]"
-pip install -q --no-deps llava-torch==1.2.2.post1
+pip install -c requirements/constraints.txt -c requirements/lmms-eval.txt torch==2.13.0
+pip install -c requirements/constraints.txt -c requirements/lmms-eval.txt lmms-eval==0.7.3 -e ".[llava,lmms-eval,dev]"
+pip install --no-deps llava-torch==1.2.2.post1
 "$venv/bin/python" scripts/patch_torchvision.py
 "$venv/bin/python" -c "import lmms_eval.evaluator, llava_patch.lmms_eval_model; print('$venv: lmms-eval ready')"

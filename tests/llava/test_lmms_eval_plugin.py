@@ -342,3 +342,13 @@ def test_loglikelihood_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir
             logits = a.model(input_ids=torch.cat([prompt, ids])[None], images=pixels, image_sizes=[image.size]).logits
         expected, expected_greedy = summed_logprobs(logits, ids)
         assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0 and greedy == expected_greedy
+
+
+def test_the_documented_install_lines_are_what_make_test_lmms_runs():
+    script = (REPO_ROOT / "scripts" / "setup_lmms_env.sh").read_text().splitlines()
+    docs = (REPO_ROOT / "docs" / "evaluation.md").read_text().splitlines()
+    installs = [line for line in script if line.startswith("pip install")]
+    assert len(installs) == 3 and all(line in docs for line in installs), installs
+    assert [line for line in docs if line.startswith("pip install")][-3:] == installs
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "bash scripts/setup_lmms_env.sh .venv-lmms" in makefile and "test_lmms_eval_run.py" in makefile
