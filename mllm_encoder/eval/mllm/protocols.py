@@ -245,9 +245,12 @@ def compare_protocols(
     """Score checked ``answers`` (with ``items`` and ``warnings``) under every protocol of ``parsers`` with
     ``score(answers, protocol)``, and list the answers that the parsers read differently."""
     items = answers.items
+    results = {protocol: score(answers, protocol) for protocol in parsers}
+    warnings = list(answers.warnings)  # plus each protocol's own (e.g. where its tool would have raised)
+    warnings += [w for result in results.values() for w in result.warnings if w not in answers.warnings]
     return ProtocolComparison(
-        results={protocol: score(answers, protocol) for protocol in parsers},
+        results=results,
         num_scored=len(items),
         disagreements=find_disagreements(items, parsers),
-        warnings=list(answers.warnings),
+        warnings=warnings,
     )
