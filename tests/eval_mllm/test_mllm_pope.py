@@ -267,7 +267,8 @@ def lmms_eval_reference(texts, labels):
 
 
 def vlmevalkit_extract(text):
-    """vlmeval YOrN_Extraction with vlmeval.smp.process_punctuation, ported as written (regex quirks included)."""
+    """vlmeval YOrN_Extraction with vlmeval.smp.process_punctuation, ported as written at VLMEvalKit e8e78f05
+    (regex quirks included; the period pattern is the one of commit 928a95b0, 2025-05-13)."""
     text = text.lower()
     out = text
     for p in list(';/[]"{}()=+\\_-><@`,?!'):
@@ -275,7 +276,7 @@ def vlmevalkit_extract(text):
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = re.compile(r"(?!<=\d)(\.)(?!\d)").sub("", out, re.UNICODE)
+    out = re.compile(r"(?<!\d)\.(?!\d)").sub("", out, re.UNICODE)
     words = out.split()
     if "yes" in words and "no" not in words:
         return "Yes"
