@@ -278,7 +278,12 @@ def loglikelihood_requests(api, model, contexts, continuations, images):
     model.task_dict = {"local_choice": {"test": [{"image": image} for image in images]}}
     doc_to_visual = lambda doc: [doc["image"]]  # noqa: E731
     return [
-        api.Instance("loglikelihood", (context, continuation, doc_to_visual, doc_id, "local_choice", "test"), doc_id)
+        api.Instance(
+            "loglikelihood",
+            (context, continuation, doc_to_visual, doc_id, "local_choice", "test"),
+            doc_id,
+            {"task": "local_choice", "doc_id": doc_id, "repeats": 1},
+        )
         for doc_id, (context, continuation) in enumerate(zip(contexts, continuations))
     ]
 
