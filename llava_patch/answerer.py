@@ -124,6 +124,9 @@ class LlavaAnswerer:
             raise ValueError(f"{len(question_texts)} questions but {len(images)} images")
         if len(images) <= 1:
             return [self.answer(question_texts[0], images[0], generation)] if images else []
+        if not hasattr(self.model, "set_attn_implementation"):  # e.g. 4.37.2, where batched generate fails (measured)
+            logger.warning("transformers %s: answering one question at a time", transformers.__version__)
+            return [self.answer(text, image, generation) for text, image in zip(question_texts, images)]
         prompts = [
             self.mm_utils.tokenizer_image_token(
                 self.build_prompt(text), self.tokenizer, self.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
@@ -142,9 +145,6 @@ class LlavaAnswerer:
             pixels = pixels.to(dtype=self.model.dtype, device=self.model.device)
         else:  # anyres: one tensor of patches per image
             pixels = [p.to(dtype=self.model.dtype, device=self.model.device) for p in pixels]
-        if not hasattr(self.model, "set_attn_implementation"):  # transformers < 4.56: LLaVA's generate cannot batch
-            logger.warning("transformers %s: answering one question at a time", transformers.__version__)
-            return [self.answer(text, image, generation) for text, image in zip(question_texts, images)]
         config = self.model.config
         padding_side, attention = getattr(config, "tokenizer_padding_side", "right"), config._attn_implementation
         config.tokenizer_padding_side = "left"  # LLaVA re-pads the spliced embeddings on this side
