@@ -2,7 +2,7 @@
 PYTEST_ARGS ?=
 SETUP_INPUTS := pyproject.toml requirements/constraints.txt scripts/setup_env.sh scripts/patch_torchvision.py
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all test-lmms lint bench clean
 
 setup: .venv/.installed .venv-compat/.installed
 
@@ -12,6 +12,11 @@ setup: .venv/.installed .venv-compat/.installed
 
 .venv-compat/.installed: $(SETUP_INPUTS) requirements/compat.txt
 	bash scripts/setup_env.sh .venv-compat requirements/compat.txt
+	touch $@
+
+# The lmms-eval environment (lmms-eval 0.7.3 + the clip_moe_llava plug-in), made as docs/evaluation.md says.
+.venv-lmms/.installed: $(SETUP_INPUTS) requirements/lmms-eval.txt scripts/setup_lmms_env.sh
+	bash scripts/setup_lmms_env.sh .venv-lmms
 	touch $@
 
 demo: .venv/.installed
@@ -26,6 +31,10 @@ test-all: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 	.venv-compat/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# The plug-in's tests and a real `python -m lmms_eval eval` of a tiny CLIP-MoE LLaVA, in that environment.
+test-lmms: .venv-lmms/.installed
+	.venv-lmms/bin/python -m pytest -q tests/llava/test_lmms_eval_plugin.py tests/llava/test_lmms_eval_run.py
+
 lint: .venv/.installed
 	.venv/bin/ruff check mllm_encoder llava_patch scripts tests
 	.venv/bin/ruff format --check mllm_encoder llava_patch scripts tests
@@ -34,4 +43,4 @@ bench: .venv/.installed
 	.venv/bin/python scripts/bench_moe.py
 
 clean:
-	rm -rf .venv .venv-compat runs
+	rm -rf .venv .venv-compat .venv-lmms runs

@@ -11,7 +11,8 @@ It answers with either kind of checkpoint, chosen by its ``config.json``:
 
 lmms-eval (0.7.x) finds the class through this package's ``lmms_eval.models`` entry point, whose payload is
 :func:`manifests`. lmms-eval is an optional extra (``pip install "mllm-encoder[lmms-eval]"``); nothing else in
-the project imports this module. Requests are answered one at a time (``batch_size=1``) in one process.
+the project imports this module. Requests are answered ``batch_size`` at a time (consecutive requests with the same
+generation settings, left-padded, greedy answers equal to batch size 1's) in one process.
 """
 
 import logging
@@ -74,6 +75,16 @@ def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
     return text
 
 
+def continuation_score(logits: torch.Tensor, continuation_ids: torch.Tensor) -> Tuple[float, bool]:
+    """lmms-eval's loglikelihood answer from the logits of a sequence ending in ``continuation_ids``: the summed
+    log-probability of the continuation's tokens, and whether greedy decoding would have produced them."""
+    count = continuation_ids.shape[-1]
+    predicting = logits[0, -count - 1 : -1].float().log_softmax(-1)  # position t predicts token t + 1
+    token_logprobs = predicting.gather(-1, continuation_ids.view(-1, 1).to(predicting.device)).squeeze(-1)
+    greedy = bool((predicting.argmax(-1) == continuation_ids.view(-1).to(predicting.device)).all())
+    return float(token_logprobs.sum()), greedy
+
+
 class _HFBackend:
     """A transformers Llava / LlavaNext / LlavaOnevision checkpoint with its ``AutoProcessor``."""
 
@@ -85,6 +96,8 @@ class _HFBackend:
         self.model = model_class.from_pretrained(pretrained).to(device=device, dtype=dtype).eval()
         self.processor = transformers.AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust)
         self.tokenizer = self.processor.tokenizer
+        if self.tokenizer.pad_token is None:  # left padding of a batch; padded positions are masked out
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", "<image>")
 
     def prompt(self, context: str, num_images: int) -> str:
@@ -96,13 +109,36 @@ class _HFBackend:
         return f"{VICUNA_V1_SYSTEM} USER: {images}{context} ASSISTANT:"
 
     @torch.inference_mode()
-    def generate(self, context: str, images: List[Image.Image], settings: Dict[str, Any]) -> str:
-        prompt = self.prompt(context, len(images))
-        inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.model.device)
+    def generate(
+        self, contexts: Sequence[str], images: Sequence[List[Image.Image]], settings: Dict[str, Any]
+    ) -> List[str]:
+        """The answers to a batch of requests (a context and its images each), left-padded, generated together."""
+        prompts = [self.prompt(context, len(request_images)) for context, request_images in zip(contexts, images)]
+        flat_images = [image for request_images in images for image in request_images]
+        padding_side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            inputs = self.processor(images=flat_images or None, text=prompts, padding=True, return_tensors="pt").to(
+                self.model.device
+            )
+        finally:
+            self.tokenizer.padding_side = padding_side
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         output = self.model.generate(**inputs, pad_token_id=self.tokenizer.eos_token_id, **settings)
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def loglikelihood(self, context: str, images: List[Image.Image], continuation: str) -> Tuple[float, bool]:
+        """The log-probability of ``continuation`` right after the prompt of ``context`` (and its greediness)."""
+        inputs = self.processor(images=images or None, text=self.prompt(context, len(images)), return_tensors="pt")
+        continuation_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation_ids], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return continuation_score(self.model(**inputs).logits, continuation_ids)
 
 
 class _LlavaBackend:
@@ -120,10 +156,34 @@ class _LlavaBackend:
             trust_remote_code=trust,
         )
 
-    def generate(self, context: str, images: List[Image.Image], settings: Dict[str, Any]) -> str:
+    def generate(
+        self, contexts: Sequence[str], images: Sequence[List[Image.Image]], settings: Dict[str, Any]
+    ) -> List[str]:
+        """The answers to a batch of requests with one image each (:meth:`LlavaAnswerer.answer_batch`)."""
+        for request_images in images:
+            if len(request_images) != 1:
+                raise ValueError(
+                    f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(request_images)}"
+                )
+        return self.answerer.answer_batch(contexts, [request_images[0] for request_images in images], settings)
+
+    @torch.inference_mode()
+    def loglikelihood(self, context: str, images: List[Image.Image], continuation: str) -> Tuple[float, bool]:
+        """The log-probability of ``continuation`` right after LLaVA's prompt of ``context`` with one image."""
         if len(images) != 1:
             raise ValueError(f"LLaVA-1.5 checkpoints answer with exactly one image per request, got {len(images)}")
-        return self.answerer.answer(context, images[0], settings)
+        a = self.answerer
+        prompt_ids = a.mm_utils.tokenizer_image_token(
+            a.build_prompt(context), a.tokenizer, a.constants.IMAGE_TOKEN_INDEX, return_tensors="pt"
+        )
+        continuation_ids = a.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        pixels = a.mm_utils.process_images(images, a.image_processor, a.model.config)
+        logits = a.model(
+            input_ids=torch.cat([prompt_ids, continuation_ids]).unsqueeze(0).to(a.model.device),
+            images=pixels.to(dtype=a.model.dtype, device=a.model.device),
+            image_sizes=[images[0].size],
+        ).logits
+        return continuation_score(logits, continuation_ids)
 
 
 class CLIPMoELlava(lmms):
@@ -133,7 +193,7 @@ class CLIPMoELlava(lmms):
     LoRA checkpoint), ``conv_template`` (LLaVA-1.5 checkpoints, default ``vicuna_v1``), ``device`` (default: cuda
     when available), ``dtype`` (``float16``, ``bfloat16`` or ``float32``; default float16 on GPU, float32 on
     CPU), ``trust_remote_code`` (let the checkpoint folder run its own code; off by default). lmms-eval's
-    ``batch_size`` must be 1 and its ``max_batch_size`` is not used: requests are answered one at a time.
+    ``batch_size`` (a positive integer) is how many requests are answered together; ``max_batch_size`` is not used.
     """
 
     is_simple = True
@@ -153,8 +213,9 @@ class CLIPMoELlava(lmms):
         super().__init__()
         if unknown:
             raise ValueError(f"{MODEL_ID}: unknown model_args {', '.join(sorted(unknown))}")
-        if int(batch_size) != 1:
-            raise ValueError(f"{MODEL_ID} answers one request at a time: batch_size must be 1, got {batch_size}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"{MODEL_ID}: batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size_per_gpu = int(batch_size)
         self.pretrained = pretrained
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         requested, dtype = dtype, dtype or ("float16" if self._device.type == "cuda" else "float32")
@@ -183,28 +244,52 @@ class CLIPMoELlava(lmms):
         """Where the model runs."""
         return self._device
 
-    def _visuals(self, request: Instance) -> Tuple[str, Dict[str, Any], List[Image.Image]]:
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+    def _visuals(self, request: Instance) -> Tuple[str, Any, List[Image.Image]]:
+        """A request's context, second argument (generation kwargs or continuation) and images."""
+        context, second, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
         images = [visual.convert("RGB") for visual in visuals if isinstance(visual, Image.Image)]
         if len(images) != len(visuals):
             raise ValueError(f"{MODEL_ID}: task {task!r} gives non-image visuals (video/audio are not supported)")
-        return context, gen_kwargs, images
+        return context, second, images
 
     def generate_until(self, requests: List[Instance]) -> List[str]:
-        """Answer each request (context, generation kwargs, its images) greedily unless it asks to sample."""
-        answers = []
-        for request in tqdm(requests, disable=self.rank != 0, desc=MODEL_ID):
-            context, gen_kwargs, images = self._visuals(request)
-            settings, until = generation_settings(gen_kwargs)
-            answer = cut_at_stop_strings(self.backend.generate(context, images, settings), until)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
-            answers.append(answer)
+        """Answer the requests (context, generation kwargs, images) greedily unless they ask to sample, in batches
+        of ``batch_size`` consecutive requests with the same generation kwargs; answers in request order."""
+        answers: List[str] = []
+        with tqdm(total=len(requests), disable=self.rank != 0, desc=MODEL_ID) as bar:
+            for batch in self._batches(requests):
+                visuals = [self._visuals(request) for request in batch]
+                settings, until = generation_settings(visuals[0][1])
+                texts = self.backend.generate([v[0] for v in visuals], [v[2] for v in visuals], settings)
+                for (context, gen_kwargs, _), text in zip(visuals, texts):
+                    answer = cut_at_stop_strings(text, until)
+                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
+                    answers.append(answer)
+                bar.update(len(batch))
         return answers
 
+    def _batches(self, requests: List[Instance]) -> List[List[Instance]]:
+        """Consecutive requests with equal generation kwargs, at most ``batch_size`` per batch."""
+        batches: List[List[Instance]] = []
+        for request in requests:
+            last = batches[-1] if batches else None
+            if last and len(last) < self.batch_size_per_gpu and last[0].args[1] == request.args[1]:
+                last.append(request)
+            else:
+                batches.append([request])
+        return batches
+
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        """Not supported: MME and POPE (and most image tasks) are ``generate_until`` tasks."""
-        raise NotImplementedError(f"{MODEL_ID} does not implement loglikelihood")
+        """For each request (context, continuation, images): the summed log-probability of the continuation's
+        tokens after the prompt of the context, and whether greedy decoding would produce them (one at a time)."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc=f"{MODEL_ID} loglikelihood"):
+            context, continuation, images = self._visuals(request)  # a loglikelihood request's 2nd argument
+            result = self.backend.loglikelihood(context, images, continuation)
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+            results.append(result)
+        return results
 
     def generate_until_multi_round(self, requests: List[Instance]) -> List[str]:
         """Not supported."""

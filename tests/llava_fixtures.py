@@ -41,8 +41,9 @@ _TOKENIZER_CORPUS = (
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 
 
-def build_tiny_tokenizer(out_dir: PathLike, vocab_size: int = 320):
-    """Train a byte-fallback BPE sentencepiece model and save it as a ``LlamaTokenizer`` directory."""
+def build_tiny_tokenizer(out_dir: PathLike, vocab_size: int = 320, user_defined_symbols: tuple = ()):
+    """Train a byte-fallback BPE sentencepiece model and save it as a ``LlamaTokenizer`` directory
+    (``user_defined_symbols``: strings that are always one token)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -61,6 +62,7 @@ def build_tiny_tokenizer(out_dir: PathLike, vocab_size: int = 320):
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         minloglevel=2,
+        user_defined_symbols=list(user_defined_symbols),
     )
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     config = {

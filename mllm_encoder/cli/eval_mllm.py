@@ -85,6 +85,9 @@ def _register_answer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="questions answered together (left-padded; same greedy answers)"
+    )
     parser.add_argument("--num-chunks", type=int, default=1, help="number of shards (one per GPU)")
     parser.add_argument("--chunk-idx", type=int, default=0, help="the shard this process answers")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -267,6 +270,8 @@ def answerer_class(name: str = ANSWERER_NAME) -> Callable[..., Any]:
 
 def run_answer(args: argparse.Namespace) -> None:
     """Answer this shard's questions with a LLaVA checkpoint, resuming an existing answer file."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not Path(args.image_folder).is_dir():
         raise ValueError(f"{args.image_folder}: no such image folder (--image-folder)")
     inputs = [args.question_file, args.image_folder, args.model_path, args.model_base]
@@ -287,7 +292,7 @@ def run_answer(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         allow_absolute_image_paths=args.allow_absolute_image_paths,
     )
-    stats = answer_questions(questions, args.answers_file, answerer, answerer.model_name)
+    stats = answer_questions(questions, args.answers_file, answerer, answerer.model_name, batch_size=args.batch_size)
     print(
         f"{args.answers_file}: {stats.num_answered_now} answered now, {stats.num_already_answered} before, "
         f"{stats.num_skipped} skipped (unreadable image) "

@@ -267,7 +267,8 @@ def lmms_eval_reference(texts, labels):
 
 
 def vlmevalkit_extract(text):
-    """vlmeval YOrN_Extraction with vlmeval.smp.process_punctuation, ported as written (regex quirks included)."""
+    """vlmeval YOrN_Extraction with vlmeval.smp.process_punctuation, ported as written at VLMEvalKit e8e78f05
+    (regex quirks included; the period pattern is the one of commit 928a95b0, 2025-05-13)."""
     text = text.lower()
     out = text
     for p in list(';/[]"{}()=+\\_-><@`,?!'):
@@ -275,7 +276,7 @@ def vlmevalkit_extract(text):
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = re.compile(r"(?!<=\d)(\.)(?!\d)").sub("", out, re.UNICODE)
+    out = re.compile(r"(?<!\d)\.(?!\d)").sub("", out, re.UNICODE)
     words = out.split()
     if "yes" in words and "no" not in words:
         return "Yes"
@@ -391,7 +392,8 @@ def test_cli_protocol_all_prints_side_by_side_table_and_disagreements(tmp_path, 
 
 
 def test_non_string_answers_are_reported_and_never_scored(tmp_path, caplog):
-    """Issue 9: `"text": 7` and `"text": null` used to be scored as "yes"."""
+    """Issue 9: `"text": 7` and `"text": null` used to be scored as "yes". Issue 21: VLMEvalKit reads str() of
+    them ("7", "None": unreadable) and counts them; LLaVA's and lmms-eval's tools raise on them."""
     rows = [("dog", "yes", "Yes"), ("cat", "no", 7), ("car", "yes", "No"), ("cup", "no", None), ("bus", "no", "No")]
     annotation_dir, questions, answers = make_pope(tmp_path, {"random": [(o, lab, "x") for o, lab, _ in rows]})
     records = [json.loads(line) for line in answers.read_text().splitlines()]
@@ -400,9 +402,12 @@ def test_non_string_answers_are_reported_and_never_scored(tmp_path, caplog):
         with caplog.at_level(logging.WARNING):
             result = evaluate_pope(annotation_dir, questions, answers, protocol=protocol)
         split = result.splits["random"]
-        assert (split.num_answered, split.num_malformed, split.num_missing) == (3, 2, 0)
-        assert (split.tp, split.fp, split.tn, split.fn) == (1, 0, 1, 1)  # lines 2 and 4 are left out
+        counted = protocol == "vlmevalkit"
+        assert (split.num_answered, split.num_malformed, split.num_missing) == (5 if counted else 3, 2, 0)
+        assert (split.tp, split.fp, split.tn, split.fn, split.num_other) == (1, 0, 1, 1, 2 if counted else 0)
         assert result.num_malformed == 2
+        assert [f.split(" (")[0] for f in result.tool_failures] == ([] if counted else [f"{answers}:2", f"{answers}:4"])
+        assert any("would not have scored this file" in w for w in result.warnings) != counted
     assert f"{answers}:2 (text is int 7)" in caplog.text and f"{answers}:4 (text is NoneType None)" in caplog.text
     argv = ["eval", "pope", "--annotation-dir", str(annotation_dir), "--question-file", str(questions)]
     with pytest.raises(SystemExit) as exit_info:

@@ -229,3 +229,131 @@ def test_generation_settings_and_stop_strings(lmms_eval_api):
     settings, _ = module.generation_settings({"do_sample": True, "temperature": 0.7, "top_p": 0.9})
     assert settings == {"max_new_tokens": 128, "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
     assert module.cut_at_stop_strings("Yes.\n\nUSER: more", ["\n\n", "", "USER:"]) == "Yes."
+
+
+@pytest.mark.skipif(
+    not hasattr(transformers, "LlavaNextForConditionalGeneration"),
+    reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
+)
+@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+def test_batched_answers_equal_one_at_a_time_with_anyres_images_of_different_sizes(
+    lmms_eval_api, llava_workdir, tmp_path, kind
+):
+    from llava_patch.hf_llava_next import build_anyres_llava
+
+    if kind == "llava_onevision" and not hasattr(transformers, "LlavaOnevisionForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no LlavaOnevisionForConditionalGeneration")
+    torch.manual_seed(0)
+    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind=kind)
+    checkpoint = tmp_path / f"{kind}-clip-moe"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]  # three sizes, three ratios
+    contexts = ["Is there a dog?", "What color is the shape in this picture? Describe it.", "Is it a car?"]
+    gen_kwargs = {"max_new_tokens": 6, "until": []}
+    answers = {}
+    for batch_size in (1, 3):
+        lm = model_class(pretrained=str(checkpoint), device="cpu", dtype="float32", batch_size=batch_size)
+        answers[batch_size] = lm.generate_until(local_requests(lmms_eval_api, lm, contexts, images, gen_kwargs))
+    assert answers[3] == answers[1] and len(set(answers[1])) > 1, answers
+
+
+def test_batched_answers_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]
+    contexts = ["What color is the image?", "Is it red? Answer yes or no.", "Describe the shape."]
+    gen_kwargs = {"max_new_tokens": 6, "temperature": 0, "until": []}
+    answers = {}
+    for batch_size in (1, 2):
+        lm = model_class(pretrained=str(tiny_llava_dir), device="cpu", batch_size=batch_size)
+        answers[batch_size] = lm.generate_until(local_requests(lmms_eval_api, lm, contexts, images, gen_kwargs))
+    assert answers[2] == answers[1], answers
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):
+        model_class(pretrained=str(tiny_llava_dir), device="cpu", batch_size="auto")
+
+
+def loglikelihood_requests(api, model, contexts, continuations, images):
+    """lmms-eval ``loglikelihood`` Instances: (context, continuation, doc_to_visual, doc_id, task, split)."""
+    model.task_dict = {"local_choice": {"test": [{"image": image} for image in images]}}
+    doc_to_visual = lambda doc: [doc["image"]]  # noqa: E731
+    return [
+        api.Instance(
+            "loglikelihood",
+            (context, continuation, doc_to_visual, doc_id, "local_choice", "test"),
+            doc_id,
+            {"task": "local_choice", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id, (context, continuation) in enumerate(zip(contexts, continuations))
+    ]
+
+
+def summed_logprobs(logits, continuation_ids):
+    """The continuation's log-probability summed from the logits by hand, and whether each token is the argmax."""
+    total, greedy = 0.0, True
+    start = logits.shape[1] - len(continuation_ids)
+    for offset, token in enumerate(continuation_ids.tolist()):
+        row = logits[0, start + offset - 1].double()
+        total += float(row[token] - torch.logsumexp(row, dim=0))
+        greedy = greedy and int(row.argmax()) == token
+    return total, greedy
+
+
+@pytest.mark.skipif(
+    not hasattr(transformers, "LlavaNextForConditionalGeneration"),
+    reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
+)
+def test_loglikelihood_equals_log_probabilities_summed_from_the_logits(lmms_eval_api, llava_workdir, tmp_path):
+    from llava_patch.hf_llava_next import build_anyres_llava
+
+    torch.manual_seed(0)
+    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind="llava_next")
+    checkpoint = tmp_path / "llava-next-clip-moe"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    lm = model_class(pretrained=str(checkpoint), device="cpu", dtype="float32")
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]
+    contexts = ["Is there a dog?", "Which color is it? A. red B. green", "Is it a car?"]
+    continuations = [" Yes", " A", " No, there is not."]
+    results = lm.loglikelihood(loglikelihood_requests(lmms_eval_api, lm, contexts, continuations, images))
+    model.eval()
+    for context, continuation, image, (logprob, greedy) in zip(contexts, continuations, images, results):
+        inputs = processor(images=[image], text=lm.backend.prompt(context, 1), return_tensors="pt")
+        ids = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids[None]], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        expected, expected_greedy = summed_logprobs(logits, ids)
+        assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0 and greedy == expected_greedy
+    assert len({round(r[0], 3) for r in results}) == 3
+
+
+def test_loglikelihood_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
+    from llava_patch.answerer import LlavaAnswerer
+
+    _, model_class = resolve_through_entry_point(lmms_eval_api)
+    lm = model_class(pretrained=str(tiny_llava_dir), device="cpu")
+    images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)][:2]
+    contexts, continuations = ["Is it red?", "What color is it?"], [" Yes", " It is green."]
+    results = lm.loglikelihood(loglikelihood_requests(lmms_eval_api, lm, contexts, continuations, images))
+    a = LlavaAnswerer(str(tiny_llava_dir), str(tmp_path), device="cpu")
+    for context, continuation, image, (logprob, greedy) in zip(contexts, continuations, images, results):
+        prompt = a.mm_utils.tokenizer_image_token(a.build_prompt(context), a.tokenizer, -200, return_tensors="pt")
+        ids = a.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        pixels = a.mm_utils.process_images([image], a.image_processor, a.model.config)
+        with torch.no_grad():
+            logits = a.model(input_ids=torch.cat([prompt, ids])[None], images=pixels, image_sizes=[image.size]).logits
+        expected, expected_greedy = summed_logprobs(logits, ids)
+        assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0 and greedy == expected_greedy
+
+
+def test_the_documented_install_lines_are_what_make_test_lmms_runs():
+    script = (REPO_ROOT / "scripts" / "setup_lmms_env.sh").read_text().splitlines()
+    docs = (REPO_ROOT / "docs" / "evaluation.md").read_text().splitlines()
+    installs = [line for line in script if line.startswith("pip install")]
+    assert len(installs) == 3 and all(line in docs for line in installs), installs
+    assert [line for line in docs if line.startswith("pip install")][-3:] == installs
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "bash scripts/setup_lmms_env.sh .venv-lmms" in makefile and "test_lmms_eval_run.py" in makefile

@@ -6,6 +6,8 @@ questions already answered are skipped, so nothing is lost and nothing is answer
 cannot be read is skipped, counted and named (like a bad training sample), and tried again on the next run. Questions
 are identified by (``question_id``, ``text``) because ``question_id`` is not unique in every benchmark (MME
 asks two questions per image under the image's path). Sharding follows LLaVA's ``--num-chunks/--chunk-idx``.
+With ``batch_size > 1`` the answer function's ``answer_questions`` answers the pending questions in batches (in
+question order); each answer is still written and flushed as soon as its batch is done.
 """
 
 import json
@@ -15,7 +17,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from PIL import Image
 from tqdm import tqdm
@@ -145,18 +147,44 @@ def answer_questions(
     answer_fn: AnswerFn,
     model_id: str,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> AnswerStats:
     """Answer every question not yet in ``answers_file``, appending one flushed and synced line per answer.
 
     Holds the answer file's lock throughout (``LockError`` when another process writes it). A question whose
     image cannot be read (``answer_fn`` raises :class:`BadImageError`) is skipped and listed in ``skipped``.
+    With ``batch_size > 1``, ``answer_fn.answer_questions(batch)`` answers ``batch_size`` questions at a time,
+    returning an answer or a :class:`BadImageError` per question.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size > 1 and not callable(getattr(answer_fn, "answer_questions", None)):
+        raise ValueError(f"{type(answer_fn).__name__} answers one question at a time: use batch_size 1")
     with file_lock(answers_file, "answer file"):
-        return _answer_unlocked(questions, answers_file, answer_fn, model_id, progress)
+        return _answer_unlocked(questions, answers_file, answer_fn, model_id, progress, batch_size)
+
+
+def _answer_batch(
+    answer_fn: AnswerFn, batch: Sequence[Dict[str, Any]], batch_size: int
+) -> List[Union[str, BadImageError]]:
+    """The answers to ``batch`` (one call of ``answer_fn.answer_questions``, or one call per question)."""
+    if batch_size > 1:
+        results = answer_fn.answer_questions(batch)  # type: ignore[attr-defined]
+        assert len(results) == len(batch), "one answer per question"
+        return results
+    try:
+        return [answer_fn(batch[0])]
+    except BadImageError as error:
+        return [error]
 
 
 def _answer_unlocked(
-    questions: Sequence[Dict[str, Any]], answers_file: PathLike, answer_fn: AnswerFn, model_id: str, progress: bool
+    questions: Sequence[Dict[str, Any]],
+    answers_file: PathLike,
+    answer_fn: AnswerFn,
+    model_id: str,
+    progress: bool,
+    batch_size: int,
 ) -> AnswerStats:
     done = answered_keys(answers_file)
     keys = [question_key(q["question_id"], q["text"]) for q in questions]
@@ -179,17 +207,17 @@ def _answer_unlocked(
         open(answers_file, "a", encoding="utf-8") as handle,
         tqdm(total=len(questions), initial=num_done, unit="q", desc="answering", disable=not progress) as bar,
     ):
-        for question in pending:
-            bar.update(1)
-            try:
-                text = answer_fn(question)
-            except BadImageError as error:
-                logger.warning("skipping question %s: %s", json.dumps(question["question_id"]), error)
-                skipped.append(f"{json.dumps(question['question_id'])}: {error}")
-                continue
-            handle.write(dumps_line(make_answer(question, text, model_id)))
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            for question, text in zip(batch, _answer_batch(answer_fn, batch, batch_size)):
+                if isinstance(text, BadImageError):
+                    logger.warning("skipping question %s: %s", json.dumps(question["question_id"]), text)
+                    skipped.append(f"{json.dumps(question['question_id'])}: {text}")
+                    continue
+                handle.write(dumps_line(make_answer(question, text, model_id)))
             handle.flush()
             os.fsync(handle.fileno())
+            bar.update(len(batch))
     if skipped:
         logger.warning(
             "%s: %d questions skipped because their image cannot be read (rerun to retry them)",

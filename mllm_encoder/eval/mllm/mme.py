@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-from mllm_encoder.eval.mllm.problems import AnswerChecks, copy_checks, malformed_text, report_problems
+from mllm_encoder.eval.mllm.problems import (
+    MME_LINE_BREAK_FAILURE,
+    NON_STRING_FAILURES,
+    AnswerChecks,
+    copy_checks,
+    malformed_text,
+    report_problems,
+    report_tool_failures,
+)
 from mllm_encoder.eval.mllm.protocols import (
     MME_PARSERS,
     ProtocolComparison,
@@ -141,6 +149,8 @@ class MMEResult(MMEChecks):
 
     subtasks: Dict[str, MMESubtaskResult] = field(default_factory=dict)
     protocol: str = "llava"
+    # answers on which the protocol's own tool raises ("file:line: why"): it would not have scored the file
+    tool_failures: List[str] = field(default_factory=list)
 
     def _total(self, names: Tuple[str, ...]) -> float:
         return sum(self.subtasks[name].score for name in names if name in self.subtasks)
@@ -219,12 +229,14 @@ def _index_answers(result_file: PathLike, known: set, result: "MMEAnswers") -> D
 
 @dataclass
 class MMEAnswer:
-    """One question: its image, ground truth, and answer text (None: no answer or a non-string one)."""
+    """One question: its image, ground truth, and answer text (None: no answer or a non-string one;
+    ``non_string``: ``str()`` of a non-string answer, which only VLMEvalKit's protocol reads)."""
 
     image: str
     truth: str
     text: Optional[str]
     location: Optional[str]
+    non_string: Optional[str] = None
 
 
 @dataclass
@@ -232,6 +244,7 @@ class MMEAnswers(MMEChecks):
     """An answer file joined to MME's questions and ground truth, checked, before any protocol parses it."""
 
     subtasks: Dict[str, List[MMEAnswer]] = field(default_factory=dict)
+    tool_failures: Dict[str, List[str]] = field(default_factory=dict)  # per protocol, see MMEResult
 
     @property
     def items(self) -> List[Tuple[str, str, str]]:
@@ -272,13 +285,15 @@ def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: P
     result = MMEAnswers()
     known = {(q.data["question_id"], q.data["text"]) for q, _ in questions}
     answers = _index_answers(result_file, known, result)
-    malformed = []
+    malformed, line_breaks = [], []
     for question, gt in questions:
         answer = answers.get((question.data["question_id"], question.data["text"]))
         problem = None if answer is None else malformed_text(result_file, answer)
         if problem is not None:
             malformed.append(problem)
         usable = answer is not None and problem is None
+        if usable and any(mark in answer.data["text"] for mark in "\n\r\t"):
+            line_breaks.append(f"{result_file}:{answer.line} (text {answer.data['text']!r}): {MME_LINE_BREAK_FAILURE}")
         image = question.data["question_id"]
         result.subtasks.setdefault(ground_truth_key(image)[0], []).append(
             MMEAnswer(
@@ -286,14 +301,19 @@ def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: P
                 truth=gt,
                 text=answer.data["text"] if usable else None,
                 location=f"{result_file}:{answer.line}" if answer is not None else None,
+                non_string=str(answer.data["text"]) if problem is not None else None,
             )
         )
     result.num_malformed = len(malformed)
     report_problems(
         result.warnings,
-        f"{len(malformed)} answers whose text is not a string (a data problem; never parsed, scored as wrong)",
+        f"{len(malformed)} answers whose text is not a string (a data problem; scored as wrong without being parsed, "
+        "except by VLMEvalKit's protocol, which reads str() of them)",
         malformed,
     )
+    failures = {protocol: [f"{p}: {why}" for p in malformed] for protocol, why in NON_STRING_FAILURES["mme"].items()}
+    failures["llava"] += line_breaks
+    result.tool_failures = failures
     _check_structure(result, result_file)
     return result
 
@@ -301,15 +321,23 @@ def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: P
 def score_mme(answers: MMEAnswers, protocol: str = "llava") -> MMEResult:
     """Score joined answers, parsing them as ``protocol`` does (``llava``, ``lmms-eval`` or ``vlmevalkit``)."""
     parse = MME_PARSERS[check_protocol(protocol)]
-    items = {
-        name: [(a.image, a.truth, "missing" if a.text is None else parse(a.text)) for a in subtask]
-        for name, subtask in answers.subtasks.items()
-    }
+
+    def prediction(answer: MMEAnswer) -> str:
+        if answer.text is not None:
+            return parse(answer.text)
+        if answer.non_string is not None:  # VLMEvalKit reads str() of it; the others score it as wrong
+            return parse(answer.non_string) if protocol == "vlmevalkit" else "missing"
+        return "missing"
+
+    items = {name: [(a.image, a.truth, prediction(a)) for a in subtask] for name, subtask in answers.subtasks.items()}
     order = [name for name in PERCEPTION + COGNITION if name in items] + sorted(
         set(items) - set(PERCEPTION + COGNITION)
     )
     subtasks = {name: _score_subtask(name, items[name]) for name in order}
-    return MMEResult(subtasks=subtasks, protocol=protocol, **copy_checks(answers, MMEChecks))
+    result = MMEResult(subtasks=subtasks, protocol=protocol, **copy_checks(answers, MMEChecks))
+    result.tool_failures = list(answers.tool_failures.get(protocol, []))
+    report_tool_failures(result.warnings, protocol, result.tool_failures)
+    return result
 
 
 def evaluate_mme(

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mllm_encoder.eval.mllm.jsonl import JsonlRecord, PathLike, read_jsonl, require_fields
-from mllm_encoder.eval.mllm.problems import AnswerChecks, copy_checks, malformed_text, report_problems
+from mllm_encoder.eval.mllm.problems import (
+    NON_STRING_FAILURES,
+    AnswerChecks,
+    copy_checks,
+    malformed_text,
+    report_problems,
+    report_tool_failures,
+)
 from mllm_encoder.eval.mllm.protocols import (
     POPE_PARSERS,
     BinaryCounts,
@@ -78,6 +85,8 @@ class PopeResult(PopeChecks):
     splits: Dict[str, PopeSplitResult] = field(default_factory=dict)
     protocol: str = "llava"
     overall: Optional[PopeSplitResult] = None
+    # answers on which the protocol's own tool raises ("file:line: why"): it would not have scored the file
+    tool_failures: List[str] = field(default_factory=list)
 
     @property
     def mean_f1(self) -> float:
@@ -131,6 +140,7 @@ class _SplitAnswers:
     answers: List[PopeAnswer]
     num_missing: int
     num_malformed: int
+    non_string: List[PopeAnswer] = field(default_factory=list)  # text is str() of the answer's non-string value
 
     @property
     def num_empty(self) -> int:
@@ -143,6 +153,7 @@ class PopeAnswers(PopeChecks):
     """An answer file paired with the questions and annotations, checked, before any protocol parses it."""
 
     splits: Dict[str, _SplitAnswers] = field(default_factory=dict)
+    tool_failures: Dict[str, List[str]] = field(default_factory=dict)  # per protocol, see PopeResult
 
     @property
     def items(self) -> List[Tuple[str, str, str]]:
@@ -275,25 +286,26 @@ def _pair_split(
     malformed: List[str],
 ) -> _SplitAnswers:
     """Question i is paired with annotation line i; unanswered questions and non-string answers are counted."""
-    paired, missing, num_malformed = [], 0, 0
+    paired, non_string, missing = [], [], 0
     for question, annotation in zip(questions, annotations):
         answer = answers.get(question.data["question_id"])
         if answer is None:
             missing += 1
             continue
+        location = f"{result_file}:{answer.line}"
         problem = malformed_text(result_file, answer)
         if problem is not None:
             malformed.append(problem)
-            num_malformed += 1
+            non_string.append(PopeAnswer(split, location, str(answer.data["text"]), annotation.data["label"]))
             continue
-        location = f"{result_file}:{answer.line}"
         paired.append(PopeAnswer(split, location, answer.data["text"], annotation.data["label"]))
     return _SplitAnswers(
         annotation_file=str(annotation_path),
         num_questions=min(len(questions), len(annotations)),
         answers=paired,
         num_missing=missing,
-        num_malformed=num_malformed,
+        num_malformed=len(non_string),
+        non_string=non_string,
     )
 
 
@@ -337,21 +349,32 @@ def load_pope_answers(annotation_dir: PathLike, question_file: PathLike, result_
             split, split_questions, path, split_annotations, answers, result_file, malformed
         )
     report_problems(
-        result.warnings, f"{len(malformed)} answers whose text is not a string (a data problem; not scored)", malformed
+        result.warnings,
+        f"{len(malformed)} answers whose text is not a string (a data problem; not scored, except by VLMEvalKit's "
+        "protocol, which reads str() of them)",
+        malformed,
     )
+    result.tool_failures = {
+        protocol: [f"{problem}: {why}" for problem in malformed]
+        for protocol, why in NON_STRING_FAILURES["pope"].items()
+    }
     _report_missing(result, result_file)
     return result
 
 
 def _split_result(split: str, annotation_file: str, scored: _SplitAnswers, protocol: str) -> PopeSplitResult:
-    """Parse the answers with ``protocol`` and compute its metrics (``scored`` may pool several splits)."""
+    """Parse the answers with ``protocol`` and compute its metrics (``scored`` may pool several splits).
+
+    VLMEvalKit's protocol also scores the answers whose text is not a string, as ``str()`` of it (as VLMEvalKit
+    does); the others leave them out."""
     parse = POPE_PARSERS[protocol]
-    counts = BinaryCounts.count([parse(a.text) for a in scored.answers], [a.label for a in scored.answers])
+    answers = scored.answers + (scored.non_string if protocol == "vlmevalkit" else [])
+    counts = BinaryCounts.count([parse(a.text) for a in answers], [a.label for a in answers])
     return PopeSplitResult(
         split=split,
         annotation_file=annotation_file,
         num_questions=scored.num_questions,
-        num_answered=len(scored.answers),
+        num_answered=len(answers),
         num_missing=scored.num_missing,
         num_empty=scored.num_empty,
         num_malformed=scored.num_malformed,
@@ -371,9 +394,13 @@ def score_pope(answers: PopeAnswers, protocol: str = "llava") -> PopeResult:
         answers=[a for s in answers.splits.values() for a in s.answers],
         num_missing=sum(s.num_missing for s in answers.splits.values()),
         num_malformed=sum(s.num_malformed for s in answers.splits.values()),
+        non_string=[a for s in answers.splits.values() for a in s.non_string],
     )
     overall = _split_result("all", "", pooled, protocol)
-    return PopeResult(splits=splits, protocol=protocol, overall=overall, **copy_checks(answers, PopeChecks))
+    result = PopeResult(splits=splits, protocol=protocol, overall=overall, **copy_checks(answers, PopeChecks))
+    result.tool_failures = list(answers.tool_failures.get(protocol, []))
+    report_tool_failures(result.warnings, protocol, result.tool_failures)
+    return result
 
 
 def evaluate_pope(

@@ -32,6 +32,33 @@ def malformed_text(path: PathLike, record: JsonlRecord) -> Optional[str]:
     return f"{path}:{record.line} (text is {type(text).__name__} {text!r})"
 
 
+# What each protocol's own tool does with an answer it cannot take (it raises, and scores nothing).
+NON_STRING_FAILURES = {
+    "pope": {
+        "llava": "LLaVA's eval_pope.py raises AttributeError (text.find)",
+        "lmms-eval": "lmms-eval's pope_process_results raises AttributeError (.lower())",
+    },
+    "mme": {
+        "llava": "LLaVA's convert_answer_to_mme.py raises TypeError ('\\t'.join)",
+        "lmms-eval": "lmms-eval's parse_pred_ans raises AttributeError (.lower())",
+    },
+}
+MME_LINE_BREAK_FAILURE = (
+    "MME's calculation.py raises ValueError (the answer's \\n, \\r or \\t breaks the line or tab format that "
+    "LLaVA's convert_answer_to_mme.py writes)"
+)
+
+
+def report_tool_failures(warnings: List[str], protocol: str, failures: List[str]) -> None:
+    """Warn that ``protocol``'s own tool would have raised on ``failures`` (``file:line: why``) and scored nothing."""
+    report_problems(
+        warnings,
+        f"the {protocol} protocol's own tool would not have scored this file: it raises on {len(failures)} "
+        "answers (scored here anyway, as the table says)",
+        failures,
+    )
+
+
 @dataclass
 class AnswerChecks:
     """What joining an answer file to a benchmark's questions found: answers read, answers to questions not in

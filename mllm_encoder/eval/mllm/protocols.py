@@ -69,10 +69,9 @@ def lmms_eval_mme_parse(text: str) -> str:
 _VLMEVAL_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`")
 _VLMEVAL_PUNCTUATION += (",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-# VLMEvalKit's pattern "(?!<=\d)(\.)(?!\d)" starts with a look-ahead (not a look-behind) that never matches at a
-# '.', so it removes every '.' not followed by a digit; it passes re.UNICODE (32) as the count argument, so at
-# most 32 of them.
-_PERIOD = re.compile(r"\.(?!\d)")
+# VLMEvalKit's period pattern, (?<!\d)\.(?!\d) since its commit 928a95b0 (2025-05-13): a '.' with no digit on
+# either side is removed; it passes re.UNICODE (32) as the count argument, so at most 32 of them.
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 _VLMEVAL_PERIOD_COUNT = int(re.UNICODE)
 
 
@@ -245,9 +244,12 @@ def compare_protocols(
     """Score checked ``answers`` (with ``items`` and ``warnings``) under every protocol of ``parsers`` with
     ``score(answers, protocol)``, and list the answers that the parsers read differently."""
     items = answers.items
+    results = {protocol: score(answers, protocol) for protocol in parsers}
+    warnings = list(answers.warnings)  # plus each protocol's own (e.g. where its tool would have raised)
+    warnings += [w for result in results.values() for w in result.warnings if w not in answers.warnings]
     return ProtocolComparison(
-        results={protocol: score(answers, protocol) for protocol in parsers},
+        results=results,
         num_scored=len(items),
         disagreements=find_disagreements(items, parsers),
-        warnings=list(answers.warnings),
+        warnings=warnings,
     )
