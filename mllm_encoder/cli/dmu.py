@@ -213,10 +213,11 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     finally:
         training.close()
     results_path = Path(config.run_dir) / "results.json"
-    if accelerator.is_main_process and results_path.exists():
-        results = json.loads(results_path.read_text())
-        empty = f"no evaluation data configured; see {results_path}"
-        print(format_results_table(results) if any(results.values()) else empty)
+    if accelerator.is_main_process:
+        if results_path.exists():
+            print(format_results_table(json.loads(results_path.read_text())))
+        else:
+            print(f"no evaluation data configured (eval.data), so no results.json; the stages are in {config.run_dir}")
 
 
 def run_plan_command(args: argparse.Namespace) -> None:

@@ -379,12 +379,19 @@ def _run_stages(
             set_seed(config.seed + position)  # e.g. router initialisation: the same whether resumed or not
             manifest.mark_done(name, **run())
             accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            atomic_write_json(run_dir / "results.json", collect_results(manifest))
+        results = collect_results(manifest)
+        if accelerator.is_main_process and results:
+            atomic_write_json(run_dir / "results.json", results)
+        elif not results:
+            logger.info("%s: no model was evaluated (no eval.data): results.json not written", run_dir)
     return manifest.stages
 
 
 def collect_results(manifest: Manifest) -> Dict[str, Dict[str, Any]]:
     """``{name: metrics}`` for every evaluated model of the run (``base``, ``dmu``, ``finetune``, ``upcycle``, and
-    the control's ``expert_1`` and ``control``)."""
-    return {name.split("/")[0]: info["metrics"] for name, info in manifest.stages.items() if name.endswith("/eval")}
+    the control's ``expert_1`` and ``control``); models that measured nothing (no ``eval.data``) are left out."""
+    return {
+        name.split("/")[0]: info["metrics"]
+        for name, info in manifest.stages.items()
+        if name.endswith("/eval") and info["metrics"]
+    }

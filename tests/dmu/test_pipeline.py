@@ -96,6 +96,7 @@ def test_rerun_skips_finished_stages_and_rejects_a_changed_config(tmp_path, tiny
     run_pipeline(config, "finetune", accelerator)
     history = json.loads((tmp_path / "finetune" / "train" / "history.json").read_text())
     assert len(history) == 4 + 3  # (num_experts - 1) x MCL steps + router steps
+    assert not (tmp_path / "results.json").exists()  # no eval.data: nothing measured, no empty results (issue 23)
     before = (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(config, "finetune", accelerator)
     assert (tmp_path / "finetune" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == before
