@@ -139,10 +139,10 @@ def run_extract(args: argparse.Namespace) -> None:
 
 
 def run_cluster(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.features import load_features
+    from mllm_encoder.dmu.features import feature_files, feature_indices
     from mllm_encoder.dmu.stages import run_cluster as cluster
 
-    num_samples = args.num_samples or int(load_features(args.features)["index"].max()) + 1
+    num_samples = args.num_samples or int(feature_indices(feature_files(args.features)).max(initial=-1)) + 1
     path = cluster(
         args.features,
         num_samples,
@@ -191,7 +191,9 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.pipeline import run_pipeline
     from mllm_encoder.dmu.report import format_table
 
-    accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
+    accelerator = build_accelerator(
+        config.runtime.mixed_precision, config.runtime.find_unused_parameters, config.runtime.process_group_timeout_s
+    )
     _log_to_file(Path(config.run_dir) / "run.log", accelerator.is_main_process)
     methods = list(METHODS) if args.method == "all" else [args.method]
     for method in methods:

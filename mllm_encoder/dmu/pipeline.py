@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
+from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
 from mllm_encoder.dmu.resources import load_model, load_training_data
@@ -162,17 +163,19 @@ def _assemble_stage(ctx: RunContext, models: List[Path], out: Path):
 def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optional[Path]):
     def run() -> Dict[str, Any]:
         cfg = ctx.config
-        if ctx.accelerator.is_main_process:
-            run_cluster(
-                features,
-                ctx.num_samples,
-                out,
-                previous,
-                cfg.dmu.image_clusters,
-                cfg.dmu.text_clusters,
-                cfg.seed,
-                cfg.dmu.kmeans_backend,
-            )
+        run_cluster(  # every rank clusters its share of the features
+            features,
+            ctx.num_samples,
+            out,
+            previous,
+            cfg.dmu.image_clusters,
+            cfg.dmu.text_clusters,
+            cfg.seed,
+            cfg.dmu.kmeans_backend,
+            DistState.from_torch(),
+            ctx.accelerator.device,
+            cfg.dmu.kmeans_sample_size,
+        )
         ctx.accelerator.wait_for_everyone()
         labels = np.load(out / "labels.npy")
         return {"labels": str(out / "labels.npy"), "num_clusters": int(len(np.unique(labels[labels >= 0])))}
