@@ -229,7 +229,7 @@ def kmeans_chunks(
     return _lloyd_streamed(chunks, centroids, k, max_iter, state, device)
 
 
-def _array_chunks(features: np.ndarray, chunk_rows: int = 16384) -> Chunks:
+def _array_chunks(features: np.ndarray, chunk_rows: int) -> Chunks:
     from mllm_encoder.dmu.features import normalise
 
     def chunks():
@@ -240,12 +240,20 @@ def _array_chunks(features: np.ndarray, chunk_rows: int = 16384) -> Chunks:
     return chunks
 
 
-def kmeans(features: np.ndarray, k: int, seed: int = 0, backend: str = "auto", **options) -> np.ndarray:
-    """Cluster ``features`` [N, D] (L2-normalised, then rounded to float16 as stored) into ``k`` groups; returns
-    int64 labels [N]. One process; ``options`` as :func:`kmeans_chunks`."""
+def kmeans(
+    features: np.ndarray,
+    k: int,
+    seed: int = 0,
+    backend: str = "auto",
+    sample_size: int = SAMPLE_SIZE,
+    chunk_rows: int = 16384,
+) -> np.ndarray:
+    """Cluster ``features`` [N, D] (L2-normalised, then rounded to float16 as stored) into ``k`` groups in one
+    process, ``chunk_rows`` at a time; returns int64 labels [N]. See :func:`kmeans_chunks`."""
     if len(features) < k:
         raise ValueError(f"cannot make {k} clusters from {len(features)} samples")
-    return kmeans_chunks(_array_chunks(features), k, len(features), seed, backend, **options)
+    chunks = _array_chunks(features, chunk_rows)
+    return kmeans_chunks(chunks, k, len(features), seed, backend, sample_size=sample_size)
 
 
 def stage_labels(

@@ -54,23 +54,26 @@ class _PartWriter:
         for key, value in (("index", index.to(torch.int64)), ("image", image), ("text", text)):
             self.parts[key].append(value.cpu())
         self.buffered += len(index)
-        if self.buffered >= self.chunk_rows:
+        while self.buffered >= self.chunk_rows:
             self.flush()
 
     def flush(self, final: bool = False) -> None:
+        """Write the first ``chunk_rows`` buffered rows as the next part (at the end: the rest, or an empty part
+        for a rank without any good sample, which still marks its share as extracted)."""
         if self.buffered == 0 and not (final and self.part == 0):
             return
-        if self.buffered == 0:  # a rank without any good sample still marks its share as extracted
+        if self.buffered == 0:
             arrays = {"index": torch.zeros(0, dtype=torch.int64)}
             arrays.update({key: torch.zeros((0, 0), dtype=FEATURE_DTYPE) for key in MODALITIES})
         else:
             arrays = {key: torch.cat(value) for key, value in self.parts.items()}
+        rows = min(self.buffered, self.chunk_rows)
+        self.parts = {key: [value[rows:].clone()] for key, value in arrays.items()}
         path = self.out_dir / f"features_rank{self.rank}.part{self.part:05d}.safetensors"
-        atomic_write_bytes(path, save({key: value.contiguous() for key, value in arrays.items()}))
+        atomic_write_bytes(path, save({key: value[:rows].contiguous() for key, value in arrays.items()}))
         self.paths.append(path)
-        self.written += self.buffered
-        self.parts = {key: [] for key in self.parts}
-        self.buffered, self.part = 0, self.part + 1
+        self.written += rows
+        self.buffered, self.part = self.buffered - rows, self.part + 1
 
 
 @torch.no_grad()
@@ -109,7 +112,8 @@ def extract_features(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         )
         writer.add(batch["index"], normalise(image), normalise(text))
-    writer.flush(final=True)
+    while writer.buffered or not writer.paths:
+        writer.flush(final=True)
     logger.info("wrote %d feature rows to %d part(s) in %s", writer.written, len(writer.paths), out_dir)
     return writer.paths
 
