@@ -108,14 +108,15 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
 
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.resources import load_model, load_training_data
-    from mllm_encoder.dmu.stages import run_training, steps_for, train_config
+    from mllm_encoder.dmu.stages import epoch_plan, run_training, steps_for, train_config
 
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
     dataset, _ = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
-    steps = steps_for(stage, len(dataset), accelerator.num_processes)
+    plan = epoch_plan(stage, np.zeros(len(dataset), np.int64) if labels is None else labels, accelerator.num_processes)
+    steps = steps_for(stage, plan)
     cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
     model_dir, history = run_training(load_model(args.model), data, args.model, labels, cfg, args.out, accelerator)
     if accelerator.is_main_process:

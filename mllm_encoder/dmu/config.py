@@ -107,7 +107,7 @@ class DMUSection:
 
 @dataclass
 class StageSection:
-    """One training stage; ``steps`` wins over ``epochs`` (epochs over the training set, rounded up).
+    """One training stage; ``steps`` wins over ``epochs`` (passes over the batches the stage draws, rounded up).
 
     The defaults are the official MCL recipe (``train/train_mcl.py`` of OpenSparseLLMs/CLIP-MoE):
     AdamW with torch's default betas/eps and weight decay on every trainable tensor, no gradient clipping

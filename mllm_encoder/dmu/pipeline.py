@@ -28,11 +28,12 @@ from accelerate.utils import set_seed
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.distributed import DistState
-from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences
+from mllm_encoder.dmu.config import METHODS, RunConfig, config_differences, config_from_dict
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint
 from mllm_encoder.dmu.resources import load_model, load_training_data
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
+    epoch_plan,
     run_assemble,
     run_cluster,
     run_extract,
@@ -72,14 +73,21 @@ class RunContext:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
-    def mcl_steps(self) -> int:
-        return steps_for(self.config.mcl, self.num_samples, self.world_size)
+    def _steps(self, section, labels_path: Optional[Path] = None) -> int:
+        """``section.steps``, or its epochs over the batches the stage's plan draws from these labels (random
+        batches over every sample without labels)."""
+        labels = np.zeros(self.num_samples, np.int64) if labels_path is None else np.load(labels_path)
+        return steps_for(section, epoch_plan(section, labels, self.world_size))
+
+    def mcl_steps(self, labels_path: Optional[Path] = None) -> int:
+        return self._steps(self.config.mcl, labels_path)
 
     def route_steps(self) -> int:
-        return steps_for(self.config.route, self.num_samples, self.world_size)
+        return self._steps(self.config.route)
 
     def baseline_steps(self) -> int:
-        """Equal training steps: the baselines train as long as all DMU stages together."""
+        """Equal training steps: the baselines train as long as all DMU stages together (an MCL stage given in
+        epochs counted over random batches, as a baseline run has no clusters)."""
         return (self.config.dmu.num_experts - 1) * self.mcl_steps() + self.route_steps()
 
 
@@ -88,14 +96,15 @@ def _train_stage(
     stage_dir: Path,
     build_model: Callable,
     section,
-    steps: int,
+    steps: Callable[[], int],
     labels_path=None,
     seed=0,
     **overrides,
 ):
     def run() -> Dict[str, Any]:
         labels = np.load(labels_path) if labels_path is not None else None
-        cfg = train_config(section, ctx.config.runtime, steps, seed, ctx.config.data.num_workers, **overrides)
+        stage_steps = steps()  # at run time: an epoch is a pass over the plan of the labels made before
+        cfg = train_config(section, ctx.config.runtime, stage_steps, seed, ctx.config.data.num_workers, **overrides)
         model_dir, history = run_training(
             build_model(),
             ctx.config.data,
@@ -107,7 +116,7 @@ def _train_stage(
             ctx.stop_after_step,
             desc=str(stage_dir.relative_to(ctx.run_dir)),
         )
-        return {"model": str(model_dir), "steps": steps, "final_loss": history[-1]["loss"]}
+        return {"model": str(model_dir), "steps": stage_steps, "final_loss": history[-1]["loss"]}
 
     return run
 
@@ -130,13 +139,15 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
         stages.append((f"dmu/extract_{s - 1}", _extract_stage(ctx, models[-1], features)))
         stages.append((f"dmu/cluster_{s - 1}", _cluster_stage(ctx, features, cluster, labels)))
         labels = cluster / "labels.npy"
-        mcl = _train_stage(ctx, stage_dir, base, cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)
+        mcl = _train_stage(
+            ctx, stage_dir, base, cfg.mcl, functools.partial(ctx.mcl_steps, labels), labels, cfg.seed + s
+        )
         stages.append((f"dmu/mcl_{s}", mcl))
         models.append(stage_dir / "model")
     assembled = root / "assemble" / "model"
     stages.append(("dmu/assemble", _assemble_stage(ctx, models, assembled)))
     assembled_model = functools.partial(load_model, assembled)
-    route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps(), None, cfg.seed)
+    route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps, None, cfg.seed)
     stages.append(("dmu/route", route))
     return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
 
@@ -190,7 +201,7 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     if method == "upcycle":
         build = functools.partial(_sparse_upcycled, ctx)
         overrides = {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
-    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
+    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps, None, cfg.seed, **overrides)
     return [
         (f"{method}/train", train),
         (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval")),
@@ -204,7 +215,8 @@ def control_stages(ctx: RunContext) -> List[Stage]:
     cfg, root = ctx.config, ctx.run_dir
     first = [stage for stage in dmu_stages(ctx) if stage[0] in ("dmu/extract_0", "dmu/cluster_0", "dmu/mcl_1")]
     base = functools.partial(load_model, ctx.base_model)
-    random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, ctx.mcl_steps(), None, cfg.seed + 1)
+    mcl_1_steps = functools.partial(ctx.mcl_steps, root / "dmu" / "cluster_0" / "labels.npy")  # MCL stage 1's
+    random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, mcl_1_steps, None, cfg.seed + 1)
     return first + [
         ("expert_1/eval", _eval_stage(ctx, root / "dmu" / "mcl_1" / "model", root / "expert_1" / "eval")),
         ("control/train", random),
@@ -244,7 +256,8 @@ def _check_config_copy(config: RunConfig, run_dir: Path, manifest: Manifest, is_
     saved = run_dir / "config.yaml"
     current = {key: value for key, value in config.to_dict().items() if key != "runtime"}
     if saved.exists() and manifest.stages:
-        previous = {key: value for key, value in yaml.safe_load(saved.read_text()).items() if key != "runtime"}
+        started = config_from_dict(yaml.safe_load(saved.read_text()), str(saved)).to_dict()  # newer keys: defaults
+        previous = {key: value for key, value in started.items() if key != "runtime"}
         differing = config_differences(previous, current)
         if differing:
             raise ValueError(

@@ -30,7 +30,7 @@ from mllm_encoder.dmu.clustering import (
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.features import extract_features, feature_files, feature_indices, iter_chunks
 from mllm_encoder.dmu.resources import load_model, load_training_data, save_model
-from mllm_encoder.dmu.sampler import ClusterBatchSampler
+from mllm_encoder.dmu.sampler import ClusterBatchSampler, EpochPlan
 from mllm_encoder.dmu.trainer import TrainConfig, train
 from mllm_encoder.text_context import stretch_checkpoint
 from mllm_encoder.upcycle import assemble_experts
@@ -38,12 +38,18 @@ from mllm_encoder.upcycle import assemble_experts
 logger = logging.getLogger(__name__)
 
 
-def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
-    """Optimizer steps of a stage: ``section.steps``, or its epochs over ``num_samples``."""
+def epoch_plan(section: StageSection, labels: Sequence[int], world_size: int) -> EpochPlan:
+    """What one epoch of a stage draws from ``labels`` (one cluster for random batches): batches, samples,
+    clusters used and skipped, samples dropped."""
+    return ClusterBatchSampler(labels, section.batch_size, world_size, drop_last=section.drop_last).epoch_plan()
+
+
+def steps_for(section: StageSection, plan: EpochPlan) -> int:
+    """Optimizer steps of a stage: ``section.steps``, or its epochs as passes over the batches of ``plan``
+    (rounded up), so that ``epochs: 1`` draws each sample of the plan once whatever it drops."""
     if section.steps is not None:
         return int(section.steps)
-    per_step = section.batch_size * section.grad_accum * world_size
-    return max(1, math.ceil(section.epochs * num_samples / per_step))
+    return max(1, math.ceil(section.epochs * plan.batches / section.grad_accum))
 
 
 def train_config(
@@ -188,8 +194,9 @@ def run_training(
 
 
 def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seconds: float) -> Dict[str, Any]:
-    """The machine-readable account of a training stage (``summary.json``): steps, samples seen, clusters
-    used and skipped and samples dropped per epoch, and the wall time of the invocation that finished it."""
+    """The machine-readable account of a training stage (``summary.json``): steps, samples seen, passes over
+    the plan (``epochs``), samples drawn, clusters used and skipped and samples dropped per epoch, and the wall
+    time of the invocation that finished it."""
     plan = ClusterBatchSampler(labels, cfg.stage.batch_size, world_size, drop_last=cfg.stage.drop_last).epoch_plan()
     micro_steps = cfg.steps * cfg.stage.grad_accum
     return {
@@ -197,6 +204,7 @@ def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seco
         "samples_seen": round(micro_steps * plan.samples / plan.batches),  # exact with drop_last
         "epochs": micro_steps / plan.batches,
         "batches_per_epoch": plan.batches,
+        "samples_drawn_per_epoch": plan.samples,
         "clusters_used": plan.clusters_used,
         "clusters_skipped": plan.clusters_skipped,
         "samples_dropped_per_epoch": plan.samples_dropped,

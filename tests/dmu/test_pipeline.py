@@ -274,3 +274,20 @@ def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_pa
     after = json.loads((run / "manifest.json").read_text())["stages"]
     assert after["dmu/mcl_1"] == stages["dmu/mcl_1"] and "dmu/route" in after
     assert all(np.array_equal(mcl[name], value) for name, value in _weights(run / "dmu", "mcl_1").items())
+
+
+def test_a_run_dir_started_before_a_config_key_existed_resumes(tmp_path, tiny_base_dir, shapes_data):
+    """A run started before ``dmu.kmeans_sample_size`` existed (its config.yaml lacks the key) resumes with the
+    default; a changed value is still refused."""
+    from mllm_encoder.dmu.pipeline import _check_config_copy
+    from mllm_encoder.dmu.run_state import Manifest
+
+    values = _values(tmp_path, tiny_base_dir, shapes_data)
+    saved = {**values, "dmu": {key: value for key, value in values["dmu"].items() if key != "kmeans_sample_size"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.mark_done("base/eval", metrics={})
+    _check_config_copy(config_from_dict(values), tmp_path, manifest, is_main=True)
+    changed = config_from_dict({**values, "dmu": {**values["dmu"], "kmeans_sample_size": 10}})
+    with pytest.raises(ValueError, match="dmu.kmeans_sample_size"):
+        _check_config_copy(changed, tmp_path, manifest, is_main=True)
