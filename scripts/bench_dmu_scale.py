@@ -107,6 +107,7 @@ def _write_sharegpt4v(path: Path, n: int) -> None:
 def run_component(name: str, n: int, work: Path, dim: int) -> float:
     """Run one component in this process; returns its seconds (the imports excluded)."""
     import numpy as np
+    import torch
 
     from mllm_encoder.dmu.features import extract_features, feature_files, iter_chunks
     from mllm_encoder.dmu.stages import run_cluster
@@ -115,7 +116,10 @@ def run_component(name: str, n: int, work: Path, dim: int) -> float:
     if name == "extract":
         extract_features(_synthetic_model(dim), _Indices(n), _collate, work / "features", batch_size=1024)
     elif name == "read":
-        rows = sum(len(index) for index, _ in iter_chunks(feature_files(work / "features")))
+        rows = 0
+        for index, chunk in iter_chunks(feature_files(work / "features")):
+            assert all(torch.isfinite(values.float().sum()) for values in chunk.values())  # touches every value
+            rows += len(index)
         assert rows == n, rows
     elif name == "cluster":
         run_cluster(work / "features", n, work / "clusters", work / "previous.npy", seed=0)

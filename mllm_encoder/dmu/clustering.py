@@ -54,14 +54,14 @@ def _sum_over_ranks(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
 
 
 def _gather_rows(index: np.ndarray, rows: torch.Tensor, state: DistState, device) -> Tuple[np.ndarray, torch.Tensor]:
-    """Every rank's (index, float32 rows), concatenated on every rank and sorted by index."""
+    """Every rank's (index, rows), concatenated on every rank and sorted by index, as float32 on ``device``."""
     if state.world_size > 1:
         sizes = gather_sizes(len(index), state, device)
         width = max(gather_sizes(rows.shape[1] if len(index) else 0, state, device))
         padded_index = torch.zeros(max(sizes), dtype=torch.int64, device=device)
         padded_index[: len(index)] = torch.from_numpy(index).to(device)
         padded = torch.zeros(max(sizes), width, dtype=torch.float32, device=device)
-        padded[: len(index)] = rows
+        padded[: len(index)] = rows.to(device, torch.float32)
         gathered = []
         for tensor in (padded_index, padded):
             chunks = [torch.empty_like(tensor) for _ in range(state.world_size)]
@@ -70,7 +70,7 @@ def _gather_rows(index: np.ndarray, rows: torch.Tensor, state: DistState, device
             del chunks
         index, rows = gathered[0].cpu().numpy(), gathered[1]
     order = np.argsort(index, kind="stable")
-    return index[order], rows[torch.from_numpy(order).to(rows.device)]
+    return index[order], rows[torch.from_numpy(order).to(rows.device)].to(device, torch.float32)
 
 
 def gather_labels(
@@ -101,9 +101,10 @@ def _gather_sample(
         keep = np.ones(len(index), dtype=bool) if chosen is None else np.isin(index, chosen, assume_unique=True)
         if keep.any():
             indices.append(index[keep])
-            rows.append(values[torch.from_numpy(keep)].to(device, torch.float32))
+            rows.append(values[torch.from_numpy(keep)])  # as stored (float16): half the memory
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-    values = torch.cat(rows) if rows else torch.zeros(0, 0, device=device)
+    values = torch.cat(rows) if rows else torch.zeros(0, 0)
+    del rows
     return _gather_rows(index, values, state, device)
 
 
