@@ -25,6 +25,7 @@ import torch
 
 from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.distributed import DistState, gather_sizes
+from mllm_encoder.dmu.features import CHUNK_ROWS, normalise
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +232,6 @@ def kmeans_chunks(
 
 
 def _array_chunks(features: np.ndarray, chunk_rows: int) -> Chunks:
-    from mllm_encoder.dmu.features import normalise
-
     def chunks():
         for start in range(0, len(features), chunk_rows):
             rows = torch.from_numpy(np.asarray(features[start : start + chunk_rows], dtype=np.float32))
@@ -247,7 +246,7 @@ def kmeans(
     seed: int = 0,
     backend: str = "auto",
     sample_size: int = SAMPLE_SIZE,
-    chunk_rows: int = 16384,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> np.ndarray:
     """Cluster ``features`` [N, D] (L2-normalised, then rounded to float16 as stored) into ``k`` groups in one
     process, ``chunk_rows`` at a time; returns int64 labels [N]. See :func:`kmeans_chunks`."""
