@@ -49,3 +49,15 @@ def test_deepspeed_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(LaunchError, match="DeepSpeed runs of the DMU pipeline need CUDA"):
         check_launch_environment({**TORCHRUN_RANK1, "ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+def test_the_process_group_timeout_reaches_the_process_group_init():
+    """``runtime.process_group_timeout_s`` is what accelerate passes to ``init_process_group`` (default 2 h)."""
+    from datetime import timedelta
+
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.config import RuntimeSection
+
+    assert RuntimeSection().process_group_timeout_s == 7200
+    accelerator = build_accelerator("no", process_group_timeout_s=123)
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=123)}
