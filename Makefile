@@ -44,3 +44,8 @@ bench: .venv/.installed
 
 clean:
 	rm -rf .venv .venv-compat .venv-lmms runs
+
+# DMU's CPU-side components (feature extraction/reading, cluster stage, index) at 100k..3M samples (issue 19).
+.PHONY: bench-scale
+bench-scale: .venv/.installed
+	.venv/bin/python scripts/bench_dmu_scale.py

@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
 
     from mllm_encoder.dmu.accelerator import build_accelerator
     from mllm_encoder.dmu.resources import load_model, load_training_data
-    from mllm_encoder.dmu.stages import run_training, steps_for, train_config
+    from mllm_encoder.dmu.stages import epoch_plan, run_training, steps_for, train_config
 
     _check_stage_output(args, "train", args.model, args.data, labels, args.image_root)
     data = _data_section(args)
@@ -122,7 +122,8 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     accelerator = build_accelerator(runtime.mixed_precision)
     training = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
-    steps = steps_for(stage, len(training), accelerator.num_processes)
+    plan = epoch_plan(stage, np.zeros(len(training), np.int64) if labels is None else labels, accelerator.num_processes)
+    steps = steps_for(stage, plan)
     cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
     model = load_model(args.model)
     model_dir, history = run_training(model, data, args.model, labels, cfg, args.out, accelerator, training=training)
@@ -148,11 +149,11 @@ def run_extract(args: argparse.Namespace) -> None:
 
 
 def run_cluster(args: argparse.Namespace) -> None:
-    from mllm_encoder.dmu.features import load_features
+    from mllm_encoder.dmu.features import feature_files, feature_indices
     from mllm_encoder.dmu.stages import run_cluster as cluster
 
     _check_stage_output(args, "cluster", args.features, args.previous)
-    num_samples = args.num_samples or int(load_features(args.features)["index"].max()) + 1
+    num_samples = args.num_samples or int(feature_indices(feature_files(args.features)).max(initial=-1)) + 1
     path = cluster(
         args.features,
         num_samples,
@@ -202,7 +203,9 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.evaluation import format_results_table
     from mllm_encoder.dmu.pipeline import check_run_inputs, run_pipeline
 
-    accelerator = build_accelerator(config.runtime.mixed_precision, config.runtime.find_unused_parameters)
+    accelerator = build_accelerator(
+        config.runtime.mixed_precision, config.runtime.find_unused_parameters, config.runtime.process_group_timeout_s
+    )
     methods = list(METHODS) if args.method == "all" else [args.method]
     # the run directory, the base, the config against both and the data, before run_dir/run.log is written
     training = check_run_inputs(config, methods, args.config, accelerator, args.overwrite)

@@ -9,13 +9,14 @@ before anything is written. On machines without CUDA, several processes use the 
 
 import logging
 import os
+from datetime import timedelta
 from typing import Mapping, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from mllm_encoder.dmu.config import PRECISIONS
+from mllm_encoder.dmu.config import PRECISIONS, RuntimeSection
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +103,22 @@ def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def build_accelerator(mixed_precision: str = "auto", find_unused_parameters: bool = False) -> Accelerator:
+def build_accelerator(
+    mixed_precision: str = "auto",
+    find_unused_parameters: bool = False,
+    process_group_timeout_s: int = RuntimeSection.process_group_timeout_s,
+) -> Accelerator:
     """The accelerator for every stage of a run, after checking the launch (see :func:`check_launch`).
 
-    Without CUDA, the processes of a multi-process launch form a CPU/gloo group (no extra variable needed).
+    Without CUDA, the processes of a multi-process launch form a CPU/gloo group (no extra variable needed);
+    its collectives wait ``process_group_timeout_s`` seconds for the other processes.
     """
     check_launch_environment()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout_s))
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision),
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, timeout],
         cpu=not torch.cuda.is_available(),
     )
     check_launch(accelerator.num_processes)

@@ -1,87 +1,259 @@
-"""k-means of image and text features into the 3x3 pseudo-label clusters of one DMU stage."""
+"""k-means of image and text features into the 3x3 pseudo-label clusters of one DMU stage.
+
+The project's own k-means (the default, ``auto`` or ``torch``) runs over features streamed a chunk at a time and
+over every rank of the process group, in memory that does not grow with the number of samples beyond the labels:
+
+1. a seeding sample of at most ``sample_size`` samples is drawn by sample index (the same on every rank and for
+   any number of ranks; all samples when there are no more) and gathered on every rank;
+2. k-means++ on the sample (draws by the exponential-race form of a categorical draw: no size limit), then
+   Lloyd's iterations on the sample until no label changes;
+3. when the sample is not the whole set, Lloyd passes over all features: every rank assigns its own chunks
+   and sums them per cluster, the sums and counts are all-reduced (float64), until no label changes anywhere.
+
+Everything is a function of the seed and the features: the labels are the same for 1 or several processes,
+any number of threads, and whatever optional package is installed. ``faiss`` and ``sklearn`` (on request)
+train on the same gathered sample (faiss' ``max_points_per_centroid`` is raised to keep all of it); every
+sample is then assigned to its nearest centroid by the same streamed pass.
+"""
 
 import logging
 from pathlib import Path
-from typing import Dict, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from mllm_encoder.atomic import atomic_write_json
+from mllm_encoder.distributed import DistState, gather_sizes
 from mllm_encoder.dmu.config import KMEANS_BACKENDS
+from mllm_encoder.dmu.features import CHUNK_ROWS, normalise
 
 logger = logging.getLogger(__name__)
 
+SAMPLE_SIZE = 100_000  # samples the seeding (and faiss / scikit-learn training) uses: 300 MB at dim 768
+MAX_ITER = 50
 
-def _normalise(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float32)
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-
-
-def _kmeans_sklearn(features: np.ndarray, k: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import MiniBatchKMeans
-
-    batch = min(len(features), 4096)
-    model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch, n_init=3)
-    return model.fit_predict(features)
+# A re-iterable source of (sample indices, rows) chunks: this rank's share of one modality's features.
+Chunks = Callable[[], Iterable[Tuple[np.ndarray, torch.Tensor]]]
 
 
-def _kmeans_torch(features: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
-    """Lloyd's k-means from a k-means++ start, on the GPU when there is one; bit-reproducible for a seed on
-    one machine (no atomics: sums by ``index_add_`` on CPU, a one-hot matmul on GPU)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = torch.from_numpy(features).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    centroids = data[torch.randint(len(data), (1,), generator=generator).to(device)]
-    for _ in range(1, k):  # k-means++: next centre drawn with probability ~ squared distance to the nearest
+def seed_sample_indices(num_candidates: int, sample_size: int, seed: int) -> Optional[np.ndarray]:
+    """Sorted sample indices of the seeding sample drawn from ``range(num_candidates)``; ``None`` means all.
+
+    Memory and time grow with ``sample_size`` only (NumPy's set-based draw without replacement), so any number
+    of candidates works.
+    """
+    if num_candidates <= sample_size:
+        return None
+    return np.sort(np.random.default_rng([seed, num_candidates]).choice(num_candidates, sample_size, replace=False))
+
+
+def _sum_over_ranks(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
+    if state.world_size > 1:
+        state.sum_reduce(tensor)
+    return tensor
+
+
+def _gather_rows(index: np.ndarray, rows: torch.Tensor, state: DistState, device) -> Tuple[np.ndarray, torch.Tensor]:
+    """Every rank's (index, rows), concatenated on every rank and sorted by index, as float32 on ``device``."""
+    if state.world_size > 1:
+        sizes = gather_sizes(len(index), state, device)
+        width = max(gather_sizes(rows.shape[1] if len(index) else 0, state, device))
+        padded_index = torch.zeros(max(sizes), dtype=torch.int64, device=device)
+        padded_index[: len(index)] = torch.from_numpy(index).to(device)
+        padded = torch.zeros(max(sizes), width, dtype=torch.float32, device=device)
+        padded[: len(index)] = rows.to(device, torch.float32)
+        gathered = []
+        for tensor in (padded_index, padded):
+            chunks = [torch.empty_like(tensor) for _ in range(state.world_size)]
+            state.gather_into(chunks, tensor)
+            gathered.append(torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)]))
+            del chunks
+        index, rows = gathered[0].cpu().numpy(), gathered[1]
+    order = np.argsort(index, kind="stable")
+    return index[order], rows[torch.from_numpy(order).to(rows.device)].to(device, torch.float32)
+
+
+def gather_labels(
+    index: np.ndarray, labels: np.ndarray, state: DistState, device: Union[str, torch.device] = "cpu"
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Every rank's (sample index, label) pairs on every rank, sorted by sample index."""
+    if state.world_size == 1:
+        order = np.argsort(index, kind="stable")
+        return index[order], labels[order]
+    pairs = torch.from_numpy(np.stack([index, labels], axis=1).astype(np.int64)).to(device)
+    sizes = gather_sizes(len(pairs), state, device)
+    padded = torch.zeros(max(sizes), 2, dtype=torch.int64, device=device)
+    padded[: len(pairs)] = pairs
+    chunks = [torch.empty_like(padded) for _ in range(state.world_size)]
+    state.gather_into(chunks, padded)
+    merged = torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)]).cpu().numpy()
+    order = np.argsort(merged[:, 0], kind="stable")
+    return merged[order, 0], merged[order, 1]
+
+
+def _gather_sample(
+    chunks: Chunks, num_candidates: int, sample_size: int, seed: int, state: DistState, device
+) -> Tuple[np.ndarray, torch.Tensor]:
+    """The seeding sample (indices and float32 rows, sorted by index), the same on every rank."""
+    chosen = seed_sample_indices(num_candidates, sample_size, seed)
+    indices, rows = [], []
+    for index, values in chunks():
+        keep = np.ones(len(index), dtype=bool) if chosen is None else np.isin(index, chosen, assume_unique=True)
+        if keep.any():
+            indices.append(index[keep])
+            rows.append(values[torch.from_numpy(keep)])  # as stored (float16): half the memory
+    index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    values = torch.cat(rows) if rows else torch.zeros(0, 0)
+    del rows
+    return _gather_rows(index, values, state, device)
+
+
+def _kmeans_plus_plus(data: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ centres from ``data``: the first uniformly, each next with probability ~ squared distance to
+    the nearest centre so far (drawn as ``argmax(p / E)`` with ``E`` exponential noise, which is what
+    ``torch.multinomial`` draws for one sample, without its 2^24 limit)."""
+    centroids = data[torch.randint(len(data), (1,), generator=generator).to(data.device)]
+    for _ in range(1, k):
         nearest = torch.cdist(data, centroids).min(dim=1).values.pow(2).double().cpu()
-        pick = torch.multinomial(nearest / nearest.sum(), 1, generator=generator) if nearest.sum() > 0 else 0
+        total = nearest.sum()
+        pick = 0
+        if total > 0:
+            noise = torch.empty_like(nearest).exponential_(1, generator=generator)
+            pick = int(torch.argmax(nearest / total / noise))
         centroids = torch.cat([centroids, data[pick].reshape(1, -1)])
-    for _ in range(iters):
-        assign = torch.cdist(data, centroids).argmin(dim=1)
-        one_hot = torch.nn.functional.one_hot(assign, k).to(data.dtype)
-        sums = one_hot.t() @ data
-        counts = one_hot.sum(0).unsqueeze(1)
-        updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids
+
+
+def _assign(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of each row: ``argmax(x . c - |c|^2 / 2)``, i.e. the least squared distance."""
+    half_norms = centroids.pow(2).sum(dim=1) / 2
+    return (rows @ centroids.t() - half_norms).argmax(dim=1)
+
+
+def _cluster_sums(rows: torch.Tensor, assign: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    one_hot = torch.nn.functional.one_hot(assign, k).to(rows.dtype)
+    return (one_hot.t() @ rows).double(), torch.bincount(assign, minlength=k).double()
+
+
+def _updated(sums: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Cluster means (a cluster left empty keeps its centre)."""
+    means = (sums / counts.clamp(min=1).unsqueeze(1)).to(centroids.dtype)
+    return torch.where(counts.unsqueeze(1) > 0, means, centroids)
+
+
+def _lloyd_in_memory(data: torch.Tensor, centroids: torch.Tensor, k: int, max_iter: int) -> torch.Tensor:
+    for _ in range(max_iter):
+        updated = _updated(*_cluster_sums(data, _assign(data, centroids), k), centroids)
         if torch.equal(updated, centroids):
             break
         centroids = updated
-    return torch.cdist(data, centroids).argmin(dim=1).cpu().numpy()
+    return centroids
 
 
-def _kmeans_faiss(features: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import faiss
+def _lloyd_streamed(
+    chunks: Chunks, centroids: torch.Tensor, k: int, max_iter: int, state: DistState, device
+) -> np.ndarray:
+    """Lloyd passes over every rank's chunks until no label changes; returns this rank's labels."""
+    labels: Optional[np.ndarray] = None
+    for iteration in range(max_iter + 1):
+        sums = torch.zeros_like(centroids, dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.float64, device=device)
+        parts = []
+        for _, values in chunks():
+            rows = values.to(device, torch.float32)
+            assign = _assign(rows, centroids)
+            chunk_sums, chunk_counts = _cluster_sums(rows, assign, k)
+            sums += chunk_sums
+            counts += chunk_counts
+            parts.append(assign.cpu().numpy().astype(np.int64))
+        current = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        changed = torch.tensor(
+            [len(current) if labels is None else int((current != labels).sum())], dtype=torch.float64, device=device
+        )
+        labels = current
+        if iteration == max_iter or _sum_over_ranks(changed, state).item() == 0:
+            break
+        _sum_over_ranks(sums, state)
+        _sum_over_ranks(counts, state)
+        centroids = _updated(sums, counts, centroids)
+        logger.debug("k-means pass %d: %d labels changed", iteration, int(changed.item()))
+    return labels
 
-    kmeans = faiss.Kmeans(features.shape[1], k, niter=50, seed=seed, gpu=torch.cuda.is_available())
-    kmeans.train(features)
-    return kmeans.index.search(features, 1)[1][:, 0]
+
+def _library_centroids(backend: str, sample: torch.Tensor, k: int, seed: int, max_iter: int) -> torch.Tensor:
+    data = sample.cpu().numpy().astype(np.float32)
+    if backend == "sklearn":
+        from sklearn.cluster import MiniBatchKMeans
+
+        model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=min(len(data), 4096), n_init=3)
+        centres = model.fit(data).cluster_centers_
+    else:
+        import faiss
+
+        kmeans = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=seed, max_points_per_centroid=-(-len(data) // k))
+        kmeans.train(data)
+        centres = kmeans.centroids
+    return torch.from_numpy(np.asarray(centres, dtype=np.float32)).to(sample.device)
 
 
-def _pick_backend(backend: str) -> str:
+def kmeans_chunks(
+    chunks: Chunks,
+    k: int,
+    num_candidates: int,
+    seed: int = 0,
+    backend: str = "auto",
+    state: Optional[DistState] = None,
+    device: Union[str, torch.device] = "cpu",
+    sample_size: int = SAMPLE_SIZE,
+    max_iter: int = MAX_ITER,
+) -> np.ndarray:
+    """Cluster the normalised rows that ``chunks()`` yields on every rank into ``k`` groups.
+
+    ``num_candidates`` bounds the sample indices (the dataset's length); returns int64 labels of this rank's rows
+    in the order ``chunks()`` yields them. Every rank of ``state`` must call this together.
+    """
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; expected one of {KMEANS_BACKENDS}")
-    if backend != "auto":
-        return backend
-    try:
-        import faiss  # noqa: F401
+    state = state or DistState()
+    index, sample = _gather_sample(chunks, num_candidates, sample_size, seed, state, device)
+    if len(sample) < k:
+        raise ValueError(f"cannot make {k} clusters from {len(sample)} samples")
+    logger.info("k-means (%s): %d samples seed %d clusters of dim %d", backend, len(sample), k, sample.shape[1])
+    if backend in ("sklearn", "faiss"):
+        centroids = _library_centroids(backend, sample, k, seed, max_iter)
+        return _lloyd_streamed(chunks, centroids, k, 0, state, device)
+    centroids = _kmeans_plus_plus(sample, k, torch.Generator().manual_seed(seed))
+    centroids = _lloyd_in_memory(sample, centroids, k, max_iter)
+    if seed_sample_indices(num_candidates, sample_size, seed) is None:  # the sample is the whole set
+        sample_labels = _assign(sample, centroids).cpu().numpy().astype(np.int64)
+        return np.concatenate([sample_labels[np.searchsorted(index, part)] for part, _ in chunks()] or [[]])
+    return _lloyd_streamed(chunks, centroids, k, max_iter, state, device)
 
-        return "faiss"
-    except ImportError:
-        return "torch"
+
+def _array_chunks(features: np.ndarray, chunk_rows: int) -> Chunks:
+    def chunks():
+        for start in range(0, len(features), chunk_rows):
+            rows = torch.from_numpy(np.asarray(features[start : start + chunk_rows], dtype=np.float32))
+            yield np.arange(start, start + len(rows)), normalise(rows)
+
+    return chunks
 
 
-def kmeans(features: np.ndarray, k: int, seed: int = 0, backend: str = "auto") -> np.ndarray:
-    """Cluster L2-normalised ``features`` [N, D] into ``k`` groups; returns int64 labels [N].
-
-    ``auto`` uses faiss if installed, else the torch k-means (GPU or CPU, bit-reproducible for a seed);
-    ``sklearn`` is scikit-learn's MiniBatchKMeans.
-    """
+def kmeans(
+    features: np.ndarray,
+    k: int,
+    seed: int = 0,
+    backend: str = "auto",
+    sample_size: int = SAMPLE_SIZE,
+    chunk_rows: int = CHUNK_ROWS,
+) -> np.ndarray:
+    """Cluster ``features`` [N, D] (L2-normalised, then rounded to float16 as stored) into ``k`` groups in one
+    process, ``chunk_rows`` at a time; returns int64 labels [N]. See :func:`kmeans_chunks`."""
     if len(features) < k:
         raise ValueError(f"cannot make {k} clusters from {len(features)} samples")
-    backend = _pick_backend(backend)
-    run = {"sklearn": _kmeans_sklearn, "torch": _kmeans_torch, "faiss": _kmeans_faiss}[backend]
-    logger.info("k-means (%s): %d x %d features into %d clusters", backend, *features.shape, k)
-    return np.asarray(run(_normalise(features), k, seed), dtype=np.int64)
+    chunks = _array_chunks(features, chunk_rows)
+    return kmeans_chunks(chunks, k, len(features), seed, backend, sample_size=sample_size)
 
 
 def stage_labels(

@@ -46,6 +46,8 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "image_clusters": _POSITIVE,
     "text_clusters": _POSITIVE,
     "extract_batch_size": _POSITIVE,
+    "kmeans_sample_size": (lambda v: v >= 1, ">= 1"),
+    "process_group_timeout_s": _POSITIVE,
     "text_context": (lambda v: v >= 2, ">= 2"),
     "save_every": _POSITIVE,
     "log_every": _POSITIVE,
@@ -89,6 +91,9 @@ class DMUSection:
 
     ``text_context``: stretch the text position embeddings to this many tokens before any training
     (Long-CLIP's knowledge-preserving stretching; the paper uses 248); ``None`` keeps the base's.
+    ``kmeans_backend``: ``auto`` and ``torch`` are the project's own k-means (streamed, over every rank,
+    the same labels whatever is installed); ``faiss`` and ``sklearn`` on request. ``kmeans_sample_size``: the
+    samples the k-means++ seeding (and faiss / scikit-learn's training) uses; all of them when there are fewer.
     """
 
     num_experts: int = 4
@@ -97,13 +102,14 @@ class DMUSection:
     image_clusters: int = 3
     text_clusters: int = 3
     kmeans_backend: str = "auto"
+    kmeans_sample_size: int = 100_000
     extract_batch_size: int = 256
     text_context: Optional[int] = None
 
 
 @dataclass
 class StageSection:
-    """One training stage; ``steps`` wins over ``epochs`` (epochs over the training set, rounded up).
+    """One training stage; ``steps`` wins over ``epochs`` (passes over the batches the stage draws, rounded up).
 
     The defaults are the official MCL recipe (``train/train_mcl.py`` of OpenSparseLLMs/CLIP-MoE):
     AdamW with torch's default betas/eps and weight decay on every trainable tensor, no gradient clipping
@@ -137,13 +143,18 @@ class StageSection:
 
 @dataclass
 class RuntimeSection:
-    """How the run executes; may change between a run and its resume."""
+    """How the run executes; may change between a run and its resume.
+
+    ``process_group_timeout_s``: how long a collective (e.g. a barrier while the main process writes) waits
+    for the other processes before the run fails (torch's default is 10 or 30 minutes).
+    """
 
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     find_unused_parameters: bool = False
     save_every: int = 100
     log_every: int = 10
+    process_group_timeout_s: int = 7200
 
 
 def route_defaults() -> StageSection:

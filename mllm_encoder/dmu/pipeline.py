@@ -34,7 +34,8 @@ from accelerate.utils import set_seed
 
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
-from mllm_encoder.dmu.config import METHODS, RunConfig
+from mllm_encoder.distributed import DistState
+from mllm_encoder.dmu.config import METHODS, RunConfig, config_from_dict
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
 from mllm_encoder.dmu.preflight import (
     DATA_INDEX,
@@ -47,6 +48,7 @@ from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_d
 from mllm_encoder.dmu.run_state import Manifest
 from mllm_encoder.dmu.stages import (
     assemble_models,
+    epoch_plan,
     run_cluster,
     run_extract,
     run_stretch,
@@ -107,14 +109,21 @@ class RunContext:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
-    def mcl_steps(self) -> int:
-        return steps_for(self.config.mcl, self.num_samples, self.world_size)
+    def _steps(self, section, labels_path: Optional[Path] = None) -> int:
+        """``section.steps``, or its epochs over the batches the stage's plan draws from these labels (random
+        batches over every sample without labels)."""
+        labels = np.zeros(self.num_samples, np.int64) if labels_path is None else np.load(labels_path)
+        return steps_for(section, epoch_plan(section, labels, self.world_size))
+
+    def mcl_steps(self, labels_path: Optional[Path] = None) -> int:
+        return self._steps(self.config.mcl, labels_path)
 
     def route_steps(self) -> int:
-        return steps_for(self.config.route, self.num_samples, self.world_size)
+        return self._steps(self.config.route)
 
     def baseline_steps(self) -> int:
-        """Equal training steps: the baselines train as long as all DMU stages together."""
+        """Equal training steps: the baselines train as long as all DMU stages together (an MCL stage given in
+        epochs counted over random batches, as a baseline run has no clusters)."""
         return (self.config.dmu.num_experts - 1) * self.mcl_steps() + self.route_steps()
 
 
@@ -123,14 +132,15 @@ def _train_stage(
     stage_dir: Path,
     build_model: Callable,
     section,
-    steps: int,
+    steps: Callable[[], int],
     labels_path=None,
     seed=0,
     **overrides,
 ):
     def run() -> Dict[str, Any]:
         labels = np.load(labels_path) if labels_path is not None else None
-        cfg = train_config(section, ctx.config.runtime, steps, seed, ctx.config.data.num_workers, **overrides)
+        stage_steps = steps()  # at run time: an epoch is a pass over the plan of the labels made before
+        cfg = train_config(section, ctx.config.runtime, stage_steps, seed, ctx.config.data.num_workers, **overrides)
         model_dir, history = run_training(
             build_model(),
             ctx.config.data,
@@ -143,7 +153,7 @@ def _train_stage(
             desc=str(stage_dir.relative_to(ctx.run_dir)),
             training=ctx.training,
         )
-        return {**training_outputs(stage_dir), "steps": steps, "final_loss": history[-1]["loss"]}
+        return {**training_outputs(stage_dir), "steps": stage_steps, "final_loss": history[-1]["loss"]}
 
     return run
 
@@ -167,13 +177,15 @@ def dmu_stages(ctx: RunContext) -> List[Stage]:
         stages.append((f"dmu/extract_{s - 1}", _extract_stage(ctx, models[-1], features)))
         stages.append((cluster_stage(s - 1), _cluster_stage(ctx, features, cluster, labels)))
         labels = cluster / "labels.npy"
-        mcl = _train_stage(ctx, stage_dir, base, cfg.mcl, ctx.mcl_steps(), labels, cfg.seed + s)
+        mcl = _train_stage(
+            ctx, stage_dir, base, cfg.mcl, functools.partial(ctx.mcl_steps, labels), labels, cfg.seed + s
+        )
         stages.append((mcl_stage(s), mcl))
         models.append(stage_dir / "model")
     assembled = root / "assemble" / "model"
     stages.append(("dmu/assemble", _assemble_stage(ctx, models, assembled)))
     assembled_model = functools.partial(load_model, assembled)
-    route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps(), None, cfg.seed)
+    route = _train_stage(ctx, root / "route", assembled_model, cfg.route, ctx.route_steps, None, cfg.seed)
     stages.append((ROUTE_STAGE, route))
     return stages + [("dmu/eval", _eval_stage(ctx, root / "route" / "model", root / "eval"))]
 
@@ -202,17 +214,19 @@ def _assemble_stage(ctx: RunContext, models: List[Path], out: Path):
 def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optional[Path]):
     def run() -> Dict[str, Any]:
         cfg = ctx.config
-        if ctx.accelerator.is_main_process:
-            run_cluster(
-                features,
-                ctx.num_samples,
-                out,
-                previous,
-                cfg.dmu.image_clusters,
-                cfg.dmu.text_clusters,
-                cfg.seed,
-                cfg.dmu.kmeans_backend,
-            )
+        run_cluster(  # every rank clusters its share of the features
+            features,
+            ctx.num_samples,
+            out,
+            previous,
+            cfg.dmu.image_clusters,
+            cfg.dmu.text_clusters,
+            cfg.seed,
+            cfg.dmu.kmeans_backend,
+            DistState.from_torch(),
+            ctx.accelerator.device,
+            cfg.dmu.kmeans_sample_size,
+        )
         ctx.accelerator.wait_for_everyone()
         labels = np.load(out / "labels.npy")
         return {"labels": str(out / "labels.npy"), "num_clusters": int(len(np.unique(labels[labels >= 0])))}
@@ -227,7 +241,7 @@ def baseline_stages(ctx: RunContext, method: str) -> List[Stage]:
     if method == "upcycle":
         build = functools.partial(_sparse_upcycled, ctx)
         overrides = {"trainable": "ffn+router", "aux_loss_coef": cfg.route.aux_loss_coef}
-    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps(), None, cfg.seed, **overrides)
+    train = _train_stage(ctx, stage_dir, build, cfg.baseline, ctx.baseline_steps, None, cfg.seed, **overrides)
     return [
         (train_stage(method), train),
         (f"{method}/eval", _eval_stage(ctx, stage_dir / "model", ctx.run_dir / method / "eval")),
@@ -241,7 +255,8 @@ def control_stages(ctx: RunContext) -> List[Stage]:
     cfg, root = ctx.config, ctx.run_dir
     first = [stage for stage in dmu_stages(ctx) if stage[0] in ("dmu/extract_0", cluster_stage(0), mcl_stage(1))]
     base = functools.partial(load_model, ctx.base_model)
-    random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, ctx.mcl_steps(), None, cfg.seed + 1)
+    mcl_1_steps = functools.partial(ctx.mcl_steps, root / "dmu" / "cluster_0" / "labels.npy")  # MCL stage 1's
+    random = _train_stage(ctx, root / "control" / "train", base, cfg.mcl, mcl_1_steps, None, cfg.seed + 1)
     return first + [
         ("expert_1/eval", _eval_stage(ctx, root / "dmu" / "mcl_1" / "model", root / "expert_1" / "eval")),
         (train_stage("control"), random),
@@ -285,6 +300,7 @@ def _record_config(config: RunConfig, manifest: Manifest, where: str, config_fil
     if previous is None and legacy.is_file() and manifest.stages:
         previous = yaml.safe_load(legacy.read_text())
     if previous is not None:
+        previous = config_from_dict(previous, where).to_dict()  # keys added since the run started: their defaults
         changed = check_config_change(previous, current, manifest.stages, run_dir, where)
         if changed and manifest.writable:
             logger.warning("%s: applying the changed %s (no finished stage depends on them)", run_dir, changed)

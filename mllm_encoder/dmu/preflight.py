@@ -109,7 +109,13 @@ def check_run_directory(run_dir: PathLike, inputs: Iterable[Optional[PathLike]],
 _STRETCH = ("base_model", "dmu.text_context")
 _DATA = ("data.train", "data.format", "data.image_root", "data.allow_absolute_paths")
 _EXTRACT = _STRETCH + _DATA + ("dmu.extract_batch_size",)
-_CLUSTER = _EXTRACT + ("dmu.image_clusters", "dmu.text_clusters", "dmu.kmeans_backend", "seed")
+_CLUSTER = _EXTRACT + (
+    "dmu.image_clusters",
+    "dmu.text_clusters",
+    "dmu.kmeans_backend",
+    "dmu.kmeans_sample_size",
+    "seed",
+)
 _MCL = _CLUSTER + ("mcl",)
 _ASSEMBLE = ("dmu.num_experts", "dmu.top_k", "dmu.moe_layers")
 _BASELINE = _STRETCH + _DATA + ("seed", "baseline", "mcl", "route") + _ASSEMBLE

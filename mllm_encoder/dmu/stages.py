@@ -13,18 +13,24 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
-from mllm_encoder.distributed import DistState
-from mllm_encoder.dmu.clustering import accumulate_labels, save_cluster_report, stage_labels
+from mllm_encoder.distributed import DistState, gather_sizes
+from mllm_encoder.dmu.clustering import (
+    SAMPLE_SIZE,
+    accumulate_labels,
+    gather_labels,
+    kmeans_chunks,
+    save_cluster_report,
+)
 from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
-from mllm_encoder.dmu.features import extract_features, load_features
+from mllm_encoder.dmu.features import extract_features, feature_files, feature_indices, iter_chunks
 from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_data, save_model
-from mllm_encoder.dmu.sampler import ClusterBatchSampler
+from mllm_encoder.dmu.sampler import ClusterBatchSampler, EpochPlan
 from mllm_encoder.dmu.trainer import TrainConfig, train
 from mllm_encoder.text_context import stretch_checkpoint
 from mllm_encoder.upcycle import assemble_experts
@@ -32,12 +38,18 @@ from mllm_encoder.upcycle import assemble_experts
 logger = logging.getLogger(__name__)
 
 
-def steps_for(section: StageSection, num_samples: int, world_size: int) -> int:
-    """Optimizer steps of a stage: ``section.steps``, or its epochs over ``num_samples``."""
+def epoch_plan(section: StageSection, labels: Sequence[int], world_size: int) -> EpochPlan:
+    """What one epoch of a stage draws from ``labels`` (one cluster for random batches): batches, samples,
+    clusters used and skipped, samples dropped."""
+    return ClusterBatchSampler(labels, section.batch_size, world_size, drop_last=section.drop_last).epoch_plan()
+
+
+def steps_for(section: StageSection, plan: EpochPlan) -> int:
+    """Optimizer steps of a stage: ``section.steps``, or its epochs as passes over the batches of ``plan``
+    (rounded up), so that ``epochs: 1`` draws each sample of the plan once whatever it drops."""
     if section.steps is not None:
         return int(section.steps)
-    per_step = section.batch_size * section.grad_accum * world_size
-    return max(1, math.ceil(section.epochs * num_samples / per_step))
+    return max(1, math.ceil(section.epochs * plan.batches / section.grad_accum))
 
 
 def train_config(
@@ -100,26 +112,47 @@ def run_cluster(
     text_clusters: int = 3,
     seed: int = 0,
     backend: str = "auto",
+    state: Optional[DistState] = None,
+    device: Union[str, torch.device] = "cpu",
+    sample_size: int = SAMPLE_SIZE,
 ) -> Path:
     """Stage ``cluster``: k-means both modalities, accumulate with the previous labels; writes ``labels.npy``.
 
-    Labels cover every dataset index; samples without features (bad at extraction) get -1 and are never drawn.
+    Every rank of ``state`` calls this: each streams its share of the feature files, the k-means all-reduces
+    over the group (see :mod:`mllm_encoder.dmu.clustering`), and the main process writes the labels. They cover
+    every dataset index; samples without features (bad at extraction) get -1 and are never drawn.
     """
-    features = load_features(features_dir)
-    current = stage_labels(features["image"], features["text"], image_clusters, text_clusters, seed, backend)
+    state = state or DistState()
+    files = feature_files(features_dir)[state.rank :: state.world_size]
+    index = feature_indices(files)
+    total = int(sum(gather_sizes(len(index), state, device)))
+    if total == 0:
+        raise ValueError(
+            f"{features_dir}: the feature files hold no sample: every training sample was bad or the training set "
+            "is empty (see the bad-sample warnings of the extraction)"
+        )
+    labels = {}
+    for name, k, modality_seed in (("image", image_clusters, seed), ("text", text_clusters, seed + 1)):
+
+        def chunks(name: str = name):
+            return ((part, rows[name]) for part, rows in iter_chunks(files, name))
+
+        labels[name] = kmeans_chunks(chunks, k, num_samples, modality_seed, backend, state, device, sample_size)
+    index, current = gather_labels(index, labels["text"] * image_clusters + labels["image"], state, device)
     if previous_labels is not None:
-        previous = np.load(previous_labels)[features["index"]]
+        previous = np.load(previous_labels)[index]
         if (previous < 0).any():
             raise ValueError(f"{previous_labels}: samples with features have no previous label")
         current = accumulate_labels(previous, current, image_clusters * text_clusters)
-    labels = np.full(num_samples, -1, dtype=np.int64)
-    labels[features["index"]] = current
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.save(buffer, labels)
-    atomic_write_bytes(out_dir / "labels.npy", buffer.getvalue())
-    save_cluster_report(current, out_dir, title=f"{len(np.unique(current))} pseudo-label clusters")
+    if state.is_main:
+        full = np.full(num_samples, -1, dtype=np.int64)
+        full[index] = current
+        out_dir.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, full)
+        atomic_write_bytes(out_dir / "labels.npy", buffer.getvalue())
+        save_cluster_report(current, out_dir, title=f"{len(np.unique(current))} pseudo-label clusters")
     return out_dir / "labels.npy"
 
 
@@ -185,8 +218,9 @@ def training_outputs(stage_dir: PathLike) -> Dict[str, str]:
 
 
 def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seconds: float) -> Dict[str, Any]:
-    """The machine-readable account of a training stage (``summary.json``): steps, samples seen, clusters
-    used and skipped and samples dropped per epoch, and the wall time of the invocation that finished it."""
+    """The machine-readable account of a training stage (``summary.json``): steps, samples seen, passes over
+    the plan (``epochs``), samples drawn, clusters used and skipped and samples dropped per epoch, and the wall
+    time of the invocation that finished it."""
     plan = ClusterBatchSampler(labels, cfg.stage.batch_size, world_size, drop_last=cfg.stage.drop_last).epoch_plan()
     micro_steps = cfg.steps * cfg.stage.grad_accum
     return {
@@ -194,6 +228,7 @@ def stage_summary(labels: Sequence[int], cfg: TrainConfig, world_size: int, seco
         "samples_seen": round(micro_steps * plan.samples / plan.batches),  # exact with drop_last
         "epochs": micro_steps / plan.batches,
         "batches_per_epoch": plan.batches,
+        "samples_drawn_per_epoch": plan.samples,
         "clusters_used": plan.clusters_used,
         "clusters_skipped": plan.clusters_skipped,
         "samples_dropped_per_epoch": plan.samples_dropped,

@@ -73,7 +73,8 @@ def test_features_sharded_over_ranks_merge_in_index_order(tmp_path):
         extract_features(_Embedder(), pairs, collate, tmp_path, DistState(2, rank), batch_size=4)
     features = load_features(tmp_path)
     np.testing.assert_array_equal(features["index"], np.arange(11))
-    np.testing.assert_allclose(features["image"], pairs.pixels.flatten(1)[:, :4].numpy() * 2)
-    np.testing.assert_allclose(features["text"], pairs.ids[:, :3].float().numpy())
-    with pytest.raises(ValueError, match="no feature shards"):
+    unit = torch.nn.functional.normalize
+    np.testing.assert_allclose(features["image"], unit(pairs.pixels.flatten(1)[:, :4], dim=1).numpy(), atol=1e-3)
+    np.testing.assert_allclose(features["text"], unit(pairs.ids[:, :3].float(), dim=1).numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="no feature files"):
         load_features(tmp_path / "missing")

@@ -60,3 +60,15 @@ def test_launch_8gpu_usage_lists_every_method():
     script = Path(__file__).resolve().parents[2] / "scripts" / "dmu" / "launch_8gpu.sh"
     usage = re.search(r"--method ([a-z|]+)\]", script.read_text()).group(1)
     assert usage.split("|") == [*METHODS, "all"]
+
+
+def test_the_process_group_timeout_reaches_the_process_group_init():
+    """``runtime.process_group_timeout_s`` is what accelerate passes to ``init_process_group`` (default 2 h)."""
+    from datetime import timedelta
+
+    from mllm_encoder.dmu.accelerator import build_accelerator
+    from mllm_encoder.dmu.config import RuntimeSection
+
+    assert RuntimeSection().process_group_timeout_s == 7200
+    accelerator = build_accelerator("no", process_group_timeout_s=123)
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=123)}

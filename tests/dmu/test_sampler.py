@@ -83,3 +83,26 @@ def test_bad_arguments():
         ClusterBatchSampler([0, 1], batch_size=0)
     with pytest.raises(ValueError):
         ClusterBatchSampler([0, 1], batch_size=2, world_size=2, rank=2)
+
+
+@pytest.mark.parametrize("drop_last, grad_accum", [(True, 1), (False, 1), (True, 2)])
+def test_one_epoch_is_one_pass_over_the_plan(drop_last, grad_accum):
+    """``epochs: 1`` draws every sample of the stage's plan once: the micro-steps of the stage's optimizer steps
+    are the plan's batches (dropped remainders never counted), for one or two ranks."""
+    from mllm_encoder.dmu.config import StageSection
+    from mllm_encoder.dmu.stages import epoch_plan, steps_for
+
+    labels = _labels(seed=3, n=517, clusters=7)
+    for world_size in (1, 2):
+        section = StageSection(epochs=1.0, batch_size=8, grad_accum=grad_accum, drop_last=drop_last)
+        plan = epoch_plan(section, labels, world_size)
+        micro_steps = steps_for(section, plan) * grad_accum
+        assert plan.batches <= micro_steps < plan.batches + grad_accum
+        drawn = []
+        for rank in range(world_size):
+            sampler = ClusterBatchSampler(labels, 8, world_size, rank, drop_last=drop_last)
+            drawn += [index for batch in list(sampler)[: plan.batches] for index in batch]
+        assert len(drawn) == len(set(drawn)) == plan.samples == len(labels) - plan.samples_dropped
+        two = StageSection(epochs=2.0, batch_size=8, grad_accum=grad_accum, drop_last=drop_last)
+        assert steps_for(two, plan) * grad_accum >= 2 * plan.batches
+    assert steps_for(StageSection(steps=5), plan) == 5
