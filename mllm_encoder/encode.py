@@ -42,9 +42,10 @@ def normalized(embeddings: torch.Tensor) -> torch.Tensor:
 
 def embed_images(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image embeddings ``[B, D]`` of one batch (unnormalised, on the model's device and dtype)."""
-    parameter = next(model.parameters())
-    pixels = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-    return embeddings_of(model.get_image_features(pixel_values=pixels))
+    parameter = next(model.parameters(), None)  # a parameterless stand-in takes the pixels as they are
+    if parameter is not None:
+        pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    return embeddings_of(model.get_image_features(pixel_values=pixel_values))
 
 
 def embed_texts(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mllm_encoder.atomic import atomic_write_bytes
 from mllm_encoder.distributed import DistState
+from mllm_encoder.encode import embed_images, embed_texts
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +86,15 @@ def extract_features(
     state: Optional[DistState] = None,
     batch_size: int = 256,
     num_workers: int = 0,
-    device: Union[str, torch.device] = "cpu",
     chunk_rows: int = CHUNK_ROWS,
 ) -> List[Path]:
-    """Embed this rank's share (indices ``rank::world_size``) of ``dataset`` into part files of ``out_dir``.
+    """Embed this rank's share (indices ``rank::world_size``) of ``dataset`` into part files of ``out_dir`` (with
+    :mod:`mllm_encoder.encode`, on the model's device).
 
-    Each part holds ``chunk_rows`` samples (the last fewer), so memory stays at one part whatever the size of
-    the share; returns the part files written (at least one, possibly empty). Bad samples dropped by
-    ``collate_fn`` are simply absent (a batch of only bad samples, ``None``, is skipped: the collator counts
-    them and enforces its bad-sample limit).
+        Each part holds ``chunk_rows`` samples (the last fewer), so memory stays at one part whatever the size of
+        the share; returns the part files written (at least one, possibly empty). Bad samples dropped by
+        ``collate_fn`` are simply absent (a batch of only bad samples, ``None``, is skipped: the collator counts
+        them and enforces its bad-sample limit).
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty: no sample to extract features from")
@@ -107,10 +108,8 @@ def extract_features(
         if batch is None:
             logger.warning("skipping a batch whose samples all failed to load")
             continue
-        image = core.get_image_features(pixel_values=batch["pixel_values"].to(device))
-        text = core.get_text_features(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
+        image = embed_images(core, batch["pixel_values"])
+        text = embed_texts(core, batch["input_ids"], batch["attention_mask"])
         writer.add(batch["index"], normalise(image), normalise(text))
     while writer.buffered or not writer.paths:
         writer.flush(final=True)

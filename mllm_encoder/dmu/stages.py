@@ -92,7 +92,7 @@ def run_extract(
     dataset, collator = training.for_stage()
     state = DistState(accelerator.num_processes, accelerator.process_index)
     with accelerator.autocast():
-        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers, accelerator.device)
+        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers)
     collator.check(final=True)
     if collator.num_seen and collator.num_bad == collator.num_seen:  # even max_bad_fraction 1.0 needs one sample
         raise ValueError(
