@@ -9,8 +9,8 @@ child's own (``os.wait4``), its seconds the timed section inside the child. Comp
 - ``read``: every feature chunk of both modalities read back (:func:`mllm_encoder.dmu.features.iter_chunks`);
 - ``cluster``: the whole cluster stage (:func:`mllm_encoder.dmu.stages.run_cluster`: k-means of both
   modalities, accumulation with a previous stage's labels, ``labels.npy`` and the report);
-- ``index``: the training-set index of a ShareGPT4V JSON of N records, as built today
-  (:func:`mllm_encoder.data.records.read_image_text_records`; see ``build_index`` to time another builder).
+- ``index``: the training-set index of a ShareGPT4V JSON of N records, as a run builds it once in its run
+  directory (:func:`mllm_encoder.data.build_record_index` with an ``index_dir``: streamed, memory-mapped).
 
 Prints a table of seconds and peak RSS per component and N, the growth exponents (least-squares slope of
 log value against log N over the sizes measured) and the figures at 10M pairs extrapolated from them.
@@ -81,11 +81,10 @@ def _synthetic_model(dim: int):
 
 
 def build_index(path: Path) -> int:
-    """The training-set index the run builds; returns its number of samples. Hook: time the run's index builder
-    here once issue 19's shared index lands (``data/records.py`` / ``data/webdataset.py``)."""
-    from mllm_encoder.data.records import read_image_text_records
+    """The training-set index a run builds (once, into its run directory); returns its number of samples."""
+    from mllm_encoder.data import build_record_index
 
-    return len(read_image_text_records(path, allow_absolute_paths=False))
+    return len(build_record_index(path, index_dir=path.parent / "data_index"))
 
 
 def _write_sharegpt4v(path: Path, n: int) -> None:

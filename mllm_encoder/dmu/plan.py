@@ -23,6 +23,7 @@ import torch
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.data import TarShardDataset, build_record_index, expand_shards
 from mllm_encoder.dmu.config import METHODS, RunConfig, StageSection
+from mllm_encoder.dmu.features import FEATURE_DTYPE
 from mllm_encoder.dmu.pipeline import RunContext
 from mllm_encoder.dmu.preflight import DATA_INDEX
 from mllm_encoder.dmu.resources import INDEXED_FORMATS, data_format
@@ -31,7 +32,7 @@ from mllm_encoder.dmu.trainer import select_trainable
 from mllm_encoder.loading import model_class_for, read_config
 from mllm_encoder.upcycle import moe_config
 
-FEATURE_BYTES = 4  # float32 features, as dmu/features.py writes them
+FEATURE_BYTES = FEATURE_DTYPE.itemsize  # bytes per stored feature value (float16 parts, dmu/features.py)
 INDEX_BYTES_PER_SAMPLE = 24  # three int64 offsets per record (data/records.py); tar shards map theirs
 ADAM_BYTES = 8  # two float32 moments per trainable parameter
 GIB = 1024**3
