@@ -339,17 +339,18 @@ def test_two_runs_in_one_process_share_no_dataset_counters_or_log_handlers(
 
 
 def test_a_run_dir_started_before_a_config_key_existed_resumes(tmp_path, tiny_base_dir, shapes_data):
-    """A run started before ``dmu.kmeans_sample_size`` existed (its config.yaml lacks the key) resumes with the
-    default; a changed value is still refused."""
-    from mllm_encoder.dmu.pipeline import _check_config_copy
+    """A run started before ``dmu.kmeans_sample_size`` existed (its legacy config.yaml lacks the key) resumes with
+    the default; a changed value is still refused once a stage that depends on it has finished."""
+    from mllm_encoder.dmu.pipeline import _record_config
     from mllm_encoder.dmu.run_state import Manifest
 
     values = _values(tmp_path, tiny_base_dir, shapes_data)
     saved = {**values, "dmu": {key: value for key, value in values["dmu"].items() if key != "kmeans_sample_size"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     manifest = Manifest(tmp_path / "manifest.json")
-    manifest.mark_done("base/eval", metrics={})
-    _check_config_copy(config_from_dict(values), tmp_path, manifest, is_main=True)
+    manifest.mark_done("dmu/cluster_0", labels="labels.npy")
+    _record_config(config_from_dict(values), manifest, "run.yaml", None)
+    assert manifest.config["dmu"]["kmeans_sample_size"] == config_from_dict(values).dmu.kmeans_sample_size
     changed = config_from_dict({**values, "dmu": {**values["dmu"], "kmeans_sample_size": 10}})
     with pytest.raises(ValueError, match="dmu.kmeans_sample_size"):
-        _check_config_copy(changed, tmp_path, manifest, is_main=True)
+        _record_config(changed, manifest, "run.yaml", None)
