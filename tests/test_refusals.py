@@ -55,7 +55,7 @@ def test_a_pickle_payload_inside_a_checkpoint_folder_is_named(tiny_hf_clip_dir, 
 
 def test_truncated_llava_weights_are_named_before_llava_loads_them(tmp_path):
     pytest.importorskip("llava")
-    from llava_patch.loading import _wrap
+    from llava_patch.tower.loading import _wrap
 
     checkpoint = tmp_path / "llava-tiny"
     checkpoint.mkdir()
