@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_conversion import ReferenceOpenAICLIPMoE
-from tiny_models import tiny_vision_config
+from tiny_models import ReferenceOpenAICLIPMoE, tiny_vision_config
 
 from mllm_encoder.cli import error_line, main
 from mllm_encoder.locking import LockError, directory_lock
