@@ -9,7 +9,7 @@ hook on the encoder collects it (:class:`TowerAuxLoss`); the library tower keeps
 * transformers' Llava, LlavaNext and LlavaOnevision: ``TowerAuxLoss(model)`` also hooks the model's forward, which
   adds the term to ``output.loss``; ``remove()`` uninstalls.
 * LLaVA-1.5 (``llava_patch``): the tower (``registry.LlavaCLIPMoEVisionTower``) holds a
-  ``TowerAuxLoss(None, encoder)``; the patched ``forward`` (:mod:`llava_patch.forward`) calls
+  ``TowerAuxLoss(None, encoder)``; the patched ``forward`` (:mod:`llava_patch.tower.forward`) calls
   :meth:`TowerAuxLoss.start` before LLaVA's forward and :meth:`TowerAuxLoss.add_to` on its outputs, because
   LLaVA's model computes its loss inside the call it makes.
 
@@ -21,7 +21,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from llava_patch.hf_llava import llava_vision_tower
+from llava_patch.hf.llava import llava_vision_tower
 
 
 class TowerAuxLoss:

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from llava_fixtures import build_tiny_llava, synthetic_image  # noqa: E402
 
-from llava_patch.answerer import LlavaAnswerer  # noqa: E402
+from llava_patch.integrations.answerer import LlavaAnswerer  # noqa: E402
 
 
 def main() -> None:

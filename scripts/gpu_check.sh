@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PYTHON" -c "import pytest" 2>/dev/null && [ -d .gpu_wheels ]; then
     "$PYTHON" -m pip install -q --no-index --find-links .gpu_wheels pytest >> "$OUT/device.txt" 2>&1
 fi
-timeout "${TESTS_SECONDS:-150}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_gpu.py \
+timeout "${TESTS_SECONDS:-150}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/moe/test_moe_gpu.py \
     > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $?" | tee -a "$OUT/device.txt"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments

@@ -9,7 +9,7 @@ synthetic images) and is judged:
 * bad: the command succeeded, or a user's file was changed or created where it must not be.
 
 Usage: ``python scripts/probe_hostile.py [--keep DIR]``; prints one line per probe and the counts, and exits 1
-when any probe is bad. ``tests/test_probe_hostile.py`` (slow) runs it.
+when any probe is bad. ``tests/guarantees/test_probe_hostile.py`` (slow) runs it.
 """
 
 import argparse

@@ -16,4 +16,4 @@ pip install -c requirements/constraints.txt -c requirements/lmms-eval.txt torch=
 pip install -c requirements/constraints.txt -c requirements/lmms-eval.txt lmms-eval==0.7.3 -e ".[llava,lmms-eval,dev]"
 pip install --no-deps llava-torch==1.2.2.post1
 "$venv/bin/python" scripts/patch_torchvision.py
-"$venv/bin/python" -c "import lmms_eval.evaluator, llava_patch.lmms_eval_model; print('$venv: lmms-eval ready')"
+"$venv/bin/python" -c "import lmms_eval.evaluator, llava_patch.integrations.lmms_eval_model; print('$venv: lmms-eval ready')"

@@ -151,7 +151,7 @@ def _build_stages(root: Path) -> None:
 def _build_official_release(path: Path) -> None:
     """A tiny checkpoint in the released CLIP-MoE layout (OpenAI / Long-CLIP names, MoE in the last blocks)."""
     import torch
-    from test_conversion import ReferenceOpenAICLIPMoE
+    from tiny_models import ReferenceOpenAICLIPMoE
 
     torch.manual_seed(0)
     torch.save(ReferenceOpenAICLIPMoE().state_dict(), path)

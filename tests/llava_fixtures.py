@@ -3,8 +3,6 @@ directory, like ``tiny_models``).
 
 * :func:`build_tiny_tokenizer`: a Llama-compatible sentencepiece tokenizer trained on the fly;
 * :func:`build_tiny_llama`: a base LLM directory (what ``--model_name_or_path`` points to);
-* :func:`build_tiny_clip_moe`: a CLIP-MoE checkpoint directory (``--vision_tower clip-moe:<dir>``);
-* :func:`build_tiny_siglip_moe`: the same for a SigLIP-MoE (no class token, SigLIP's image processor);
 * :func:`build_tiny_llava`: a complete LLaVA checkpoint with a CLIP-MoE tower, loadable with
   ``llava.model.builder.load_pretrained_model`` after :func:`llava_patch.apply`;
 * :func:`synthetic_image`: a noisy one-colour image;
@@ -22,11 +20,10 @@ from typing import Any, Dict, List, Optional, Union
 import sentencepiece as spm
 import torch
 from PIL import Image
+from tiny_models import build_tiny_clip_moe
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import llava_patch
-from mllm_encoder import CLIPMoEConfig, CLIPMoEModel
-from mllm_encoder.checkpoint import save_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,42 +98,6 @@ def build_tiny_llama(
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
-
-
-def tiny_clip_moe_config(num_experts: int = 4, top_k: int = 2, num_layers: int = 3, image_size: int = 32):
-    """A small two-tower ``CLIPMoEConfig`` (hidden 32, ``num_layers`` MoE layers, patch 8)."""
-    shape = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=num_layers)
-    moe = dict(num_experts=num_experts, top_k=top_k)
-    vision = dict(shape, image_size=image_size, patch_size=8, **moe)
-    text = dict(shape, vocab_size=128, max_position_embeddings=16, eos_token_id=127, bos_token_id=126, **moe)
-    return CLIPMoEConfig(text_config=text, vision_config=vision, projection_dim=16)
-
-
-def build_tiny_clip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2, seed: int = 0, **kwargs) -> Path:
-    """Save a random tiny CLIP-MoE (``tiny_clip_moe_config``) as a complete checkpoint directory."""
-    torch.manual_seed(seed)
-    model = CLIPMoEModel(tiny_clip_moe_config(num_experts=num_experts, top_k=top_k, **kwargs))
-    with torch.no_grad():  # make routing input-dependent and experts distinct
-        for name, param in model.named_parameters():
-            if ".mlp." in name:
-                param.normal_(0.0, 0.2)
-    return save_checkpoint(model, out_dir)
-
-
-def build_tiny_siglip_moe(out_dir: PathLike, num_experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
-    """Save a random tiny SigLIP-MoE (``tiny_siglip_moe_config``, 32 px) with SigLIP's image processor."""
-    from tiny_models import tiny_siglip_moe_config
-    from transformers import SiglipImageProcessor
-
-    from mllm_encoder import SiglipMoEModel
-
-    torch.manual_seed(seed)
-    model = SiglipMoEModel(tiny_siglip_moe_config(num_experts=num_experts, top_k=top_k))
-    with torch.no_grad():  # make routing input-dependent and experts distinct
-        for name, param in model.named_parameters():
-            if ".mlp." in name:
-                param.normal_(0.0, 0.2)
-    return save_checkpoint(model, out_dir, SiglipImageProcessor(size={"height": 32, "width": 32}))
 
 
 def synthetic_image(color: str, size: int, seed: int):

@@ -98,10 +98,14 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 
 def package_of(module: str) -> str:
-    """The package a module file belongs to (``mllm_encoder.moe.router`` -> ``mllm_encoder.moe``); the
+    """The package a module file belongs to (``mllm_encoder.moe.router`` -> ``mllm_encoder.moe``). A package's
+    ``__init__`` is a node of its own, the package's front door: ``llava_patch.apply()`` runs the patches of
+    ``llava_patch.tower`` and ``llava_patch.compat``, which use ``llava_patch.patching`` below them. The
     ``__main__`` entry module counts as an application of its own."""
     path = first_party_modules()[module]
-    if path.name == "__init__.py" or path.name == "__main__.py":
+    if path.name == "__init__.py":
+        return f"{module}.__init__"
+    if path.name == "__main__.py":
         return module
     return module.rpartition(".")[0]
 
@@ -112,9 +116,29 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     names = imported_names(source, "mllm_encoder.pkg.mod")
     assert names == {"llava_patch.apply", "mllm_encoder.pkg.sibling"}
     graph = import_graph()
-    assert {"llava_patch.zero3", "mllm_encoder.checkpoint"} <= graph["llava_patch.registry"]  # modules by name
+    assert {"llava_patch.tower.zero3", "mllm_encoder.checkpoint"} <= graph[
+        "llava_patch.tower.registry"
+    ]  # modules by name
     assert "mllm_encoder.dmu.config" in graph["mllm_encoder.dmu.trainer"]  # `from package import module`
     assert "mllm_encoder.moe" in graph["mllm_encoder.modeling_clip_moe"]  # `from package import name`
+
+
+def test_every_pyproject_entry_point_names_a_definition_in_the_tree():
+    """Each console script and entry point of ``pyproject.toml`` names a module of the tree and a top-level function
+    or class it defines (read with ``ast``: the optional lmms-eval need not be installed, and an installed copy's
+    metadata, which follows only at reinstall, plays no part)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    groups = [project["scripts"], *project["entry-points"].values()]
+    targets = sorted(value for group in groups for value in group.values())
+    assert "llava_patch.integrations.answerer:LlavaAnswerer" in targets
+    modules = first_party_modules()
+    for target in targets:
+        module, _, attribute = target.partition(":")
+        assert module in modules, f"pyproject.toml: {target}: no module {module}"
+        tree = ast.parse(modules[module].read_text())
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert attribute in defined, f"pyproject.toml: {target}: {module} defines no {attribute}"
 
 
 def test_the_library_imports_no_application_and_mllm_encoder_never_imports_llava_patch():

@@ -1,7 +1,7 @@
 """``python -m llava_patch.eval.model_vqa_loader ARGS``: LLaVA's ``llava.eval.model_vqa_loader``.
 
 Same arguments plus ``--trust-remote-code``: without it, no Python file of a checkpoint folder runs
-(see :mod:`llava_patch.loading`). ``--answers-file`` may be a bare file name (LLaVA's script creates the file's
+(see :mod:`llava_patch.tower.loading`). ``--answers-file`` may be a bare file name (LLaVA's script creates the file's
 folder, and a bare name has none: it is made absolute first).
 """
 

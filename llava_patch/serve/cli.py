@@ -1,7 +1,7 @@
 """``python -m llava_patch.serve.cli ARGS``: LLaVA's ``llava.serve.cli``.
 
 Same arguments plus ``--trust-remote-code``: without it, no Python file of a checkpoint folder runs
-(see :mod:`llava_patch.loading`).
+(see :mod:`llava_patch.tower.loading`).
 """
 
 import llava_patch

@@ -14,7 +14,7 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True) -> Tupl
     """
     # Softmax over all E logits, then top-k: the softmax over only the k largest logits is equal in value,
     # but with it inductor (torch 2.13) computed wrong gradients for a tower that also takes the
-    # load-balancing loss (tests/test_moe_compile.py::test_inductor_training_gradients_match_eager).
+    # load-balancing loss (tests/moe/test_moe_compile.py::test_inductor_training_gradients_match_eager).
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, expert_ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:

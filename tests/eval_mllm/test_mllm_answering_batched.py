@@ -42,7 +42,7 @@ def tiny_llava_questions(tmp_path_factory):
 def test_a_batch_answers_as_one_at_a_time(tiny_llava_questions):
     from PIL import Image
 
-    from llava_patch.answerer import LlavaAnswerer
+    from llava_patch.integrations.answerer import LlavaAnswerer
 
     root, model_dir, questions = tiny_llava_questions
     answerer = LlavaAnswerer(str(model_dir), str(root / "images"), device="cpu", max_new_tokens=8)

@@ -40,7 +40,7 @@ def tiny_pope(tmp_path_factory):
 
 
 def test_llava_answering_resumes_and_scores(tiny_pope, tmp_path):
-    from llava_patch.answerer import LlavaAnswerer
+    from llava_patch.integrations.answerer import LlavaAnswerer
 
     root, model_dir, questions = tiny_pope
     answerer = LlavaAnswerer(str(model_dir), str(root / "val2014"), device="cpu", max_new_tokens=6)

@@ -1,7 +1,7 @@
 """Fixtures of the experiment tests: a saved tiny dense base with the real CLIP tokenizer, and its processors."""
 
 import pytest
-from dmu.dmu_helpers import write_tiny_base
+from tiny_models import write_tiny_clip_base
 
 from mllm_encoder.checkpoint import load_processors
 
@@ -17,7 +17,7 @@ def experiments_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory, experiments_tokenizer_dir):
-    return write_tiny_base(tmp_path_factory.mktemp("experiments_base") / "base", experiments_tokenizer_dir)
+    return write_tiny_clip_base(tmp_path_factory.mktemp("experiments_base") / "base", experiments_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import llava_fixtures
 import pytest
+import tiny_models
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +12,7 @@ def llava_workdir(tmp_path_factory) -> Path:
     """A directory with ``llm/`` (tiny Llama), ``clipmoe/`` (tiny CLIP-MoE) and ``data/`` (both data sets)."""
     root = tmp_path_factory.mktemp("llava")
     llava_fixtures.build_tiny_llama(root / "llm")
-    llava_fixtures.build_tiny_clip_moe(root / "clipmoe")
+    tiny_models.build_tiny_clip_moe(root / "clipmoe")
     llava_fixtures.write_synthetic_conversations(root / "data", plain=True)
     llava_fixtures.write_synthetic_conversations(root / "data")
     return root

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import llava_patch
 from llava_patch.aux_loss import TowerAuxLoss
-from llava_patch.hf_llava import llava_vision_tower
+from llava_patch.hf.llava import llava_vision_tower
 from mllm_encoder import CLIPMoEVisionConfig
 from mllm_encoder.outputs import MoEModelOutputWithPooling
 

@@ -32,7 +32,7 @@ def inputs(batch: int = 2):
 
 
 def vision_tower(model) -> torch.nn.Module:
-    from llava_patch.hf_llava import llava_vision_tower
+    from llava_patch.hf.llava import llava_vision_tower
 
     return llava_vision_tower(model)
 
@@ -86,7 +86,7 @@ def test_hf_llava_projects_layer_minus_two_patch_features():
 def test_build_hf_llava_from_clip_moe_and_llm(llava_workdir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llava_patch.hf_llava import build_hf_llava, llava_vision_tower
+    from llava_patch.hf.llava import build_hf_llava, llava_vision_tower
 
     model, tokenizer, processor = build_hf_llava(llava_workdir / "clipmoe", llava_workdir / "llm")
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -108,7 +108,7 @@ def test_build_hf_llava_from_a_siglip_moe_tower(llava_workdir, clip_tokenizer_di
     """A SigLIP-MoE tower: every patch projected ('full', no class token), saved, reloaded with the same logits."""
     from tiny_models import write_tiny_siglip_base
 
-    from llava_patch.hf_llava import build_hf_llava, llava_vision_tower
+    from llava_patch.hf.llava import build_hf_llava, llava_vision_tower
     from mllm_encoder import SiglipMoEVisionModel
 
     siglip_dir = write_tiny_siglip_base(tmp_path / "siglip", clip_tokenizer_dir)

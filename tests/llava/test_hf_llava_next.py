@@ -44,7 +44,7 @@ def encode(processor, texts=None):
 
 @pytest.fixture(scope="module", params=KINDS)
 def built(request, llava_workdir):
-    from llava_patch.hf_llava_next import build_anyres_llava
+    from llava_patch.hf.llava_next import build_anyres_llava
 
     torch.manual_seed(0)
     model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind=request.param)
@@ -52,7 +52,7 @@ def built(request, llava_workdir):
 
 
 def tower_of(model):
-    from llava_patch.hf_llava import llava_vision_tower
+    from llava_patch.hf.llava import llava_vision_tower
 
     return llava_vision_tower(model)
 
@@ -127,7 +127,7 @@ def test_save_and_reload_keep_tower_weights_and_moe_settings(built, llava_workdi
 
 
 def test_unknown_kind_and_missing_classes_are_named():
-    from llava_patch.hf_llava_next import anyres_classes, anyres_grid_pinpoints
+    from llava_patch.hf.llava_next import anyres_classes, anyres_grid_pinpoints
 
     with pytest.raises(ValueError, match="unknown kind 'llava_nxt'; expected one of llava_next, llava_onevision"):
         anyres_classes("llava_nxt")
@@ -143,7 +143,7 @@ def test_unknown_kind_and_missing_classes_are_named():
 def test_a_siglip_tower_is_refused_before_anything_loads(clip_tokenizer_dir, tmp_path):
     from tiny_models import write_tiny_siglip_base
 
-    from llava_patch.hf_llava_next import build_anyres_llava
+    from llava_patch.hf.llava_next import build_anyres_llava
 
     siglip_dir = write_tiny_siglip_base(tmp_path / "siglip", clip_tokenizer_dir)
     message = "holds a SiglipMoEVisionModel tower; this build takes only CLIPMoEVisionModel"

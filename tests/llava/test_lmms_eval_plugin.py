@@ -17,9 +17,9 @@ import torch
 import transformers
 from PIL import Image
 
-import llava_patch
+import llava_patch.integrations
 
-MODULE = "llava_patch.lmms_eval_model"
+MODULE = "llava_patch.integrations.lmms_eval_model"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -99,8 +99,8 @@ def lmms_eval_api(monkeypatch):
         real="lmms_eval.utils" in sys.modules,
     )
     sys.modules.pop(MODULE, None)
-    if hasattr(llava_patch, "lmms_eval_model"):
-        delattr(llava_patch, "lmms_eval_model")
+    if hasattr(llava_patch.integrations, "lmms_eval_model"):
+        delattr(llava_patch.integrations, "lmms_eval_model")
 
 
 def resolve_through_entry_point(api, name="clip_moe_llava"):
@@ -180,7 +180,7 @@ def local_images(tmp_path):
     reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
 )
 def test_generate_until_with_an_hf_llava_next_checkpoint(lmms_eval_api, llava_workdir, tmp_path):
-    from llava_patch.hf_llava_next import build_anyres_llava
+    from llava_patch.hf.llava_next import build_anyres_llava
 
     torch.manual_seed(0)
     model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind="llava_next")
@@ -208,7 +208,7 @@ def test_generate_until_with_an_hf_llava_next_checkpoint(lmms_eval_api, llava_wo
 
 
 def test_generate_until_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
-    from llava_patch.answerer import LlavaAnswerer
+    from llava_patch.integrations.answerer import LlavaAnswerer
 
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     lm = model_class(pretrained=str(tiny_llava_dir), device="cpu")
@@ -239,7 +239,7 @@ def test_generation_settings_and_stop_strings(lmms_eval_api):
 def test_batched_answers_equal_one_at_a_time_with_anyres_images_of_different_sizes(
     lmms_eval_api, llava_workdir, tmp_path, kind
 ):
-    from llava_patch.hf_llava_next import build_anyres_llava
+    from llava_patch.hf.llava_next import build_anyres_llava
 
     if kind == "llava_onevision" and not hasattr(transformers, "LlavaOnevisionForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no LlavaOnevisionForConditionalGeneration")
@@ -304,7 +304,7 @@ def summed_logprobs(logits, continuation_ids):
     reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
 )
 def test_loglikelihood_equals_log_probabilities_summed_from_the_logits(lmms_eval_api, llava_workdir, tmp_path):
-    from llava_patch.hf_llava_next import build_anyres_llava
+    from llava_patch.hf.llava_next import build_anyres_llava
 
     torch.manual_seed(0)
     model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind="llava_next")
@@ -331,7 +331,7 @@ def test_loglikelihood_equals_log_probabilities_summed_from_the_logits(lmms_eval
 
 
 def test_loglikelihood_with_a_llava_v15_checkpoint(lmms_eval_api, tiny_llava_dir, tmp_path):
-    from llava_patch.answerer import LlavaAnswerer
+    from llava_patch.integrations.answerer import LlavaAnswerer
 
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     lm = model_class(pretrained=str(tiny_llava_dir), device="cpu")

@@ -30,7 +30,7 @@ def build_yes_no_llava(out_dir: Path, rows: list) -> Path:
 
     The head's rows are +-v for the directions v along which the last hidden states of ``rows`` vary most, so
     which token wins depends on the image and the question."""
-    from llava_patch.answerer import LlavaAnswerer
+    from llava_patch.integrations.answerer import LlavaAnswerer
 
     build_tiny_llava(out_dir)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -244,7 +244,7 @@ def test_llava_loaders_run_no_checkpoint_code_unless_trusted(llava_workdir, tmp_
 def test_entry_points_take_the_trust_flag_and_name_a_missing_model_dir(tmp_path):
     from llava.model.builder import load_pretrained_model
 
-    from llava_patch.loading import pop_trust_remote_code_flag
+    from llava_patch.tower.loading import pop_trust_remote_code_flag
 
     argv = ["--model-path", "m", "--trust-remote-code", "--temperature", "0"]
     assert pop_trust_remote_code_flag(argv) == (["--model-path", "m", "--temperature", "0"], True)

@@ -63,7 +63,7 @@ def test_scripts_follow_llava_recipes(script, stage, per_gpu, lr, tmp_path):
     llava_patch.apply()
     import llava.train.train as llava_train
 
-    from llava_patch.trainer_compat import translate_arguments
+    from llava_patch.compat.trainer import translate_arguments
 
     args = _launch(script, tmp_path, num_gpus=8)
     assert args[:4] == ["--num_gpus", "8", "--module", "llava_patch.train"]
@@ -89,7 +89,7 @@ def test_scripts_follow_llava_recipes(script, stage, per_gpu, lr, tmp_path):
 def test_renamed_training_arguments_are_translated():
     from transformers import TrainingArguments
 
-    from llava_patch.trainer_compat import translate_arguments
+    from llava_patch.compat.trainer import translate_arguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = translate_arguments(["--warmup_ratio", "0.03", "--evaluation_strategy=no", "--bf16", "True"])

@@ -180,7 +180,7 @@ def test_continue_from_llava_checkpoint_under_zero3(llava_workdir, tiny_llava_di
 def test_siglip_moe_tower_pretrain_then_finetune_and_reload(llava_workdir):
     """LLaVA-1.5 with a SigLIP-MoE tower: stage 1 (projector), stage 2 with a trainable tower, exact reload."""
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from llava_fixtures import build_tiny_siglip_moe
+    from tiny_models import build_tiny_siglip_moe
 
     build_tiny_siglip_moe(llava_workdir / "siglipmoe")
     pretrain = common_args(llava_workdir, "llava-siglip-pretrain", "pretrain", "zero2.json", tower="siglipmoe")

@@ -1,115 +1,18 @@
 """Converted weights reproduce the source models: a reference OpenAI-layout CLIP-MoE written here,
 open_clip's own CLIP, and timm's own ViT."""
 
-import collections
-
 import pytest
 import torch
+from tiny_models import REFERENCE_EMBED as EMBED
+from tiny_models import REFERENCE_HEADS as HEADS
+from tiny_models import REFERENCE_WIDTH as WIDTH
+from tiny_models import ReferenceOpenAICLIPMoE
 from torch import nn
 
 from mllm_encoder import CLIPMoEModel, CLIPMoEVisionModel
 from mllm_encoder.conversion import convert_openai_clip, convert_timm_clip_vit
 from mllm_encoder.conversion.convert import convert_checkpoint, read_state_dict
 from mllm_encoder.loading import load_clip_moe
-
-WIDTH, HEADS, EMBED = 64, 1, 24  # heads = width // 64, as the converter assumes
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-def mlp(width):
-    return nn.Sequential(
-        collections.OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width))
-    )
-
-
-class ReferenceBlock(nn.Module):
-    """OpenAI's residual block; with ``num_experts`` it is the released CLIP-MoE's MoE block."""
-
-    def __init__(self, width, num_experts=0, top_k=2, causal_length=None):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, HEADS, batch_first=True)
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.top_k = top_k
-        if num_experts:
-            self.experts = nn.ModuleList([mlp(width) for _ in range(num_experts)])
-            self.gate = nn.Linear(width, num_experts, bias=False)
-        else:
-            self.mlp = mlp(width)
-        self.causal_length = causal_length
-
-    def ffn(self, x):
-        if not hasattr(self, "experts"):
-            return self.mlp(x)
-        probs = torch.softmax(self.gate(x), dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for slot in range(self.top_k):
-            for e, expert in enumerate(self.experts):
-                out = out + (chosen[..., slot] == e).unsqueeze(-1) * weights[..., slot, None] * expert(x)
-        return out
-
-    def forward(self, x):
-        mask = None
-        if self.causal_length:
-            n = x.shape[1]
-            mask = torch.full((n, n), float("-inf")).triu(1)
-        x = x + self.attn(*[self.ln_1(x)] * 3, need_weights=False, attn_mask=mask)[0]
-        return x + self.ffn(self.ln_2(x))
-
-
-class ReferenceOpenAICLIPMoE(nn.Module):
-    """A tiny CLIP(-MoE) in the OpenAI / Long-CLIP layout, the last ``moe_last`` blocks MoE."""
-
-    def __init__(self, num_experts=4, moe_last=2, context=24, long_clip=True, vocab=49408):
-        super().__init__()
-        layers = 3
-        self.visual = nn.Module()
-        self.visual.conv1 = nn.Conv2d(3, WIDTH, 8, 8, bias=False)
-        self.visual.class_embedding = nn.Parameter(torch.randn(WIDTH))
-        self.visual.positional_embedding = nn.Parameter(torch.randn(17, WIDTH) * 0.1)
-        self.visual.ln_pre, self.visual.ln_post = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
-        self.visual.transformer = nn.Module()
-        experts = [num_experts if i >= layers - moe_last else 0 for i in range(layers)]
-        self.visual.transformer.resblocks = nn.ModuleList([ReferenceBlock(WIDTH, e) for e in experts])
-        self.visual.proj = nn.Parameter(torch.randn(WIDTH, EMBED) * 0.1)
-        self.token_embedding = nn.Embedding(vocab, WIDTH)
-        self.positional_embedding = nn.Parameter(torch.randn(context, WIDTH) * 0.1)
-        if long_clip:
-            self.positional_embedding_res = nn.Parameter(torch.randn(context, WIDTH) * 0.1)
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList([ReferenceBlock(WIDTH, e, causal_length=context) for e in experts])
-        self.ln_final = nn.LayerNorm(WIDTH)
-        self.text_projection = nn.Parameter(torch.randn(WIDTH, EMBED) * 0.1)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6))
-        for param in self.parameters():  # non-trivial LayerNorms and biases
-            if param.dim() == 1 and param.shape[0] != EMBED:
-                param.data.normal_(1.0 if param.abs().sum() == param.numel() else 0.0, 0.1)
-
-    def encode_image(self, pixel_values):
-        v = self.visual
-        x = v.conv1(pixel_values).flatten(2).transpose(1, 2)
-        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], 1) + v.positional_embedding
-        x = v.ln_pre(x)
-        for block in v.transformer.resblocks:
-            x = block(x)
-        return v.ln_post(x[:, 0]) @ v.proj
-
-    def encode_text(self, text):
-        positions = self.positional_embedding
-        if hasattr(self, "positional_embedding_res"):
-            short = torch.zeros(positions.shape[0], 1)
-            short[:20] = 1
-            positions = positions * short + self.positional_embedding_res * (1 - short)
-        x = self.token_embedding(text) + positions[: text.shape[1]]
-        for block in self.transformer.resblocks:
-            x = block(x)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
 
 
 def sample_inputs(context=24):

@@ -14,7 +14,7 @@ import torch
 
 from llava_patch.aux_loss import TowerAuxLoss
 from llava_patch.patching import set_attribute, wrap
-from llava_patch.zero3 import load_state_dict_zero3_safe
+from llava_patch.tower.zero3 import load_state_dict_zero3_safe
 from mllm_encoder.checkpoint import is_clip_moe_dir
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 
@@ -26,7 +26,7 @@ ENV_VAR = "CLIP_MOE_PATH"
 class LlavaCLIPMoEVisionTower(CLIPMoEVisionTower):
     """The CLIP-MoE tower inside LLaVA: its encoder weights load into DeepSpeed ZeRO-3 partitions too, and
     ``aux_loss_hook`` (installed once, so a compiled encoder keeps its graph) collects the encoder's load-balancing
-    loss for the patched ``forward`` (:mod:`llava_patch.forward`)."""
+    loss for the patched ``forward`` (:mod:`llava_patch.tower.forward`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

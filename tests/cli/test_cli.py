@@ -125,7 +125,7 @@ def test_console_script_entry_point():
 def test_eval_answer_finds_the_llava_answerer_through_its_entry_point():
     from mllm_encoder.cli.eval_mllm import answerer_class
 
-    answerer = answerer_class()  # imports llava_patch.answerer (not llava itself) only now
-    assert (answerer.__module__, answerer.__name__) == ("llava_patch.answerer", "LlavaAnswerer")
+    answerer = answerer_class()  # imports llava_patch.integrations.answerer (not llava itself) only now
+    assert (answerer.__module__, answerer.__name__) == ("llava_patch.integrations.answerer", "LlavaAnswerer")
     with pytest.raises(ImportError, match="no answerer 'other' is registered under the mllm_encoder.answerers"):
         answerer_class("other")

@@ -1,11 +1,13 @@
-"""Issue 9 guarantees of the model commands: outputs never destroy user files, broken checkpoints and configs are
-refused naming the file or field, errors are one line, outputs honour the umask, stale staging is cleaned."""
+"""The model commands' guarantees (upcycle, convert, inspect, save_checkpoint, load_clip_moe; docs/guarantees.md):
+outputs never destroy user files, broken checkpoints and configs are refused naming the file or field, errors are
+one line, outputs honour the umask, stale staging is cleaned."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from mllm_encoder.checkpoint import check_output_dir, save_checkpoint
 from mllm_encoder.cli import main
 from mllm_encoder.loading import load_clip_moe
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_cli(capsys, *argv):

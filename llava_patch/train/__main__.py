@@ -11,7 +11,7 @@ import sys
 import torch
 
 import llava_patch
-from llava_patch.trainer_compat import translate_arguments
+from llava_patch.compat.trainer import translate_arguments
 
 
 def _init_cpu_deepspeed() -> None:

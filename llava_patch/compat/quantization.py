@@ -4,7 +4,7 @@ transformers 5 removed ``from_pretrained(load_in_4bit=/load_in_8bit=)``; LLaVA p
 next to a ``quantization_config``). They become a ``BitsAndBytesConfig``. The vision tower is kept out of
 quantisation (it is built inside the model when a LLaVA checkpoint is loaded), like the projector; a
 config without skip list also keeps ``lm_head``, which transformers skips by default. As transformers 4.x
-did, a quantised load without a dtype loads the remaining weights in float16. :mod:`llava_patch.loading` applies
+did, a quantised load without a dtype loads the remaining weights in float16. :mod:`llava_patch.tower.loading` applies
 :func:`quantization_kwargs` in its ``from_pretrained`` of LLaVA's model classes.
 """
 

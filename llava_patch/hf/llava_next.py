@@ -15,8 +15,7 @@ from typing import Any, List, Optional, Tuple
 import transformers
 from transformers import CLIPImageProcessor, PreTrainedModel
 
-from llava_patch.aux_loss import TowerAuxLoss  # noqa: F401  (re-exported: its old home)
-from llava_patch.hf_llava import load_llava_parts
+from llava_patch.hf.llava import load_llava_parts
 from mllm_encoder.atomic import PathLike
 from mllm_encoder.families import FAMILIES
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "probe_hostile.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_hostile.py"
 
 
 @pytest.mark.slow

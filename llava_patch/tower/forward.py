@@ -13,7 +13,7 @@ import inspect
 from typing import Any, Callable
 
 from llava_patch.patching import set_attribute, wrap
-from llava_patch.registry import LlavaCLIPMoEVisionTower
+from llava_patch.tower.registry import LlavaCLIPMoEVisionTower
 
 
 def _wrap_forward(original: Callable) -> Callable:

@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_gloo_ranks_match_single_process():
+def test_sigmoid_loss_on_two_gloo_ranks_matches_single_process():
     params, images, texts = _towers_and_data()
     reference = _loss(params, images, texts)
     reference.backward()

@@ -24,8 +24,8 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
 
+from llava_patch.compat.quantization import quantization_kwargs
 from llava_patch.patching import original_of, set_attribute, wrap
-from llava_patch.quantization import quantization_kwargs
 from mllm_encoder.checkpoint import tensor_names
 from mllm_encoder.vision_tower import CLIPMoEVisionTower
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_moe.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_moe.py"
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The all-gathered contrastive loss on 2 gloo processes equals the single-process loss, gradients too."""
+"""The CLIP (softmax) contrastive loss and the all-gather under it: 2 gloo processes equal the single-process loss,
+gradients too (the sigmoid loss: test_sigmoid_loss.py)."""
 
 import os
 
@@ -52,7 +53,7 @@ def _uneven_gather(rank: int):
 
 
 @pytest.mark.multiprocess
-def test_two_gloo_ranks_match_single_process():
+def test_softmax_loss_on_two_gloo_ranks_matches_single_process():
     image_tower, text_tower, images, texts = _towers_and_data()
     reference = clip_contrastive_loss(image_tower(images), text_tower(texts), 100.0, label_smoothing=0.1)
     reference.backward()

@@ -6,7 +6,7 @@ It answers with either kind of checkpoint, chosen by its ``config.json``:
   ``load_pretrained_model`` after :func:`llava_patch.apply`, prompted as LLaVA-1.5's ``model_vqa_loader``
   (``vicuna_v1``, one image per request);
 * a transformers ``llava`` / ``llava_next`` / ``llava_onevision`` checkpoint with a CLIP-MoE tower
-  (:mod:`llava_patch.hf_llava`, :mod:`llava_patch.hf_llava_next`): loaded with its class and ``AutoProcessor``,
+  (:mod:`llava_patch.hf.llava`, :mod:`llava_patch.hf.llava_next`): loaded with its class and ``AutoProcessor``,
   prompted with the processor's chat template, or LLaVA-1.5's ``vicuna_v1`` prompt when it has none.
 
 lmms-eval (0.7.x) finds the class through this package's ``lmms_eval.models`` entry point, whose payload is
@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import mllm_encoder  # noqa: F401  (registers the CLIP-MoE tower with transformers' Auto classes)
-from llava_patch.answerer import LlavaAnswerer
+from llava_patch.integrations.answerer import LlavaAnswerer
 from mllm_encoder.checkpoint import read_config_dict
 
 logger = logging.getLogger(__name__)

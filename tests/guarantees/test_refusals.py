@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_conversion import ReferenceOpenAICLIPMoE
-from tiny_models import tiny_vision_config
+from tiny_models import ReferenceOpenAICLIPMoE, tiny_vision_config
 
 from mllm_encoder.cli import error_line, main
 from mllm_encoder.locking import LockError, directory_lock
@@ -55,7 +54,7 @@ def test_a_pickle_payload_inside_a_checkpoint_folder_is_named(tiny_hf_clip_dir, 
 
 def test_truncated_llava_weights_are_named_before_llava_loads_them(tmp_path):
     pytest.importorskip("llava")
-    from llava_patch.loading import _wrap
+    from llava_patch.tower.loading import _wrap
 
     checkpoint = tmp_path / "llava-tiny"
     checkpoint.mkdir()
