@@ -1,7 +1,8 @@
 """Fixtures of the DMU tests."""
 
 import pytest
-from dmu_helpers import TensorPairs, write_tiny_base
+from dmu_helpers import TensorPairs
+from tiny_models import write_tiny_clip_base
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def dmu_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory, dmu_tokenizer_dir):
-    return write_tiny_base(tmp_path_factory.mktemp("dmu_base") / "base", dmu_tokenizer_dir)
+    return write_tiny_clip_base(tmp_path_factory.mktemp("dmu_base") / "base", dmu_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -30,21 +30,3 @@ def collate(items):
         "index": torch.tensor([item["index"] for item in items]),
         **{key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "input_ids", "attention_mask")},
     }
-
-
-def write_tiny_base(out_dir, tokenizer_dir, image_size: int = 32, seed: int = 0):
-    """A saved dense tiny CLIP-MoE with the real CLIP tokenizer (context 32)."""
-    from transformers import AutoTokenizer
-
-    from mllm_encoder import CLIPMoEConfig, CLIPMoEModel
-    from mllm_encoder.checkpoint import default_image_processor, save_checkpoint
-
-    torch.manual_seed(seed)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPMoEConfig(
-        vision_config=dict(image_size=image_size, patch_size=8, **common),
-        text_config=dict(vocab_size=49408, max_position_embeddings=32, eos_token_id=49407, **common),
-        projection_dim=16,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return save_checkpoint(CLIPMoEModel(config), out_dir, default_image_processor(image_size), tokenizer)

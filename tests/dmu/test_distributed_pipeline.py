@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from dmu_helpers import write_tiny_base
 from safetensors.numpy import load_file
+from tiny_models import write_tiny_clip_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -31,7 +31,7 @@ def setup(tmp_path_factory, dmu_tokenizer_dir):
     from mllm_encoder.data.synthetic import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("distributed")
-    base = write_tiny_base(root / "base", dmu_tokenizer_dir)
+    base = write_tiny_clip_base(root / "base", dmu_tokenizer_dir)
     data = write_shapes_dataset(root / "data", num_train=64, num_eval=16, image_size=32, progress=False)
     return root, base, data
 
