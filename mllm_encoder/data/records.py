@@ -443,6 +443,23 @@ def record_stamp(path: PathLike, format: str, **options: Any) -> Dict[str, Any]:
     return {**stamp, "cwd": os.getcwd()}
 
 
+def record_index_stamp(
+    path: PathLike,
+    format: str,
+    image_root: Optional[PathLike] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    allow_absolute_paths: bool = False,
+) -> Dict[str, Any]:
+    """The stamp :func:`build_record_index` saves with (and checks) an index built with these arguments (empty
+    when ``path`` does not exist)."""
+    if not os.path.exists(path):
+        return {}
+    options = dict(image_root=None if image_root is None else os.fspath(image_root), image_column=image_column)
+    options.update(caption_column=caption_column, allow_absolute_paths=allow_absolute_paths)
+    return record_stamp(path, format, **options)
+
+
 def saved_record_index(directory: PathLike, stamp: Dict[str, Any]) -> Optional[RecordIndex]:
     """The index saved in ``directory`` when it was built from what ``stamp`` describes, else ``None``."""
     meta = Path(directory) / INDEX_META
@@ -470,9 +487,7 @@ def build_record_index(
     otherwise the records are read, saved there and memory-mapped back. Without it the index lives in memory.
     """
     format = detect_format(path) if format == "auto" else format
-    options = dict(image_root=None if image_root is None else os.fspath(image_root), image_column=image_column)
-    options.update(caption_column=caption_column, allow_absolute_paths=allow_absolute_paths)
-    stamp = record_stamp(path, format, **options) if os.path.exists(path) else {}
+    stamp = record_index_stamp(path, format, image_root, image_column, caption_column, allow_absolute_paths)
     if index_dir is not None:
         saved = saved_record_index(index_dir, stamp)
         if saved is not None:

@@ -62,7 +62,8 @@ def _gather_rows(index: np.ndarray, rows: torch.Tensor, state: DistState, device
         padded_index = torch.zeros(max(sizes), dtype=torch.int64, device=device)
         padded_index[: len(index)] = torch.from_numpy(index).to(device)
         padded = torch.zeros(max(sizes), width, dtype=torch.float32, device=device)
-        padded[: len(index)] = rows.to(device, torch.float32)
+        if len(index):  # a rank may hold no row (more ranks than feature files, or none of the sample)
+            padded[: len(index)] = rows.to(device, torch.float32)
         gathered = []
         for tensor in (padded_index, padded):
             chunks = [torch.empty_like(tensor) for _ in range(state.world_size)]

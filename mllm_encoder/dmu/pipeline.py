@@ -398,7 +398,7 @@ def _run_stages(
         results = collect_results(manifest)
         if accelerator.is_main_process and results:
             atomic_write_json(run_dir / "results.json", results)
-        elif not results:
+        elif accelerator.is_main_process:
             logger.info("%s: no model was evaluated (no eval.data): results.json not written", run_dir)
     return manifest.stages
 

@@ -22,12 +22,14 @@ import torch
 
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.data import TarShardDataset, build_record_index, expand_shards
+from mllm_encoder.data.records import record_index_stamp, saved_record_index
 from mllm_encoder.dmu.config import METHODS, RunConfig, StageSection
 from mllm_encoder.dmu.features import FEATURE_DTYPE
 from mllm_encoder.dmu.pipeline import RunContext
 from mllm_encoder.dmu.preflight import DATA_INDEX
 from mllm_encoder.dmu.resources import INDEXED_FORMATS, data_format
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
+from mllm_encoder.dmu.stages import steps_for
 from mllm_encoder.dmu.trainer import select_trainable
 from mllm_encoder.loading import model_class_for, read_config
 from mllm_encoder.upcycle import moe_config
@@ -83,9 +85,13 @@ def count_samples(config: RunConfig) -> int:
             shards_dir = index_dir / "shards"
             return len(TarShardDataset(expand_shards(data.train), None, None, index_dir=_existing(shards_dir)))
         with tempfile.TemporaryDirectory() as scratch:  # the strings stream to disk, not into memory
-            records_dir = _existing(index_dir / "records") or Path(scratch) / "records"
-            options = dict(allow_absolute_paths=data.allow_absolute_paths, index_dir=records_dir)
-            return len(build_record_index(data.train, fmt, data.image_root, **options))
+            options = dict(allow_absolute_paths=data.allow_absolute_paths)
+            stamp = record_index_stamp(data.train, fmt, data.image_root, **options)
+            saved = saved_record_index(index_dir / "records", stamp)  # the run's index, never rewritten here
+            if saved is not None:
+                return len(saved)
+            scratch_dir = Path(scratch) / "records"
+            return len(build_record_index(data.train, fmt, data.image_root, index_dir=scratch_dir, **options))
     except OSError as error:
         raise ValueError(f"data.train: cannot open {data.train} ({error.strerror or error})") from error
 
@@ -168,8 +174,10 @@ def plan_run(config: RunConfig, method: str = "dmu", world_size: int = 1, where:
     precision = 4 if runtime.mixed_precision == "no" else 2
 
     def stage(name, section_name, section, labels, estimated, steps, model, model_config, params, **overrides):
+        """``steps`` None: the stage's own epoch plan decides them (an MCL stage, as ``RunContext.mcl_steps``)."""
         section = dataclasses.replace(section, **overrides)
         epoch = _epoch_plan(labels, section, section_name, world_size, where, estimated)
+        steps = steps_for(section, epoch) if steps is None else steps
         trainable = _trainable_params(model, section.trainable)
         top_k = dmu.top_k if model is moe_model else 1
         gpu = 4 * params + (4 + ADAM_BYTES) * trainable
@@ -187,13 +195,14 @@ def plan_run(config: RunConfig, method: str = "dmu", world_size: int = 1, where:
     for s in mcl_stages:
         labels, estimated = _stage_labels(config, s, num_samples)
         dense = (dense_model, dense_config, dense_params)
-        stages.append(stage(f"dmu/mcl_{s}", "mcl", config.mcl, labels, estimated, ctx.mcl_steps(), *dense))
+        stages.append(stage(f"dmu/mcl_{s}", "mcl", config.mcl, labels, estimated, None, *dense))
     if method == "dmu":
         moe = (moe_model, sparse_config, moe_params)
         stages.append(stage("dmu/route", "route", config.route, random_labels, False, ctx.route_steps(), *moe))
     elif method == "control":
         dense = (dense_model, dense_config, dense_params)
-        stages.append(stage("control/train", "mcl", config.mcl, random_labels, False, ctx.mcl_steps(), *dense))
+        mcl_1_steps = stages[0].steps  # the random arm trains as long as MCL stage 1 (the run's rule)
+        stages.append(stage("control/train", "mcl", config.mcl, random_labels, False, mcl_1_steps, *dense))
     else:
         upcycle = method == "upcycle"
         model = (moe_model, sparse_config, moe_params) if upcycle else (dense_model, dense_config, dense_params)

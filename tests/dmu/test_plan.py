@@ -42,8 +42,9 @@ def test_plan_of_the_paper_config_prints_every_stage(paper_config, capsys):
     assert "80,000 training samples; base 428.1M parameters, MoE 1202.6M" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("dmu/")}
     assert list(lines) == ["dmu/mcl_1", "dmu/mcl_2", "dmu/mcl_3", "dmu/route"]
-    # stage 3: 729 equal clusters of 109 or 110 samples, one batch of 100 each, the rest dropped
-    assert lines["dmu/mcl_3"][1:4] == ["80,000", "729/0*", "800"]
+    # stage 3: 729 equal clusters of 109 or 110 samples, one batch of 100 each, the rest dropped; epochs: 1 is one
+    # pass of those 729 batches (the run's steps, counted over the stage's labels)
+    assert lines["dmu/mcl_3"][1:4] == ["80,000", "729/0*", "729"]
     assert lines["dmu/mcl_3"][5] == "7,100" and lines["dmu/route"][2] == "1/0"
     assert "disk: features" in out and "host RAM per process" in out and "assumed equal in size" in out
     assert not (paper_config.parent / "run").exists()  # a dry run writes nothing
@@ -54,8 +55,8 @@ def test_plan_counts_steps_and_memory_as_the_run_does(paper_config):
     assert plan.dense_params == 427_944_193 + (248 - 77) * 768  # the text context stretched to 248
     mcl_1 = plan.stages[0]
     assert (mcl_1.samples, mcl_1.clusters_used, mcl_1.clusters_skipped) == (80_000, 9, 0)
-    assert mcl_1.steps == 800 and mcl_1.samples_dropped == 80_000 - 9 * 88 * 100  # 88 batches per cluster
-    assert mcl_1.passes == pytest.approx(800 / (9 * 88))
+    assert mcl_1.steps == 9 * 88 and mcl_1.samples_dropped == 80_000 - 9 * 88 * 100  # 88 batches per cluster
+    assert mcl_1.passes == 1.0
     ffn = 24 * 2 * 1024 * 4096 + 24 * (4096 + 1024) + 12 * 2 * 768 * 3072 + 12 * (3072 + 768)
     assert mcl_1.trainable_params == ffn
 
