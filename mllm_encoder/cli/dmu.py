@@ -113,20 +113,24 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     import numpy as np
 
     from mllm_encoder.dmu.accelerator import build_accelerator
-    from mllm_encoder.dmu.resources import load_model, load_training_data
-    from mllm_encoder.dmu.stages import epoch_plan, run_training, steps_for, train_config
+    from mllm_encoder.dmu.resources import load_model
+    from mllm_encoder.dmu.stages import epoch_plan, run_training, stage_training_data, steps_for, train_config
 
     _check_stage_output(args, "train", args.model, args.data, labels, args.image_root)
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
-    training = load_training_data(data, args.model)
     labels = np.load(labels) if labels is not None else None
-    plan = epoch_plan(stage, np.zeros(len(training), np.int64) if labels is None else labels, accelerator.num_processes)
-    steps = steps_for(stage, plan)
-    cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
-    model = load_model(args.model)
-    model_dir, history = run_training(model, data, args.model, labels, cfg, args.out, accelerator, training=training)
+    with stage_training_data(None, data, args.model) as training:
+        plan = epoch_plan(
+            stage, np.zeros(len(training), np.int64) if labels is None else labels, accelerator.num_processes
+        )
+        steps = steps_for(stage, plan)
+        cfg = train_config(stage, runtime, steps, args.seed, data.num_workers)
+        model = load_model(args.model)
+        model_dir, history = run_training(
+            model, data, args.model, labels, cfg, args.out, accelerator, training=training
+        )
     if accelerator.is_main_process:
         print(f"{model_dir}: {steps} steps, final loss {history[-1]['loss']:.4f}")
 

@@ -6,6 +6,7 @@ Each stage reads checkpoint directories and writes its outputs under one stage d
 live in :mod:`mllm_encoder.dmu.resources`.
 """
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -64,6 +65,21 @@ def train_config(
     return TrainConfig(dataclasses.replace(section, **overrides), steps, seed, runtime, num_workers)
 
 
+@contextlib.contextmanager
+def stage_training_data(
+    training: Optional[TrainingData], data: DataSection, processors_dir: PathLike
+) -> Iterator[TrainingData]:
+    """The run's ``training`` data, or the training set built for this stage alone (closed when it ends)."""
+    if training is not None:
+        yield training
+        return
+    built = load_training_data(data, processors_dir)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
 def run_extract(
     model_dir: PathLike,
     data: DataSection,
@@ -88,11 +104,11 @@ def run_extract(
             stale.unlink()
     accelerator.wait_for_everyone()
     model = load_model(model_dir).to(accelerator.device)
-    training = training if training is not None else load_training_data(data, processors_dir or model_dir)
-    dataset, collator = training.for_stage()
-    state = DistState(accelerator.num_processes, accelerator.process_index)
-    with accelerator.autocast():
-        extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers)
+    with stage_training_data(training, data, processors_dir or model_dir) as stage_data:
+        dataset, collator = stage_data.for_stage()
+        state = DistState(accelerator.num_processes, accelerator.process_index)
+        with accelerator.autocast():
+            extract_features(model, dataset, collator, out_dir, state, batch_size, data.num_workers)
     collator.check(final=True)
     if collator.num_seen and collator.num_bad == collator.num_seen:  # even max_bad_fraction 1.0 needs one sample
         raise ValueError(
@@ -174,27 +190,18 @@ def run_training(
     (built once per run); without it the training set is built here.
     """
     stage_dir = Path(stage_dir)
-    training = training if training is not None else load_training_data(data, processors_dir)
-    dataset, collator = training.for_stage()
-    labels = np.zeros(len(dataset), dtype=np.int64) if labels is None else np.asarray(labels)
-    if len(labels) != len(dataset):
-        raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")
-    writer = _tensorboard_writer(stage_dir / "tensorboard") if accelerator.is_main_process else None
-    started = time.perf_counter()
-    history = train(
-        model,
-        dataset,
-        collator,
-        labels,
-        cfg,
-        stage_dir / "train_state",
-        accelerator,
-        writer,
-        stop_after_step,
-        desc,
-    )
-    if writer is not None:
-        writer.close()
+    with contextlib.ExitStack() as cleanup:
+        dataset, collator = cleanup.enter_context(stage_training_data(training, data, processors_dir)).for_stage()
+        labels = np.zeros(len(dataset), dtype=np.int64) if labels is None else np.asarray(labels)
+        if len(labels) != len(dataset):
+            raise ValueError(f"{len(labels)} pseudo-labels for a training set of {len(dataset)} samples")
+        writer = _tensorboard_writer(stage_dir / "tensorboard") if accelerator.is_main_process else None
+        if writer is not None:
+            cleanup.callback(writer.close)
+        started = time.perf_counter()
+        history = train(
+            model, dataset, collator, labels, cfg, stage_dir / "train_state", accelerator, writer, stop_after_step, desc
+        )
     outputs = training_outputs(stage_dir)
     if accelerator.is_main_process:
         save_model(model, outputs["model"], processors_dir)
