@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_clip_moe_config, tiny_text_config, tiny_vision_config
+from tiny_models import tiny_clip_moe_config, tiny_text_config, tiny_vision_config, write_tiny_clip_base
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,22 @@ def clip_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("tokenizer")
     write_clip_tokenizer(path, context_length=16)
     return path
+
+
+@pytest.fixture(scope="session")
+def dmu_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """The real CLIP tokenizer at context 32 (the DMU and experiment tests' base)."""
+    from mllm_encoder.conversion.tokenizer import write_clip_tokenizer
+
+    path = tmp_path_factory.mktemp("dmu_tokenizer")
+    write_clip_tokenizer(path, context_length=32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, dmu_tokenizer_dir) -> pathlib.Path:
+    """A saved dense tiny CLIP-MoE base (2 layers per tower) with that tokenizer."""
+    return write_tiny_clip_base(tmp_path_factory.mktemp("dmu_base") / "base", dmu_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

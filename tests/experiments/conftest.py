@@ -1,23 +1,8 @@
-"""Fixtures of the experiment tests: a saved tiny dense base with the real CLIP tokenizer, and its processors."""
+"""Fixtures of the experiment tests: the processors of the shared tiny dense base (``tiny_base_dir``)."""
 
 import pytest
-from tiny_models import write_tiny_clip_base
 
 from mllm_encoder.checkpoint import load_processors
-
-
-@pytest.fixture(scope="session")
-def experiments_tokenizer_dir(tmp_path_factory):
-    from mllm_encoder.conversion.tokenizer import write_clip_tokenizer
-
-    path = tmp_path_factory.mktemp("experiments_tokenizer")
-    write_clip_tokenizer(path, context_length=32)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory, experiments_tokenizer_dir):
-    return write_tiny_clip_base(tmp_path_factory.mktemp("experiments_base") / "base", experiments_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
