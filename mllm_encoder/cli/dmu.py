@@ -167,6 +167,9 @@ def run_cluster(args: argparse.Namespace) -> None:
         args.text_clusters,
         args.seed,
         args.backend,
+        sample_size=args.sample_size,
+        restarts=args.restarts,
+        tolerance=args.tolerance,
     )
     print(json.dumps(json.loads((Path(args.out) / "cluster_sizes.json").read_text())), "->", path)
 
@@ -329,6 +332,18 @@ def _register_stages(dmu_commands) -> None:
     cluster.add_argument("--image-clusters", type=int, default=dmu_defaults.image_clusters)
     cluster.add_argument("--text-clusters", type=int, default=dmu_defaults.text_clusters)
     cluster.add_argument("--backend", default=dmu_defaults.kmeans_backend, choices=KMEANS_BACKENDS)
+    cluster.add_argument(
+        "--sample-size", type=int, default=dmu_defaults.kmeans_sample_size, help="samples the seeding fits on"
+    )
+    cluster.add_argument(
+        "--restarts", type=int, default=dmu_defaults.kmeans_restarts, help="fits on the sample (least inertia kept)"
+    )
+    cluster.add_argument(
+        "--tolerance",
+        type=float,
+        default=dmu_defaults.kmeans_tolerance,
+        help="the passes over all samples stop once at most this fraction of labels changes (0: none)",
+    )
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--overwrite", action="store_true", help="write into a non-empty --out of other files")
     cluster.set_defaults(func=run_cluster)

@@ -5,10 +5,13 @@ over every rank of the process group, in memory that does not grow with the numb
 
 1. a seeding sample of at most ``sample_size`` samples is drawn by sample index (the same on every rank and for
    any number of ranks; all samples when there are no more) and gathered on every rank;
-2. k-means++ on the sample (draws by the exponential-race form of a categorical draw: no size limit), then
-   Lloyd's iterations on the sample until no label changes;
+2. ``restarts`` fits on the sample, each k-means++ (draws by the exponential-race form of a categorical draw:
+   no size limit) then Lloyd's iterations until no label changes; the fit of least inertia is kept (the
+   first unless another is lower by more than a relative ``1e-5``, so that rounding never picks a relabelled
+   copy of the same partition);
 3. when the sample is not the whole set, Lloyd passes over all features: every rank assigns its own chunks
-   and sums them per cluster, the sums and counts are all-reduced (float64), until no label changes anywhere.
+   and sums them per cluster, the sums and counts are all-reduced (float64), until at most ``tolerance`` x N
+   labels change in a pass (``0``: until none changes) or ``max_iter`` passes.
 
 Everything is a function of the seed and the features: the labels are the same for 1 or several processes,
 any number of threads, and whatever optional package is installed. ``faiss`` and ``sklearn`` (on request)
@@ -17,6 +20,7 @@ sample is then assigned to its nearest centroid by the same streamed pass.
 """
 
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
@@ -25,13 +29,16 @@ import torch
 
 from mllm_encoder.atomic import atomic_write_json
 from mllm_encoder.distributed import DistState, gather_sizes
-from mllm_encoder.dmu.config import KMEANS_BACKENDS
+from mllm_encoder.dmu.config import KMEANS_BACKENDS, DMUSection
 from mllm_encoder.dmu.features import CHUNK_ROWS, normalise
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_SIZE = 100_000  # samples the seeding (and faiss / scikit-learn training) uses: 300 MB at dim 768
+SAMPLE_SIZE = DMUSection.kmeans_sample_size  # samples the seeding (and faiss / sklearn training) uses
+RESTARTS = DMUSection.kmeans_restarts  # fits on the sample: each one in-memory fit of the sample, whatever N
+TOLERANCE = DMUSection.kmeans_tolerance  # the streamed passes stop when at most this fraction of labels changed
 MAX_ITER = 50
+_SAME_INERTIA = 1e-5  # relative inertia differences below this are rounding, not a better partition
 
 # A re-iterable source of (sample indices, rows) chunks: this rank's share of one modality's features.
 Chunks = Callable[[], Iterable[Tuple[np.ndarray, torch.Tensor]]]
@@ -152,10 +159,29 @@ def _lloyd_in_memory(data: torch.Tensor, centroids: torch.Tensor, k: int, max_it
     return centroids
 
 
+def _inertia(data: torch.Tensor, centroids: torch.Tensor) -> float:
+    """Sum of the squared distances of ``data``'s rows to their nearest centroid."""
+    return float(torch.cdist(data, centroids).min(dim=1).values.double().pow(2).sum())
+
+
+def _fit_sample(sample: torch.Tensor, k: int, seed: int, restarts: int, max_iter: int) -> torch.Tensor:
+    """Centroids of the best of ``restarts`` k-means++ + Lloyd fits on the in-memory sample."""
+    generator = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, math.inf
+    for restart in range(restarts):
+        centroids = _lloyd_in_memory(sample, _kmeans_plus_plus(sample, k, generator), k, max_iter)
+        inertia = _inertia(sample, centroids)
+        logger.debug("k-means restart %d: inertia %.6g on the sample", restart, inertia)
+        if inertia < best_inertia * (1 - _SAME_INERTIA):
+            best, best_inertia = centroids, inertia
+    return best
+
+
 def _lloyd_streamed(
-    chunks: Chunks, centroids: torch.Tensor, k: int, max_iter: int, state: DistState, device
+    chunks: Chunks, centroids: torch.Tensor, k: int, max_iter: int, tolerance: float, state: DistState, device
 ) -> np.ndarray:
-    """Lloyd passes over every rank's chunks until no label changes; returns this rank's labels."""
+    """Lloyd passes over every rank's chunks until at most ``tolerance`` of all labels change in a pass (or
+    ``max_iter`` passes); returns this rank's labels."""
     labels: Optional[np.ndarray] = None
     for iteration in range(max_iter + 1):
         sums = torch.zeros_like(centroids, dtype=torch.float64)
@@ -169,30 +195,35 @@ def _lloyd_streamed(
             counts += chunk_counts
             parts.append(assign.cpu().numpy().astype(np.int64))
         current = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        changed = torch.tensor(
-            [len(current) if labels is None else int((current != labels).sum())], dtype=torch.float64, device=device
-        )
+        changed = len(current) if labels is None else int((current != labels).sum())
+        changed, total = _sum_over_ranks(
+            torch.tensor([changed, len(current)], dtype=torch.float64, device=device), state
+        ).tolist()
         labels = current
-        if iteration == max_iter or _sum_over_ranks(changed, state).item() == 0:
+        logger.debug("k-means pass %d: %d of %d labels changed", iteration, changed, total)
+        if iteration == max_iter or changed <= tolerance * total:
             break
         _sum_over_ranks(sums, state)
         _sum_over_ranks(counts, state)
         centroids = _updated(sums, counts, centroids)
-        logger.debug("k-means pass %d: %d labels changed", iteration, int(changed.item()))
     return labels
 
 
-def _library_centroids(backend: str, sample: torch.Tensor, k: int, seed: int, max_iter: int) -> torch.Tensor:
+def _library_centroids(
+    backend: str, sample: torch.Tensor, k: int, seed: int, restarts: int, max_iter: int
+) -> torch.Tensor:
     data = sample.cpu().numpy().astype(np.float32)
     if backend == "sklearn":
         from sklearn.cluster import MiniBatchKMeans
 
-        model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=min(len(data), 4096), n_init=3)
+        model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=min(len(data), 4096), n_init=restarts)
         centres = model.fit(data).cluster_centers_
     else:
         import faiss
 
-        kmeans = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=seed, max_points_per_centroid=-(-len(data) // k))
+        kmeans = faiss.Kmeans(
+            data.shape[1], k, niter=max_iter, nredo=restarts, seed=seed, max_points_per_centroid=-(-len(data) // k)
+        )
         kmeans.train(data)
         centres = kmeans.centroids
     return torch.from_numpy(np.asarray(centres, dtype=np.float32)).to(sample.device)
@@ -207,29 +238,34 @@ def kmeans_chunks(
     state: Optional[DistState] = None,
     device: Union[str, torch.device] = "cpu",
     sample_size: int = SAMPLE_SIZE,
+    restarts: int = RESTARTS,
+    tolerance: float = TOLERANCE,
     max_iter: int = MAX_ITER,
 ) -> np.ndarray:
     """Cluster the normalised rows that ``chunks()`` yields on every rank into ``k`` groups.
 
     ``num_candidates`` bounds the sample indices (the dataset's length); returns int64 labels of this rank's rows
-    in the order ``chunks()`` yields them. Every rank of ``state`` must call this together.
+    in the order ``chunks()`` yields them. Every rank of ``state`` must call this together. ``restarts`` fits
+    on the sample keep the one of least inertia (faiss' ``nredo``, scikit-learn's ``n_init``); the streamed
+    passes stop when at most ``tolerance`` x N labels changed in one.
     """
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; expected one of {KMEANS_BACKENDS}")
+    if restarts < 1 or not 0 <= tolerance < 1:
+        raise ValueError(f"k-means needs restarts >= 1 and a tolerance in [0, 1); got {restarts} and {tolerance}")
     state = state or DistState()
     index, sample = _gather_sample(chunks, num_candidates, sample_size, seed, state, device)
     if len(sample) < k:
         raise ValueError(f"cannot make {k} clusters from {len(sample)} samples")
     logger.info("k-means (%s): %d samples seed %d clusters of dim %d", backend, len(sample), k, sample.shape[1])
     if backend in ("sklearn", "faiss"):
-        centroids = _library_centroids(backend, sample, k, seed, max_iter)
-        return _lloyd_streamed(chunks, centroids, k, 0, state, device)
-    centroids = _kmeans_plus_plus(sample, k, torch.Generator().manual_seed(seed))
-    centroids = _lloyd_in_memory(sample, centroids, k, max_iter)
+        centroids = _library_centroids(backend, sample, k, seed, restarts, max_iter)
+        return _lloyd_streamed(chunks, centroids, k, 0, tolerance, state, device)
+    centroids = _fit_sample(sample, k, seed, restarts, max_iter)
     if seed_sample_indices(num_candidates, sample_size, seed) is None:  # the sample is the whole set
         sample_labels = _assign(sample, centroids).cpu().numpy().astype(np.int64)
         return np.concatenate([sample_labels[np.searchsorted(index, part)] for part, _ in chunks()] or [[]])
-    return _lloyd_streamed(chunks, centroids, k, max_iter, state, device)
+    return _lloyd_streamed(chunks, centroids, k, max_iter, tolerance, state, device)
 
 
 def _array_chunks(features: np.ndarray, chunk_rows: int) -> Chunks:
@@ -248,13 +284,17 @@ def kmeans(
     backend: str = "auto",
     sample_size: int = SAMPLE_SIZE,
     chunk_rows: int = CHUNK_ROWS,
+    restarts: int = RESTARTS,
+    tolerance: float = TOLERANCE,
 ) -> np.ndarray:
     """Cluster ``features`` [N, D] (L2-normalised, then rounded to float16 as stored) into ``k`` groups in one
     process, ``chunk_rows`` at a time; returns int64 labels [N]. See :func:`kmeans_chunks`."""
     if len(features) < k:
         raise ValueError(f"cannot make {k} clusters from {len(features)} samples")
     chunks = _array_chunks(features, chunk_rows)
-    return kmeans_chunks(chunks, k, len(features), seed, backend, sample_size=sample_size)
+    return kmeans_chunks(
+        chunks, k, len(features), seed, backend, sample_size=sample_size, restarts=restarts, tolerance=tolerance
+    )
 
 
 def stage_labels(

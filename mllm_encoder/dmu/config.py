@@ -47,6 +47,8 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "text_clusters": _POSITIVE,
     "extract_batch_size": _POSITIVE,
     "kmeans_sample_size": (lambda v: v >= 1, ">= 1"),
+    "kmeans_restarts": (lambda v: v >= 1, ">= 1"),
+    "kmeans_tolerance": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "process_group_timeout_s": _POSITIVE,
     "text_context": (lambda v: v >= 2, ">= 2"),
     "save_every": _POSITIVE,
@@ -94,6 +96,8 @@ class DMUSection:
     ``kmeans_backend``: ``auto`` and ``torch`` are the project's own k-means (streamed, over every rank,
     the same labels whatever is installed); ``faiss`` and ``sklearn`` on request. ``kmeans_sample_size``: the
     samples the k-means++ seeding (and faiss / scikit-learn's training) uses; all of them when there are fewer.
+    ``kmeans_restarts``: fits on that sample, the one of least inertia kept. ``kmeans_tolerance``: the passes
+    over all samples (when the sample is not all of them) stop once at most this fraction of labels changes.
     """
 
     num_experts: int = 4
@@ -102,7 +106,9 @@ class DMUSection:
     image_clusters: int = 3
     text_clusters: int = 3
     kmeans_backend: str = "auto"
-    kmeans_sample_size: int = 100_000
+    kmeans_sample_size: int = 100_000  # 307 MB of float32 rows at dim 768
+    kmeans_restarts: int = 4
+    kmeans_tolerance: float = 1e-4
     extract_batch_size: int = 256
     text_context: Optional[int] = None
 

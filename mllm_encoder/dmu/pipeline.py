@@ -226,6 +226,8 @@ def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optiona
             DistState.from_torch(),
             ctx.accelerator.device,
             cfg.dmu.kmeans_sample_size,
+            cfg.dmu.kmeans_restarts,
+            cfg.dmu.kmeans_tolerance,
         )
         ctx.accelerator.wait_for_everyone()
         labels = np.load(out / "labels.npy")

@@ -114,6 +114,8 @@ _CLUSTER = _EXTRACT + (
     "dmu.text_clusters",
     "dmu.kmeans_backend",
     "dmu.kmeans_sample_size",
+    "dmu.kmeans_restarts",
+    "dmu.kmeans_tolerance",
     "seed",
 )
 _MCL = _CLUSTER + ("mcl",)

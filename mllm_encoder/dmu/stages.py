@@ -22,7 +22,9 @@ import torch
 from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
 from mllm_encoder.distributed import DistState, gather_sizes
 from mllm_encoder.dmu.clustering import (
+    RESTARTS,
     SAMPLE_SIZE,
+    TOLERANCE,
     accumulate_labels,
     gather_labels,
     kmeans_chunks,
@@ -131,6 +133,8 @@ def run_cluster(
     state: Optional[DistState] = None,
     device: Union[str, torch.device] = "cpu",
     sample_size: int = SAMPLE_SIZE,
+    restarts: int = RESTARTS,
+    tolerance: float = TOLERANCE,
 ) -> Path:
     """Stage ``cluster``: k-means both modalities, accumulate with the previous labels; writes ``labels.npy``.
 
@@ -153,7 +157,9 @@ def run_cluster(
         def chunks(name: str = name):
             return ((part, rows[name]) for part, rows in iter_chunks(files, name))
 
-        labels[name] = kmeans_chunks(chunks, k, num_samples, modality_seed, backend, state, device, sample_size)
+        labels[name] = kmeans_chunks(
+            chunks, k, num_samples, modality_seed, backend, state, device, sample_size, restarts, tolerance
+        )
     index, current = gather_labels(index, labels["text"] * image_clusters + labels["image"], state, device)
     if previous_labels is not None:
         previous = np.load(previous_labels)[index]

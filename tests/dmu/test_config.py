@@ -74,6 +74,8 @@ def test_bad_keys_are_named(tmp_path):
         ({"runtime": {"mixed_precision": "fp8"}}, r"runtime\.mixed_precision: must be one of"),
         ({"seed": 1.5}, r"seed: expected int"),
         ({"dmu": {"moe_layers": [0, -1]}}, r"dmu\.moe_layers: must be non-negative"),
+        ({"dmu": {"kmeans_restarts": 0}}, r"dmu\.kmeans_restarts: must be >= 1"),
+        ({"dmu": {"kmeans_tolerance": 1}}, r"dmu\.kmeans_tolerance: must be in \[0, 1\)"),
     ],
 )
 def test_every_field_is_checked_with_its_name(override, message):

@@ -7,8 +7,10 @@ import yaml
 from transformers import CLIPConfig
 
 from mllm_encoder.cli import main
-from mllm_encoder.dmu.config import load_config
-from mllm_encoder.dmu.plan import plan_run
+from mllm_encoder.data import build_record_index
+from mllm_encoder.dmu.config import config_from_dict, load_config
+from mllm_encoder.dmu.plan import count_samples, plan_run
+from mllm_encoder.dmu.preflight import DATA_INDEX
 
 PAPER = "configs/paper_vitl14_336_sharegpt4v.yaml"
 
@@ -70,3 +72,21 @@ def test_plan_refuses_a_config_no_cluster_can_feed(paper_config, capsys):
         "than any of the 729 clusters (assumed equal in size) of 80000 samples (largest: 110); lower mcl.batch_size "
         "or the clusters (dmu.image_clusters, dmu.text_clusters)"
     )
+
+
+def test_plan_reads_a_runs_index_and_never_rewrites_it(tmp_path, monkeypatch):
+    """The run's saved index is read when it matches the data; when the data changed since, the plan counts a
+    scratch index and leaves the run's (which the run itself rebuilds, under its lock) untouched."""
+    records = [{"image": f"{i}.jpg", "conversations": [{"value": "<image>"}, {"value": f"c {i}"}]} for i in range(30)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    config = config_from_dict({"base_model": "m", "run_dir": str(tmp_path / "run"), "data": {"train": str(data)}})
+    index_dir = tmp_path / "run" / DATA_INDEX / "records"
+    build_record_index(data, index_dir=index_dir)
+    saved = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in index_dir.iterdir()}
+    with monkeypatch.context() as patched:
+        patched.setattr("mllm_encoder.dmu.plan.build_record_index", None)  # the saved index is read, not rebuilt
+        assert count_samples(config) == 30
+    data.write_text(json.dumps(records + records[:5]))
+    assert count_samples(config) == 35
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in index_dir.iterdir()} == saved

@@ -1,6 +1,7 @@
 """The streamed, distributed k-means and the float16 feature parts: chunking, ranks, threads, installed packages,
 old float32 run directories and more than 2^24 candidates change nothing."""
 
+import logging
 import os
 import sys
 import types
@@ -14,6 +15,7 @@ from dmu_helpers import TensorPairs, collate
 from process_helpers import free_port
 from safetensors.numpy import save_file
 
+from mllm_encoder.cli import main
 from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import kmeans, kmeans_chunks, seed_sample_indices
 from mllm_encoder.dmu.features import extract_features, feature_files, load_features, normalise
@@ -86,6 +88,62 @@ def test_streamed_lloyd_passes_do_not_depend_on_the_chunking(chunk_rows):
     np.testing.assert_array_equal(chunked, kmeans(points, 3, seed=0, sample_size=100, chunk_rows=7))
 
 
+def _inertia(points, labels):
+    rows = normalise(torch.from_numpy(points)).numpy().astype(np.float64)
+    return sum(((rows[labels == c] - rows[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels))
+
+
+def test_restarts_keep_the_fit_of_least_inertia():
+    """On these points k-means++ seed 3's first fit stops in a local optimum (one true cluster split, two merged);
+    a later restart finds the true partition, whose inertia is lower, and that one is kept."""
+    points, truth = _directions(1500, dim=64, seed=3, spread=1.0)
+    first = kmeans(points, 3, seed=3, restarts=1)
+    best = kmeans(points, 3, seed=3, restarts=4)
+    assert not _same_partition(first, truth) and _same_partition(best, truth)
+    assert _inertia(points, best) < 0.99 * _inertia(points, first)
+    np.testing.assert_array_equal(kmeans(points, 3, seed=3), best)  # the default restarts
+
+
+def test_streamed_passes_stop_at_the_tolerance(caplog):
+    """Seeded on 30 of 3000 overlapping samples, the passes over all of them run until no label changes with
+    tolerance 0; a tolerance stops them at the first pass that changed at most that fraction of the labels."""
+    points, _ = _directions(3000, seed=6, spread=1.5)
+
+    def passes(tolerance):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mllm_encoder.dmu.clustering"):
+            labels = kmeans(points, 3, seed=2, sample_size=30, restarts=1, tolerance=tolerance)
+        changed = [int(r.getMessage().split()[3]) for r in caplog.records if r.getMessage().startswith("k-means pass")]
+        return labels, changed
+
+    exact, changed = passes(0.0)
+    assert changed[0] == 3000 and changed[-1] == 0 and len(changed) > 3 and min(changed[:-1]) > 0
+    tolerance = 0.5 * (changed[1] + changed[2]) / 3000  # between the second and third pass's changes
+    stopped, early = passes(tolerance)
+    assert early == changed[: len(early)] and early[-1] <= tolerance * 3000 < early[-2]
+    assert (stopped != exact).sum() > 0
+
+
+def test_the_cluster_command_passes_its_kmeans_flags(tmp_path, capsys):
+    extract_features(_Embedder(), TensorPairs(n=120, seed=4), collate, tmp_path / "features", chunk_rows=32)
+    flags = ["--sample-size", "40", "--restarts", "2", "--tolerance", "0.05", "--seed", "5"]
+    main(["dmu", "cluster", "--features", str(tmp_path / "features"), "--out", str(tmp_path / "cli"), *flags])
+    assert str(tmp_path / "cli" / "labels.npy") in capsys.readouterr().out
+    options = dict(seed=5, sample_size=40, restarts=2, tolerance=0.05)
+    library = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "library", **options))
+    np.testing.assert_array_equal(np.load(tmp_path / "cli" / "labels.npy"), library)
+    default = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "default", seed=5))
+    assert (default != library).any()  # the flags reached the k-means
+
+
+def test_kmeans_refuses_restarts_and_tolerance_out_of_range():
+    points, _ = _directions(30)
+    with pytest.raises(ValueError, match="restarts >= 1"):
+        kmeans(points, 3, restarts=0)
+    with pytest.raises(ValueError, match=r"tolerance in \[0, 1\)"):
+        kmeans(points, 3, tolerance=1.0)
+
+
 def test_labels_do_not_depend_on_threads_or_on_faiss(monkeypatch):
     points, _ = _directions(3000, seed=6)
     threads = torch.get_num_threads()
@@ -136,22 +194,23 @@ def test_seeding_draws_from_more_than_2_to_the_24_candidates_cheaply(monkeypatch
     assert _same_partition(labels, index % 3)
 
 
-def _cluster_worker(rank: int, world_size: int, port: int, run: str, queue) -> None:
+def _cluster_worker(rank: int, world_size: int, port: int, run: str, features: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    features, previous = f"{run}/features", f"{run}/previous.npy"
+    previous = f"{run}/previous.npy"
     for sample_size in (10_000, 60):  # seeded on all samples, then on 60 of them with streamed passes
-        out = f"{run}/clusters_{world_size}_{sample_size}"
-        run_cluster(features, 200, out, previous, seed=1, state=DistState.from_torch(), sample_size=sample_size)
+        out = f"{run}/clusters_{features}_{world_size}_{sample_size}"
+        state = DistState.from_torch()
+        run_cluster(f"{run}/{features}", 200, out, previous, seed=1, state=state, sample_size=sample_size)
         dist.barrier()
         if rank == 0:
             queue.put(np.load(f"{out}/labels.npy"))
     dist.destroy_process_group()
 
 
-def _labels_on(world_size: int, run: str):
+def _labels_on(world_size: int, run: str, features: str):
     queue = mp.get_context("spawn").Queue()
-    args = (world_size, free_port(), run, queue)
+    args = (world_size, free_port(), run, features, queue)
     context = mp.start_processes(_cluster_worker, args=args, nprocs=world_size, join=False, start_method="spawn")
     labels = [queue.get(timeout=120) for _ in range(2)]
     context.join()
@@ -161,14 +220,18 @@ def _labels_on(world_size: int, run: str):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_one_and_two_gloo_processes_give_identical_labels(tmp_path):
+    """Three extraction ranks (the clustering ranks split their 15 files unevenly), and one extraction part (the
+    second clustering rank holds no row)."""
     pairs = TensorPairs(n=200, seed=3)
-    for rank in range(3):  # three extraction ranks: the clustering ranks split their files unevenly
+    for rank in range(3):
         extract_features(_Embedder(), pairs, collate, tmp_path / "features", DistState(3, rank), chunk_rows=16)
+    extract_features(_Embedder(), pairs, collate, tmp_path / "one_part", chunk_rows=1000)
     previous = np.zeros(200, dtype=np.int64)
     previous[100:] = 4
     np.save(tmp_path / "previous.npy", previous)
-    assert len(feature_files(tmp_path / "features")) == 15
-    one, two = _labels_on(1, str(tmp_path)), _labels_on(2, str(tmp_path))
-    for single, double in zip(one, two):
-        np.testing.assert_array_equal(single, double)
-        assert (single >= 0).all() and len(np.unique(single)) > 9  # previous labels 0 and 4 refined by 3x3
+    assert len(feature_files(tmp_path / "features")) == 15 and len(feature_files(tmp_path / "one_part")) == 1
+    for features in ("features", "one_part"):
+        one, two = _labels_on(1, str(tmp_path), features), _labels_on(2, str(tmp_path), features)
+        for single, double in zip(one, two):
+            np.testing.assert_array_equal(single, double)
+            assert (single >= 0).all() and len(np.unique(single)) > 9  # previous labels 0 and 4 refined by 3x3
