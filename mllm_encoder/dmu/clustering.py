@@ -8,7 +8,7 @@ over every rank of the process group, in memory that does not grow with the numb
 2. ``restarts`` fits on the sample, each k-means++ (draws by the exponential-race form of a categorical draw:
    no size limit) then Lloyd's iterations until no label changes; the fit of least inertia is kept (the
    first unless another is lower by more than a relative ``1e-5``, so that rounding never picks a relabelled
-   copy of the same partition);
+   copy of the same partition); every rank fits the same sample and uses the main process's result;
 3. when the sample is not the whole set, Lloyd passes over all features: every rank assigns its own chunks
    and sums them per cluster, the sums and counts are all-reduced (float64), until at most ``tolerance`` x N
    labels change in a pass (``0``: until none changes) or ``max_iter`` passes.
@@ -57,6 +57,15 @@ def seed_sample_indices(num_candidates: int, sample_size: int, seed: int) -> Opt
 
 def _sum_over_ranks(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
     if state.world_size > 1:
+        state.sum_reduce(tensor)
+    return tensor
+
+
+def _main_process_copy(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
+    """The main process's ``tensor`` on every rank (a broadcast as a sum with zeros: exact)."""
+    if state.world_size > 1:
+        if not state.is_main:
+            tensor = torch.zeros_like(tensor)
         state.sum_reduce(tensor)
     return tensor
 
@@ -259,9 +268,11 @@ def kmeans_chunks(
         raise ValueError(f"cannot make {k} clusters from {len(sample)} samples")
     logger.info("k-means (%s): %d samples seed %d clusters of dim %d", backend, len(sample), k, sample.shape[1])
     if backend in ("sklearn", "faiss"):
-        centroids = _library_centroids(backend, sample, k, seed, restarts, max_iter)
+        centroids = _main_process_copy(_library_centroids(backend, sample, k, seed, restarts, max_iter), state)
         return _lloyd_streamed(chunks, centroids, k, 0, tolerance, state, device)
-    centroids = _fit_sample(sample, k, seed, restarts, max_iter)
+    # every rank fits the same sample; the main process's fit is used everywhere, so that machines whose float
+    # rounding differs (mixed hardware) never disagree on which restart won
+    centroids = _main_process_copy(_fit_sample(sample, k, seed, restarts, max_iter), state)
     if seed_sample_indices(num_candidates, sample_size, seed) is None:  # the sample is the whole set
         sample_labels = _assign(sample, centroids).cpu().numpy().astype(np.int64)
         return np.concatenate([sample_labels[np.searchsorted(index, part)] for part, _ in chunks()] or [[]])
