@@ -14,8 +14,13 @@ running the peers' own code, unmodified, on these files (in a scratch folder, 20
 A drift of a peer (or of this project) from these numbers fails here. Where the tools raise instead of scoring
 (also run): LLaVA's ``eval_pope.py`` and lmms-eval's POPE/MME utils raise ``AttributeError`` on ``null`` and ``7``;
 LLaVA's MME route raises ``TypeError`` on them (``convert_answer_to_mme.py``) and ``ValueError`` on answers with
-``\\n``, ``\\r`` or ``\\t`` (``calculation.py``); VLMEvalKit reads ``str()`` of them.
+``\\n``, ``\\r`` or ``\\t`` (``calculation.py``); VLMEvalKit reads ``str()`` of them. With subtasks absent from
+the answers (``MME_ABSENT_PEERS``; run the same way on 2026-12-06 with the same versions): ``calculation.py``
+raises ``FileNotFoundError`` on the first absent subtask's file (``convert_answer_to_mme.py`` writes none),
+``MME_rating`` raises ``KeyError`` on the first in its order, lmms-eval sums the subtasks it has.
 """
+
+import json
 
 import pytest
 from conformance_sets import MME_SUBTASKS, write_mme, write_pope
@@ -59,6 +64,24 @@ MME_PEERS = {
 }  # fmt: skip
 # VLMEvalKit, answers 1 and 4 (existence, count) replaced by null and 7
 MME_VLMEVALKIT_NON_STRING = dict(perception=1050.0, cognition=300.0)
+# the conformance answers without those of the subtasks named: what each tool gives (its totals) or raises
+MME_ABSENT_PEERS = {
+    ("code_reasoning",): {
+        "llava": "FileNotFoundError (code_reasoning.txt), after printing the perception scores",  # printed 1400
+        "lmms-eval": dict(perception=1550.0, cognition=450.0),
+        "vlmevalkit": "KeyError ('code_reasoning')",
+    },
+    ("existence", "text_translation"): {
+        "llava": "FileNotFoundError (existence.txt)",
+        "lmms-eval": dict(perception=1350.0, cognition=300.0),
+        "vlmevalkit": "KeyError ('existence')",
+    },
+    ("OCR",): {
+        "llava": "FileNotFoundError (OCR.txt)",
+        "lmms-eval": dict(perception=1350.0, cognition=500.0),
+        "vlmevalkit": "KeyError ('OCR')",
+    },
+}
 
 
 def _metrics(split, names):
@@ -125,3 +148,32 @@ def test_line_breaks_and_tabs_fail_only_llavas_mme_route(tmp_path, text):
     assert any("would not have scored this file" in warning for warning in llava.warnings)
     assert not evaluate_mme(**files, protocol="lmms-eval").tool_failures
     assert not evaluate_mme(**files, protocol="vlmevalkit").tool_failures
+
+
+@pytest.mark.parametrize("absent", list(MME_ABSENT_PEERS))
+@pytest.mark.parametrize("protocol", ["llava", "lmms-eval", "vlmevalkit"])
+def test_absent_subtasks_as_the_peers_score_them(tmp_path, protocol, absent):
+    files = write_mme(tmp_path)
+    records = files["result_file"].read_text().splitlines()
+    kept = [line for line in records if json.loads(line)["question_id"].split("/")[0] not in absent]
+    files["result_file"].write_text("".join(line + "\n" for line in kept))
+    result = evaluate_mme(**files, protocol=protocol)
+    expected = MME_ABSENT_PEERS[absent][protocol]
+    assert result.subtasks_without_answers == list(absent)
+    assert any("without any answer (each adds 0" in w and "; ".join(absent) in w for w in result.warnings)
+    if isinstance(expected, dict):  # the tool gives a number: the same one
+        assert (result.perception, result.cognition) == pytest.approx((expected["perception"], expected["cognition"]))
+        assert not result.tool_failures
+        return
+    (failure,) = result.tool_failures
+    subtasks = "subtask" if len(absent) == 1 else "subtasks"
+    assert failure.startswith(f"{files['result_file']}: no answers to MME {subtasks} {', '.join(absent)}: ")
+    assert failure.endswith(f"raises {expected}")
+    assert any("would not have scored this file" in warning for warning in result.warnings)
+    # scored anyway, each absent subtask as 0 (for LLaVA's route the perception it printed before it raised)
+    full = evaluate_mme(**write_mme(tmp_path / "full"), protocol=protocol)
+    assert [result.subtasks[name].score for name in absent] == [0.0] * len(absent)
+    lost = sum(full.subtasks[name].score for name in absent)
+    assert result.perception + result.cognition == pytest.approx(full.perception + full.cognition - lost)
+    if absent == ("code_reasoning",) and protocol == "llava":
+        assert result.perception == 1400.0

@@ -246,3 +246,30 @@ def test_non_string_answers_are_reported_and_never_parsed(tmp_path, caplog):
     with pytest.raises(SystemExit) as exit_info:
         main(argv + [str(answers), "--strict"])
     assert exit_info.value.code == 1
+
+
+def test_subtasks_without_answers_are_reported_per_protocol(tmp_path, capsys):
+    """code_reasoning unanswered (and 11 subtasks not in the question file): MME's calculation.py and VLMEvalKit's
+    MME_rating raise on them, lmms-eval sums the rest (the numbers here); --strict fails."""
+    items = [item[:4] + (None,) if item[0] == "code_reasoning" else item for item in ITEMS]
+    release, questions, answers = build_mme(tmp_path, items)
+    argv = ["eval", "mme", "--mme-root", str(release), "--question-file", str(questions), "--result-file"]
+    output = tmp_path / "all.json"
+    main(argv + [str(answers), "--protocol", "all", "--output", str(output)])
+    report = json.loads(output.read_text())["protocols"]
+    absent = ["count", "position", "color", "posters", "celebrity", "scene", "landmark", "OCR"]
+    absent += ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
+    where = f"{answers}: no answers to MME subtasks {', '.join(absent)}: "
+    assert report["llava"]["tool_failures"] == [
+        where + "LLaVA's convert_answer_to_mme.py writes no file for them and MME's calculation.py raises "
+        "FileNotFoundError (count.txt)"
+    ]
+    assert report["vlmevalkit"]["tool_failures"] == [where + "VLMEvalKit's MME_rating raises KeyError ('OCR')"]
+    assert report["lmms-eval"]["tool_failures"] == []
+    for protocol in report.values():
+        assert protocol["subtasks_without_answers"] == absent
+        assert protocol["subtasks"]["code_reasoning"]["score"] == 0.0 and protocol["cognition"] == 0.0
+    assert report["llava"]["perception"] == pytest.approx(275.0)  # existence 125 + artwork 150, as before
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + [str(answers), "--protocol", "lmms-eval", "--strict"])
+    assert exit_info.value.code == 1

@@ -17,7 +17,8 @@ max 2000) and cognition (4 subtasks, max 800) are sums of subtask scores.
 The official tool pairs consecutive lines; here the questions are grouped by image (the same pairs for LLaVA's
 question file) and an image without exactly two questions is reported. A question without an answer is counted
 as wrong (like "other") and reported, so an incomplete run can only score lower, never higher; so is an answer
-whose text is not a string (a data problem: it is never parsed).
+whose text is not a string (a data problem: it is never parsed). A subtask without any answer scores 0, as in
+lmms-eval's totals; MME's ``calculation.py`` and VLMEvalKit's ``MME_rating`` raise on it (``tool_failures``).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,8 @@ PERCEPTION = (
     "OCR",
 )
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+# the order in which VLMEvalKit's MME_rating sums the subtasks (it raises KeyError on the first one it lacks)
+VLMEVALKIT_ORDER = tuple(sorted(PERCEPTION)) + tuple(sorted(COGNITION))
 LLAVA_SUFFIX = "Answer the question using a single word or phrase."
 MME_SUFFIX = "Please answer yes or no."
 
@@ -141,6 +144,8 @@ class MMEChecks(AnswerChecks):
     """Every data problem found joining an answer file to MME's questions (see the module docstring)."""
 
     num_malformed: int = 0
+    # MME subtasks not one of whose questions has an answer (absent from the answer file): each scores 0
+    subtasks_without_answers: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,7 +154,8 @@ class MMEResult(MMEChecks):
 
     subtasks: Dict[str, MMESubtaskResult] = field(default_factory=dict)
     protocol: str = "llava"
-    # answers on which the protocol's own tool raises ("file:line: why"): it would not have scored the file
+    # answers ("file:line: why") and absent subtasks ("file: why") on which the protocol's own tool raises: it
+    # would not have scored the file
     tool_failures: List[str] = field(default_factory=list)
 
     def _total(self, names: Tuple[str, ...]) -> float:
@@ -313,9 +319,34 @@ def load_mme_answers(mme_root: PathLike, question_file: PathLike, result_file: P
     )
     failures = {protocol: [f"{p}: {why}" for p in malformed] for protocol, why in NON_STRING_FAILURES["mme"].items()}
     failures["llava"] += line_breaks
-    result.tool_failures = failures
     _check_structure(result, result_file)
+    for protocol, failure in _absent_subtask_failures(result_file, result.subtasks_without_answers).items():
+        failures.setdefault(protocol, []).append(failure)
+    result.tool_failures = failures
     return result
+
+
+def _absent_subtask_failures(result_file: PathLike, absent: List[str]) -> Dict[str, str]:
+    """What each protocol's own tool does when the MME subtasks ``absent`` have no answer at all, where it raises.
+
+    LLaVA's ``convert_answer_to_mme.py`` writes one file per subtask it has answers for, and MME's
+    ``calculation.py`` opens every subtask's file in order (perception first, its totals printed before cognition's
+    files are opened); VLMEvalKit's ``MME_rating`` looks up every subtask's score in ``VLMEVALKIT_ORDER``.
+    lmms-eval's ``mme_aggregate_results`` sums the subtasks it has results for: the same totals as here, where an
+    absent subtask scores 0, so it has no entry.
+    """
+    if not absent:
+        return {}
+    first = absent[0]
+    printed = ", after printing the perception scores" if first in COGNITION else ""
+    subtasks, them = ("subtask", "it") if len(absent) == 1 else ("subtasks", "them")
+    where = f"{result_file}: no answers to MME {subtasks} {', '.join(absent)}"
+    return {
+        "llava": f"{where}: LLaVA's convert_answer_to_mme.py writes no file for {them} and MME's calculation.py "
+        f"raises FileNotFoundError ({first}.txt){printed}",
+        "vlmevalkit": f"{where}: VLMEvalKit's MME_rating raises KeyError "
+        f"({next(name for name in VLMEVALKIT_ORDER if name in absent)!r})",
+    }
 
 
 def score_mme(answers: MMEAnswers, protocol: str = "llava") -> MMEResult:
@@ -356,7 +387,8 @@ def compare_mme_protocols(
 
 
 def _check_structure(result: MMEAnswers, result_file: PathLike) -> None:
-    """Warn about images without exactly two questions, unknown or absent subtasks and missing answers."""
+    """Warn about images without exactly two questions, unknown or absent subtasks and missing answers, and list
+    the MME subtasks without any answer."""
     counts: Dict[str, int] = {}
     for answers in result.subtasks.values():
         for answer in answers:
@@ -373,3 +405,15 @@ def _check_structure(result: MMEAnswers, result_file: PathLike) -> None:
         f"{name}: {n}" for name, answers in result.subtasks.items() if (n := sum(a.location is None for a in answers))
     ]
     report_problems(result.warnings, f"{result_file}: questions without an answer (scored as wrong)", missing, limit=14)
+    result.subtasks_without_answers = [
+        name
+        for name in PERCEPTION + COGNITION
+        if all(answer.location is None for answer in result.subtasks.get(name, []))
+    ]
+    report_problems(
+        result.warnings,
+        f"{result_file}: MME subtasks without any answer (each adds 0 to the totals, as in lmms-eval; the LLaVA "
+        "and VLMEvalKit protocols' own tools raise instead)",
+        result.subtasks_without_answers,
+        limit=14,
+    )

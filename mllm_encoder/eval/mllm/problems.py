@@ -50,11 +50,12 @@ MME_LINE_BREAK_FAILURE = (
 
 
 def report_tool_failures(warnings: List[str], protocol: str, failures: List[str]) -> None:
-    """Warn that ``protocol``'s own tool would have raised on ``failures`` (``file:line: why``) and scored nothing."""
+    """Warn that ``protocol``'s own tool would have raised on ``failures`` (``file[:line]: why``: answers, or an
+    absent part of the benchmark) and scored nothing."""
     report_problems(
         warnings,
-        f"the {protocol} protocol's own tool would not have scored this file: it raises on {len(failures)} "
-        "answers (scored here anyway, as the table says)",
+        f"the {protocol} protocol's own tool would not have scored this file: it raises on each of these "
+        f"{len(failures)} (scored here anyway, as the table says)",
         failures,
     )
 
