@@ -50,6 +50,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_bad_fraction,
         help=f"stop above this bad-sample fraction (default {defaults.max_bad_fraction:g})",
     )
+    parser.add_argument(
+        "--index-dir",
+        help="folder of the training data's index, built once and memory-mapped by every rank (default "
+        "OUT/data_index); stages given the same folder reuse it while the data is unchanged",
+    )
 
 
 def _data_section(args: argparse.Namespace) -> DataSection:
@@ -117,11 +122,12 @@ def _train(args: argparse.Namespace, labels, **stage_overrides) -> None:
     from mllm_encoder.dmu.stages import epoch_plan, run_training, stage_training_data, steps_for, train_config
 
     _check_stage_output(args, "train", args.model, args.data, labels, args.image_root)
+    index_dir = _checked_index_dir(args, args.model, args.data, labels, args.image_root)
     data = _data_section(args)
     stage, runtime = _stage_sections(args, **stage_overrides)
     accelerator = build_accelerator(runtime.mixed_precision)
     labels = np.load(labels) if labels is not None else None
-    with stage_training_data(None, data, args.model) as training:
+    with stage_training_data(None, data, args.model, index_dir, accelerator) as training:
         plan = epoch_plan(
             stage, np.zeros(len(training), np.int64) if labels is None else labels, accelerator.num_processes
         )
@@ -148,8 +154,10 @@ def run_extract(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.stages import run_extract as extract
 
     _check_stage_output(args, "extract", args.model, args.data, args.image_root)
+    index_dir = _checked_index_dir(args, args.model, args.data, args.image_root)
     data = _data_section(args)
-    print(extract(args.model, data, args.out, build_accelerator(args.mixed_precision), args.batch_size))
+    accelerator = build_accelerator(args.mixed_precision)
+    print(extract(args.model, data, args.out, accelerator, args.batch_size, index_dir=index_dir))
 
 
 def run_cluster(args: argparse.Namespace) -> None:
@@ -280,9 +288,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
 # What each stage command writes into its --out directory (a directory holding only these is ours).
 STAGE_OUTPUTS = {
-    "extract": ("features_rank*.safetensors",),
+    "extract": ("features_rank*.safetensors", "data_index"),
     "cluster": ("labels.npy", "cluster_sizes.json", "cluster_sizes.png"),
-    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json"),
+    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json", "data_index"),
     "eval": ("metrics.json", "expert_load.json", "expert_load.png"),
 }
 
@@ -304,6 +312,21 @@ def _check_stage_output(args: argparse.Namespace, stage: str, *inputs) -> None:
         directory=True,
         what=f"an output of clip-moe dmu {args.dmu_command}",
     )
+
+
+def _checked_index_dir(args: argparse.Namespace, *inputs) -> Path:
+    """A stage command's ``--index-dir`` (default ``OUT/data_index``) under the output rule: absent, empty or a
+    data index (never another folder, whatever ``--overwrite`` says), not one of ``inputs``, not ``--out``."""
+    from mllm_encoder.dmu.preflight import DATA_INDEX
+    from mllm_encoder.dmu.resources import is_data_index
+
+    index_dir = Path(args.index_dir) if args.index_dir else Path(args.out) / DATA_INDEX
+    resolved, out = index_dir.resolve(), Path(args.out).resolve()
+    if resolved == out or resolved in out.parents:
+        raise ValueError(f"{index_dir}: the index folder is --out or holds it; give it its own folder")
+    what = "a data index of clip-moe dmu (records/, shards/)"
+    check_output(index_dir, inputs, ours=is_data_index, directory=True, what=what, foreign_replaceable=False)
+    return index_dir
 
 
 def _is_demo_directory(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """What every DMU stage loads and saves: models, processors, the training data of a run, checkpoints.
 
 Nothing is cached per process. A run builds its training data once (:func:`load_training_data`: the index
-under the run directory, shared by every rank, stage and resume) and hands it to its stages; models and
-processors are read when a stage needs them.
+under the run directory, shared by every rank, stage and resume) and hands it to its stages; a single-stage
+command builds it under its ``--index-dir``. Models and processors are read when a stage needs them.
 """
 
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from mllm_encoder.dmu.config import DataSection
 from mllm_encoder.loading import load_clip_moe
 
 INDEXED_FORMATS = ("sharegpt4v", "folder", "csv", "tsv", "webdataset")  # the formats with an index directory
+RECORDS_INDEX, SHARDS_INDEX = "records", "shards"  # the parts of an index directory (records file, tar shards)
 
 
 def load_model(model_dir: PathLike) -> torch.nn.Module:
@@ -66,6 +67,11 @@ def data_format(data: DataSection) -> str:
     return detect_format(data.train) if data.format == "auto" else data.format
 
 
+def is_data_index(path: Path) -> bool:
+    """Whether the directory ``path`` holds only what :func:`build_data_index` writes (``records/``, ``shards/``)."""
+    return all(entry.name.startswith(".") or entry.name in (RECORDS_INDEX, SHARDS_INDEX) for entry in path.iterdir())
+
+
 def build_data_index(data: DataSection, index_dir: PathLike, accelerator=None) -> None:
     """Build the index of ``data.train`` in ``index_dir`` once for all ranks (reused when it is there already).
 
@@ -78,14 +84,14 @@ def build_data_index(data: DataSection, index_dir: PathLike, accelerator=None) -
     try:
         fmt = data_format(data)
         if fmt == "webdataset":
-            build_shard_index(data.train, index_dir / "shards", rank, world_size)
+            build_shard_index(data.train, index_dir / SHARDS_INDEX, rank, world_size)
         elif fmt in INDEXED_FORMATS and rank == 0:
             build_record_index(
                 data.train,
                 fmt,
                 data.image_root,
                 allow_absolute_paths=data.allow_absolute_paths,
-                index_dir=index_dir / "records",
+                index_dir=index_dir / RECORDS_INDEX,
             )
     except (ValueError, OSError) as caught:
         if world_size == 1:
@@ -109,9 +115,10 @@ def load_training_data(
 ) -> TrainingData:
     """The training set of ``data`` preprocessed with the processors of ``processors_dir``.
 
-    With ``index_dir`` (a run's), the index is built there once (:func:`build_data_index`) and every rank
-    memory-maps it; without it the index is built in memory. ``context_length`` overrides the tokenizer's
-    (e.g. a run's ``dmu.text_context``).
+    With ``index_dir`` (a run's, or a stage command's ``--index-dir``), the index is built there once
+    (:func:`build_data_index`, ranks coordinated through ``accelerator``) and every rank memory-maps it; an index
+    saved there from the same data is reused. Without it the index is built in memory. ``context_length``
+    overrides the tokenizer's (e.g. a run's ``dmu.text_context``).
     """
     image_processor, tokenizer = processors(processors_dir)
     if tokenizer is None:
@@ -119,7 +126,7 @@ def load_training_data(
     fmt = data_format(data)
     if index_dir is not None:
         build_data_index(data, index_dir, accelerator)
-        index_dir = Path(index_dir) / ("shards" if fmt == "webdataset" else "records")
+        index_dir = Path(index_dir) / (SHARDS_INDEX if fmt == "webdataset" else RECORDS_INDEX)
     dataset = load_image_text_dataset(
         data.train,
         format=fmt,

@@ -69,13 +69,18 @@ def train_config(
 
 @contextlib.contextmanager
 def stage_training_data(
-    training: Optional[TrainingData], data: DataSection, processors_dir: PathLike
+    training: Optional[TrainingData],
+    data: DataSection,
+    processors_dir: PathLike,
+    index_dir: Optional[PathLike] = None,
+    accelerator=None,
 ) -> Iterator[TrainingData]:
-    """The run's ``training`` data, or the training set built for this stage alone (closed when it ends)."""
+    """The run's ``training`` data, or the training set built for this stage alone (closed when it ends), its
+    index built once in ``index_dir`` for the ranks of ``accelerator`` (see :func:`load_training_data`)."""
     if training is not None:
         yield training
         return
-    built = load_training_data(data, processors_dir)
+    built = load_training_data(data, processors_dir, index_dir, accelerator)
     try:
         yield built
     finally:
@@ -90,12 +95,14 @@ def run_extract(
     batch_size: int = 256,
     processors_dir: Optional[PathLike] = None,
     training: Optional[TrainingData] = None,
+    index_dir: Optional[PathLike] = None,
 ) -> Path:
     """Stage ``extract``: every rank embeds its share of the training set into ``out_dir``.
 
     Samples are preprocessed with the processors of ``processors_dir`` (default ``model_dir``'s): the pipeline
     passes the base, whose processors every stage's checkpoint carries, and the run's ``training`` data (built
-    once per run); without it the training set is built here.
+    once per run); without it the training set is built here, its index in ``index_dir`` (built once, shared
+    by the ranks) or, without that, in memory.
 
     Shards of an earlier, interrupted extraction (possibly with another number of processes) are removed
     first by the main process, so the directory ends with exactly one shard per rank of this run.
@@ -106,7 +113,7 @@ def run_extract(
             stale.unlink()
     accelerator.wait_for_everyone()
     model = load_model(model_dir).to(accelerator.device)
-    with stage_training_data(training, data, processors_dir or model_dir) as stage_data:
+    with stage_training_data(training, data, processors_dir or model_dir, index_dir, accelerator) as stage_data:
         dataset, collator = stage_data.for_stage()
         state = DistState(accelerator.num_processes, accelerator.process_index)
         with accelerator.autocast():

@@ -1,4 +1,10 @@
-"""Small stand-ins shared by the DMU tests: an in-memory image-text dataset and its collator."""
+"""Small stand-ins shared by the DMU tests: an in-memory image-text dataset and its collator, the shapes training
+set as tar shards."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
 
 import torch
 
@@ -30,3 +36,25 @@ def collate(items):
         "index": torch.tensor([item["index"] for item in items]),
         **{key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "input_ids", "attention_mask")},
     }
+
+
+def write_tar_shards(shapes_data, out_dir, num_shards=2):
+    """The shapes training set as webdataset shards (keys 000000.., png + txt) with a sizes.json."""
+    root = Path(shapes_data["train"]).parent
+    records = json.loads(Path(shapes_data["train"]).read_text())
+    per_shard = -(-len(records) // num_shards)
+    out_dir.mkdir(parents=True)
+    for shard in range(num_shards):
+        with tarfile.open(out_dir / f"train-{shard}.tar", "w") as archive:
+            for i in range(shard * per_shard, min((shard + 1) * per_shard, len(records))):
+                caption = records[i]["conversations"][1]["value"].encode()
+                for name, data in (
+                    (f"{i:06d}.png", (root / records[i]["image"]).read_bytes()),
+                    (f"{i:06d}.txt", caption),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    sizes = {f"train-{shard}.tar": min(per_shard, len(records) - shard * per_shard) for shard in range(num_shards)}
+    (out_dir / "sizes.json").write_text(json.dumps(sizes))
+    return str(out_dir / f"train-{{0..{num_shards - 1}}}.tar")

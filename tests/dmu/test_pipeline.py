@@ -1,6 +1,5 @@
 """``clip-moe dmu run``: stages, manifest, resume after an injected stop, equal-step baselines."""
 
-import io
 import json
 import logging
 import os
@@ -8,12 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from dmu_helpers import write_tar_shards
 from safetensors.numpy import load_file
 
 from mllm_encoder.cli import main
@@ -172,31 +170,9 @@ def test_text_context_stretches_the_base_for_every_method(tmp_path, tiny_base_di
     assert (summary["steps"], summary["samples_seen"], summary["clusters_used"]) == (4 + 3, 7 * 4, 1)
 
 
-def _tar_shards(shapes_data, out_dir, num_shards=2):
-    """The shapes training set as webdataset shards (keys 000000.., png + txt) with a sizes.json."""
-    root = Path(shapes_data["train"]).parent
-    records = json.loads(Path(shapes_data["train"]).read_text())
-    per_shard = -(-len(records) // num_shards)
-    out_dir.mkdir(parents=True)
-    for shard in range(num_shards):
-        with tarfile.open(out_dir / f"train-{shard}.tar", "w") as archive:
-            for i in range(shard * per_shard, min((shard + 1) * per_shard, len(records))):
-                caption = records[i]["conversations"][1]["value"].encode()
-                for name, data in (
-                    (f"{i:06d}.png", (root / records[i]["image"]).read_bytes()),
-                    (f"{i:06d}.txt", caption),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-    sizes = {f"train-{shard}.tar": min(per_shard, len(records) - shard * per_shard) for shard in range(num_shards)}
-    (out_dir / "sizes.json").write_text(json.dumps(sizes))
-    return str(out_dir / f"train-{{0..{num_shards - 1}}}.tar")
-
-
 def test_dmu_extract_from_tar_shards_equals_extract_from_json(tmp_path, tiny_base_dir, shapes_data):
     accelerator = build_accelerator("no")
-    pattern = _tar_shards(shapes_data, tmp_path / "shards")
+    pattern = write_tar_shards(shapes_data, tmp_path / "shards")
     main(["dmu", "extract", "--model", str(tiny_base_dir), "--data", pattern, "--out", str(tmp_path / "f_tar")])
     run_extract(tiny_base_dir, DataSection(train=shapes_data["train"]), tmp_path / "f_json", accelerator, 16)
     from_tar, from_json = load_features(tmp_path / "f_tar"), load_features(tmp_path / "f_json")
@@ -205,9 +181,9 @@ def test_dmu_extract_from_tar_shards_equals_extract_from_json(tmp_path, tiny_bas
         np.testing.assert_allclose(from_tar[key], from_json[key], rtol=0, atol=1e-5)
 
 
-def test_dmu_run_trains_from_tar_shards(tmp_path, tiny_base_dir, shapes_data):
+def test_dmu_run_trains_fromwrite_tar_shards(tmp_path, tiny_base_dir, shapes_data):
     accelerator = build_accelerator("no")
-    pattern = _tar_shards(shapes_data, tmp_path / "shards")
+    pattern = write_tar_shards(shapes_data, tmp_path / "shards")
     run_dir = tmp_path / "run"
     stages = run_pipeline(_config(run_dir, tiny_base_dir, {"train": pattern}, num_experts=2), "dmu", accelerator)
     assert "dmu/eval" in stages
