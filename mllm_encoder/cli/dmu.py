@@ -19,6 +19,7 @@ from typing import Iterator
 from mllm_encoder.atomic import check_output
 from mllm_encoder.cli.model import add_assemble_arguments
 from mllm_encoder.dmu.config import (
+    DATA_INDEX,
     KMEANS_BACKENDS,
     METHODS,
     PRECISIONS,
@@ -288,9 +289,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
 # What each stage command writes into its --out directory (a directory holding only these is ours).
 STAGE_OUTPUTS = {
-    "extract": ("features_rank*.safetensors", "data_index"),
+    "extract": ("features_rank*.safetensors", DATA_INDEX),
     "cluster": ("labels.npy", "cluster_sizes.json", "cluster_sizes.png"),
-    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json", "data_index"),
+    "train": ("model", "train_state", "tensorboard", "history.json", "summary.json", DATA_INDEX),
     "eval": ("metrics.json", "expert_load.json", "expert_load.png"),
 }
 
@@ -317,7 +318,6 @@ def _check_stage_output(args: argparse.Namespace, stage: str, *inputs) -> None:
 def _checked_index_dir(args: argparse.Namespace, *inputs) -> Path:
     """A stage command's ``--index-dir`` (default ``OUT/data_index``) under the output rule: absent, empty or a
     data index (never another folder, whatever ``--overwrite`` says), not one of ``inputs``, not ``--out``."""
-    from mllm_encoder.dmu.preflight import DATA_INDEX
     from mllm_encoder.dmu.resources import is_data_index
 
     index_dir = Path(args.index_dir) if args.index_dir else Path(args.out) / DATA_INDEX

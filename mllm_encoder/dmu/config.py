@@ -19,6 +19,8 @@ METHODS = ("finetune", "upcycle", "dmu", "control")
 TRAINABLE = ("all", "ffn", "router", "ffn+router")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 KMEANS_BACKENDS = ("auto", "sklearn", "torch", "faiss")
+# The training data's index (records/ or shards/), built once: run_dir/data_index/, or a stage command's OUT/data_index/
+DATA_INDEX = "data_index"
 LOSSES = ("softmax", "sigmoid")
 
 # Range rules, by field name: (predicate, what the value must be).

@@ -35,10 +35,9 @@ from accelerate.utils import set_seed
 from mllm_encoder.atomic import atomic_write_json, atomic_write_text
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.distributed import DistState
-from mllm_encoder.dmu.config import METHODS, RunConfig, config_from_dict
+from mllm_encoder.dmu.config import DATA_INDEX, METHODS, RunConfig, config_from_dict
 from mllm_encoder.dmu.evaluation import evaluate_checkpoint, metrics_path
 from mllm_encoder.dmu.preflight import (
-    DATA_INDEX,
     check_against_base,
     check_against_data,
     check_config_change,

@@ -23,11 +23,10 @@ import torch
 from mllm_encoder.checkpoint import read_model_type
 from mllm_encoder.data import TarShardDataset, build_record_index, expand_shards
 from mllm_encoder.data.records import record_index_stamp, saved_record_index
-from mllm_encoder.dmu.config import METHODS, RunConfig, StageSection
+from mllm_encoder.dmu.config import DATA_INDEX, METHODS, RunConfig, StageSection
 from mllm_encoder.dmu.features import FEATURE_DTYPE
 from mllm_encoder.dmu.pipeline import RunContext
-from mllm_encoder.dmu.preflight import DATA_INDEX
-from mllm_encoder.dmu.resources import INDEXED_FORMATS, data_format
+from mllm_encoder.dmu.resources import INDEXED_FORMATS, RECORDS_INDEX, SHARDS_INDEX, data_format
 from mllm_encoder.dmu.sampler import ClusterBatchSampler
 from mllm_encoder.dmu.stages import steps_for
 from mllm_encoder.dmu.trainer import select_trainable
@@ -82,15 +81,15 @@ def count_samples(config: RunConfig) -> int:
         raise ValueError(f"data.format: dmu plan reads {', '.join(INDEXED_FORMATS)} training data, got {fmt!r}")
     try:
         if fmt == "webdataset":
-            shards_dir = index_dir / "shards"
+            shards_dir = index_dir / SHARDS_INDEX
             return len(TarShardDataset(expand_shards(data.train), None, None, index_dir=_existing(shards_dir)))
         with tempfile.TemporaryDirectory() as scratch:  # the strings stream to disk, not into memory
             options = dict(allow_absolute_paths=data.allow_absolute_paths)
             stamp = record_index_stamp(data.train, fmt, data.image_root, **options)
-            saved = saved_record_index(index_dir / "records", stamp)  # the run's index, never rewritten here
+            saved = saved_record_index(index_dir / RECORDS_INDEX, stamp)  # the run's index, never rewritten here
             if saved is not None:
                 return len(saved)
-            scratch_dir = Path(scratch) / "records"
+            scratch_dir = Path(scratch) / RECORDS_INDEX
             return len(build_record_index(data.train, fmt, data.image_root, index_dir=scratch_dir, **options))
     except OSError as error:
         raise ValueError(f"data.train: cannot open {data.train} ({error.strerror or error})") from error

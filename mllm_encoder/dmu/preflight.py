@@ -11,14 +11,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from mllm_encoder.atomic import PathLike, check_output
 from mllm_encoder.checkpoint import read_config_dict
-from mllm_encoder.dmu.config import RunConfig, config_differences
+from mllm_encoder.dmu.config import DATA_INDEX, RunConfig, config_differences
 from mllm_encoder.dmu.run_state import STATE_PREFIX
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "run.log"
-DATA_INDEX = "data_index"  # run_dir/data_index/: the training data's index (records/ or shards/), built once
 # The k-means backends and the module each needs (``auto`` needs none: it picks among the installed ones).
 KMEANS_MODULES = {"sklearn": "sklearn", "torch": "torch", "faiss": "faiss"}
 

@@ -8,9 +8,8 @@ from transformers import CLIPConfig
 
 from mllm_encoder.cli import main
 from mllm_encoder.data import build_record_index
-from mllm_encoder.dmu.config import config_from_dict, load_config
+from mllm_encoder.dmu.config import DATA_INDEX, config_from_dict, load_config
 from mllm_encoder.dmu.plan import count_samples, plan_run
-from mllm_encoder.dmu.preflight import DATA_INDEX
 
 PAPER = "configs/paper_vitl14_336_sharegpt4v.yaml"
 
