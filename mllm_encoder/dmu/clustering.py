@@ -6,12 +6,13 @@ over every rank of the process group, in memory that does not grow with the numb
 1. a seeding sample of at most ``sample_size`` samples is drawn by sample index (the same on every rank and for
    any number of ranks; all samples when there are no more) and gathered on every rank;
 2. ``restarts`` fits on the sample, each k-means++ (draws by the exponential-race form of a categorical draw:
-   no size limit) then Lloyd's iterations until no label changes; the fit of least inertia is kept (the
-   first unless another is lower by more than a relative ``1e-5``, so that rounding never picks a relabelled
-   copy of the same partition); every rank fits the same sample and uses the main process's result;
+   no size limit) then Lloyd's iterations until no label changes; the fit of least inertia is kept, a later fit
+   replacing the one kept so far only when its inertia is lower by more than a relative ``1e-5`` (so that
+   rounding never picks a relabelled copy of the same partition); every rank fits the same sample and uses the
+   main process's result; non-finite features are refused;
 3. when the sample is not the whole set, Lloyd passes over all features: every rank assigns its own chunks
    and sums them per cluster, the sums and counts are all-reduced (float64), until at most ``tolerance`` x N
-   labels change in a pass (``0``: until none changes) or ``max_iter`` passes.
+   labels change in a pass (``0``: until none changes) or ``max_iter`` centroid updates.
 
 Everything is a function of the seed and the features: the labels are the same for 1 or several processes,
 any number of threads, and whatever optional package is installed. ``faiss`` and ``sklearn`` (on request)
@@ -181,23 +182,34 @@ def _fit_sample(sample: torch.Tensor, k: int, seed: int, restarts: int, max_iter
         centroids = _lloyd_in_memory(sample, _kmeans_plus_plus(sample, k, generator), k, max_iter)
         inertia = _inertia(sample, centroids)
         logger.debug("k-means restart %d: inertia %.6g on the sample", restart, inertia)
-        if inertia < best_inertia * (1 - _SAME_INERTIA):
+        if best is None or inertia < best_inertia * (1 - _SAME_INERTIA):
             best, best_inertia = centroids, inertia
+    assert best is not None  # restarts >= 1
     return best
+
+
+def _non_finite_error(rows: int) -> ValueError:
+    return ValueError(
+        f"{rows} feature rows are not finite (NaN or inf): the model's features overflowed (try "
+        "runtime.mixed_precision: 'no' or bf16) or its weights are broken"
+    )
 
 
 def _lloyd_streamed(
     chunks: Chunks, centroids: torch.Tensor, k: int, max_iter: int, tolerance: float, state: DistState, device
 ) -> np.ndarray:
     """Lloyd passes over every rank's chunks until at most ``tolerance`` of all labels change in a pass (or
-    ``max_iter`` passes); returns this rank's labels."""
+    ``max_iter`` updates); returns this rank's labels. Non-finite rows are counted on the first pass and refused
+    on every rank together."""
     labels: Optional[np.ndarray] = None
     for iteration in range(max_iter + 1):
         sums = torch.zeros_like(centroids, dtype=torch.float64)
         counts = torch.zeros(k, dtype=torch.float64, device=device)
-        parts = []
+        parts, non_finite = [], 0
         for _, values in chunks():
             rows = values.to(device, torch.float32)
+            if labels is None:
+                non_finite += int((~torch.isfinite(rows).all(dim=1)).sum())
             assign = _assign(rows, centroids)
             chunk_sums, chunk_counts = _cluster_sums(rows, assign, k)
             sums += chunk_sums
@@ -205,9 +217,11 @@ def _lloyd_streamed(
             parts.append(assign.cpu().numpy().astype(np.int64))
         current = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         changed = len(current) if labels is None else int((current != labels).sum())
-        changed, total = _sum_over_ranks(
-            torch.tensor([changed, len(current)], dtype=torch.float64, device=device), state
+        changed, total, non_finite = _sum_over_ranks(
+            torch.tensor([changed, len(current), non_finite], dtype=torch.float64, device=device), state
         ).tolist()
+        if non_finite:
+            raise _non_finite_error(int(non_finite))
         labels = current
         logger.debug("k-means pass %d: %d of %d labels changed", iteration, changed, total)
         if iteration == max_iter or changed <= tolerance * total:
@@ -266,6 +280,8 @@ def kmeans_chunks(
     index, sample = _gather_sample(chunks, num_candidates, sample_size, seed, state, device)
     if len(sample) < k:
         raise ValueError(f"cannot make {k} clusters from {len(sample)} samples")
+    if not torch.isfinite(sample).all():  # the same gathered sample on every rank: all refuse together
+        raise _non_finite_error(int((~torch.isfinite(sample).all(dim=1)).sum()))
     logger.info("k-means (%s): %d samples seed %d clusters of dim %d", backend, len(sample), k, sample.shape[1])
     if backend in ("sklearn", "faiss"):
         centroids = _main_process_copy(_library_centroids(backend, sample, k, seed, restarts, max_iter), state)

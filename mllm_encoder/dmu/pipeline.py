@@ -291,6 +291,19 @@ def plan(ctx: RunContext, method: str) -> List[Stage]:
     return base + (stages(ctx) if stages else baseline_stages(ctx, method))
 
 
+def _fill_added_keys(recorded: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Give the keys of ``current`` that a run's ``recorded`` config lacks (added to the project since the run
+    started) their ``current`` values, in place, so that a new key never blocks a resume; returns their names."""
+    added = []
+    for key, value in current.items():
+        if key not in recorded:
+            recorded[key] = value
+            added.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(recorded[key], dict):
+            added += _fill_added_keys(recorded[key], value, f"{prefix}{key}.")
+    return added
+
+
 def _record_config(config: RunConfig, manifest: Manifest, where: str, config_file: Optional[str]) -> None:
     """Check a changed config against the finished stages (:func:`check_config_change`), then record the config
     in the manifest and its readable copy ``run_config.yaml`` (never the user's config file itself)."""
@@ -301,7 +314,15 @@ def _record_config(config: RunConfig, manifest: Manifest, where: str, config_fil
     if previous is None and legacy.is_file() and manifest.stages:
         previous = yaml.safe_load(legacy.read_text())
     if previous is not None:
-        previous = config_from_dict(previous, where).to_dict()  # keys added since the run started: their defaults
+        added = _fill_added_keys(previous, current)
+        if added and manifest.writable:
+            logger.warning(
+                "%s: the run started before %s existed; its finished stages were made without them, later stages "
+                "use this config's values",
+                run_dir,
+                ", ".join(added),
+            )
+        previous = config_from_dict(previous, where).to_dict()
         changed = check_config_change(previous, current, manifest.stages, run_dir, where)
         if changed and manifest.writable:
             logger.warning("%s: applying the changed %s (no finished stage depends on them)", run_dir, changed)

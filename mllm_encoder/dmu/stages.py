@@ -164,9 +164,12 @@ def run_cluster(
         def chunks(name: str = name):
             return ((part, rows[name]) for part, rows in iter_chunks(files, name))
 
-        labels[name] = kmeans_chunks(
-            chunks, k, num_samples, modality_seed, backend, state, device, sample_size, restarts, tolerance
-        )
+        try:
+            labels[name] = kmeans_chunks(
+                chunks, k, num_samples, modality_seed, backend, state, device, sample_size, restarts, tolerance
+            )
+        except ValueError as error:
+            raise ValueError(f"{features_dir}: {name} features: {error}") from error
     index, current = gather_labels(index, labels["text"] * image_clusters + labels["image"], state, device)
     if previous_labels is not None:
         previous = np.load(previous_labels)[index]

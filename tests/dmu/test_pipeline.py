@@ -330,3 +330,26 @@ def test_a_run_dir_started_before_a_config_key_existed_resumes(tmp_path, tiny_ba
     changed = config_from_dict({**values, "dmu": {**values["dmu"], "kmeans_sample_size": 10}})
     with pytest.raises(ValueError, match="dmu.kmeans_sample_size"):
         _record_config(changed, manifest, "run.yaml", None)
+
+
+def test_keys_added_since_a_run_started_take_the_resuming_configs_values(tmp_path, tiny_base_dir, shapes_data, caplog):
+    """A run whose clusters were made before ``dmu.kmeans_restarts`` / ``kmeans_tolerance`` existed resumes with
+    any value of them (here the old behaviour, 1 and 0), with a warning naming them; the manifest records them."""
+    from mllm_encoder.dmu.pipeline import _record_config
+    from mllm_encoder.dmu.run_state import Manifest
+
+    values = _values(tmp_path, tiny_base_dir, shapes_data)
+    new_keys = ("kmeans_restarts", "kmeans_tolerance")
+    old = {**values, "dmu": {key: value for key, value in values["dmu"].items() if key not in new_keys}}
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.mark_done("dmu/cluster_0", labels="labels.npy")
+    manifest.record_config(config_from_dict(old).to_dict())
+    for key in new_keys:
+        del manifest.config["dmu"][key]
+    resumed = config_from_dict({**values, "dmu": {**values["dmu"], "kmeans_restarts": 1, "kmeans_tolerance": 0.0}})
+    with caplog.at_level("WARNING", logger="mllm_encoder.dmu.pipeline"):
+        _record_config(resumed, manifest, "run.yaml", None)
+    assert "before dmu.kmeans_restarts, dmu.kmeans_tolerance existed" in caplog.text
+    assert (manifest.config["dmu"]["kmeans_restarts"], manifest.config["dmu"]["kmeans_tolerance"]) == (1, 0.0)
+    with pytest.raises(ValueError, match="dmu.kmeans_restarts"):  # recorded now: a change is refused again
+        _record_config(config_from_dict(values), manifest, "run.yaml", None)

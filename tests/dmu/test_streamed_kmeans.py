@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dmu_helpers import TensorPairs, collate
 from process_helpers import free_port
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from mllm_encoder.cli import main
 from mllm_encoder.distributed import DistState
@@ -124,16 +124,44 @@ def test_streamed_passes_stop_at_the_tolerance(caplog):
     assert (stopped != exact).sum() > 0
 
 
-def test_the_cluster_command_passes_its_kmeans_flags(tmp_path, capsys):
+def test_the_cluster_command_passes_its_kmeans_flags(tmp_path, capsys, monkeypatch):
+    from mllm_encoder.dmu import stages
+
     extract_features(_Embedder(), TensorPairs(n=120, seed=4), collate, tmp_path / "features", chunk_rows=32)
-    flags = ["--sample-size", "40", "--restarts", "2", "--tolerance", "0.05", "--seed", "5"]
+    calls = []
+
+    def recording(*args):
+        calls.append(args[3:])  # seed, backend, state, device, sample_size, restarts, tolerance
+        return kmeans_chunks(*args)
+
+    monkeypatch.setattr(stages, "kmeans_chunks", recording)
+    flags = ["--sample-size", "40", "--restarts", "2", "--tolerance", "0.05", "--seed", "5", "--backend", "torch"]
     main(["dmu", "cluster", "--features", str(tmp_path / "features"), "--out", str(tmp_path / "cli"), *flags])
     assert str(tmp_path / "cli" / "labels.npy") in capsys.readouterr().out
-    options = dict(seed=5, sample_size=40, restarts=2, tolerance=0.05)
+    assert [(call[0], call[1], *call[4:]) for call in calls] == [(5, "torch", 40, 2, 0.05), (6, "torch", 40, 2, 0.05)]
+    options = dict(seed=5, backend="torch", sample_size=40, restarts=2, tolerance=0.05)
     library = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "library", **options))
     np.testing.assert_array_equal(np.load(tmp_path / "cli" / "labels.npy"), library)
-    default = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "default", seed=5))
-    assert (default != library).any()  # the flags reached the k-means
+
+
+def _outside_the_sample(num_samples: int, sample_size: int, seed: int) -> int:
+    sample = seed_sample_indices(num_samples, sample_size, seed)
+    return 0 if sample is None else int(np.setdiff1d(np.arange(num_samples), sample)[0])
+
+
+@pytest.mark.parametrize("sample_size", [100_000, 50])  # the row in the in-memory sample, or only in the passes
+def test_non_finite_features_are_refused_by_name(tmp_path, sample_size):
+    points, _ = _directions(300, seed=8)
+    points[_outside_the_sample(300, sample_size, seed=0)] = np.nan
+    with pytest.raises(ValueError, match="^1 feature rows are not finite"):
+        kmeans(points, 3, seed=0, sample_size=sample_size)
+    extract_features(_Embedder(), TensorPairs(n=60, seed=4), collate, tmp_path / "features")
+    path = feature_files(tmp_path / "features")[0]
+    arrays = load_file(str(path))
+    arrays["text"][_outside_the_sample(60, sample_size, seed=1)] = np.inf  # the text k-means uses seed + 1
+    save_file(arrays, str(path))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'features'}: text features: 1 feature rows are not finite"):
+        run_cluster(tmp_path / "features", 60, tmp_path / "clusters", sample_size=sample_size)
 
 
 def test_kmeans_refuses_restarts_and_tolerance_out_of_range():
