@@ -166,20 +166,17 @@ def run_cluster(args: argparse.Namespace) -> None:
     from mllm_encoder.dmu.stages import run_cluster as cluster
 
     _check_stage_output(args, "cluster", args.features, args.previous)
-    num_samples = args.num_samples or int(feature_indices(feature_files(args.features)).max(initial=-1)) + 1
-    path = cluster(
-        args.features,
-        num_samples,
-        args.out,
-        args.previous,
-        args.image_clusters,
-        args.text_clusters,
-        args.seed,
-        args.backend,
-        sample_size=args.sample_size,
-        restarts=args.restarts,
-        tolerance=args.tolerance,
+    clustering = DMUSection(
+        image_clusters=args.image_clusters,
+        text_clusters=args.text_clusters,
+        kmeans_backend=args.backend,
+        kmeans_sample_size=args.sample_size,
+        kmeans_restarts=args.restarts,
+        kmeans_tolerance=args.tolerance,
     )
+    check_section(clustering, "flags")
+    num_samples = args.num_samples or int(feature_indices(feature_files(args.features)).max(initial=-1)) + 1
+    path = cluster(args.features, num_samples, args.out, args.previous, clustering, args.seed)
     print(json.dumps(json.loads((Path(args.out) / "cluster_sizes.json").read_text())), "->", path)
 
 

@@ -184,22 +184,15 @@ def _sharegpt4v_caption(record: Any, where: str) -> str:
     return answer["value"].strip()
 
 
-def read_sharegpt4v(
+def iter_sharegpt4v(
     path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
-) -> List[ImageTextRecord]:
-    """Records of a ShareGPT4V/LLaVA conversation JSON: ``image`` and ``conversations[1].value``.
+) -> Iterator[ImageTextRecord]:
+    """Records of a ShareGPT4V/LLaVA conversation JSON, one at a time: ``image`` and ``conversations[1].value``.
 
     Text-only conversations (no ``image`` key) are skipped with a warning; a malformed record raises a
     ``ValueError`` naming the file and the record index. ``image_root`` defaults to the JSON's folder; see
     :func:`resolve_image_path` for the paths accepted.
     """
-    return list(iter_sharegpt4v(path, image_root, allow_absolute_paths))
-
-
-def iter_sharegpt4v(
-    path: PathLike, image_root: Optional[PathLike] = None, allow_absolute_paths: bool = False
-) -> Iterator[ImageTextRecord]:
-    """The records of :func:`read_sharegpt4v`, one at a time."""
     image_root = Path(path).parent if image_root is None else image_root
     text_only = 0
     for index, record in enumerate(iter_json_records(path)):
@@ -250,18 +243,6 @@ def _pick_column(header: Sequence[str], requested: Optional[str], candidates: Se
     raise ValueError(f"{path}: cannot find the {what} column among {list(header)}; pass it explicitly")
 
 
-def read_table(
-    path: PathLike,
-    delimiter: Optional[str] = None,
-    image_column: Optional[str] = None,
-    caption_column: Optional[str] = None,
-    image_root: Optional[PathLike] = None,
-    allow_absolute_paths: bool = False,
-) -> List[ImageTextRecord]:
-    """Records of a CSV/TSV file with a header row; ``image_root`` defaults to the file's folder."""
-    return list(iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths))
-
-
 def iter_table(
     path: PathLike,
     delimiter: Optional[str] = None,
@@ -270,7 +251,7 @@ def iter_table(
     image_root: Optional[PathLike] = None,
     allow_absolute_paths: bool = False,
 ) -> Iterator[ImageTextRecord]:
-    """The records of :func:`read_table`, one at a time."""
+    """Records of a CSV/TSV file with a header row, one at a time; ``image_root`` defaults to the file's folder."""
     path = Path(path)
     delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     image_root = path.parent if image_root is None else image_root

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from mllm_encoder.data.records import (
     ImageTextRecord,
     PathLike,
+    iter_table,
     load_json_records,
     read_image_folder,
-    read_table,
     resolve_image_path,
 )
 
@@ -158,7 +158,7 @@ def read_retrieval_set(
         return read_json_pairs(path, image_root, allow_absolute_paths)
     if format in ("csv", "tsv"):
         delimiter = "\t" if format == "tsv" else ","
-        records = read_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths)
+        records = list(iter_table(path, delimiter, image_column, caption_column, image_root, allow_absolute_paths))
     elif format == "folder":
         records = read_image_folder(path)
     else:

@@ -218,15 +218,10 @@ def _cluster_stage(ctx: RunContext, features: Path, out: Path, previous: Optiona
             ctx.num_samples,
             out,
             previous,
-            cfg.dmu.image_clusters,
-            cfg.dmu.text_clusters,
+            cfg.dmu,
             cfg.seed,
-            cfg.dmu.kmeans_backend,
             DistState.from_torch(),
             ctx.accelerator.device,
-            cfg.dmu.kmeans_sample_size,
-            cfg.dmu.kmeans_restarts,
-            cfg.dmu.kmeans_tolerance,
         )
         ctx.accelerator.wait_for_everyone()
         labels = np.load(out / "labels.npy")
@@ -291,17 +286,20 @@ def plan(ctx: RunContext, method: str) -> List[Stage]:
     return base + (stages(ctx) if stages else baseline_stages(ctx, method))
 
 
-def _fill_added_keys(recorded: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:
-    """Give the keys of ``current`` that a run's ``recorded`` config lacks (added to the project since the run
-    started) their ``current`` values, in place, so that a new key never blocks a resume; returns their names."""
-    added = []
+def _with_added_keys(
+    recorded: Dict[str, Any], current: Dict[str, Any], prefix: str = ""
+) -> Tuple[Dict[str, Any], List[str]]:
+    """A copy of a run's ``recorded`` config whose missing keys (added to the project since the run started)
+    take their ``current`` values, so that a new key never blocks a resume; and those keys' names."""
+    filled, added = dict(recorded), []
     for key, value in current.items():
         if key not in recorded:
-            recorded[key] = value
+            filled[key] = value
             added.append(prefix + key)
         elif isinstance(value, dict) and isinstance(recorded[key], dict):
-            added += _fill_added_keys(recorded[key], value, f"{prefix}{key}.")
-    return added
+            filled[key], nested = _with_added_keys(recorded[key], value, f"{prefix}{key}.")
+            added += nested
+    return filled, added
 
 
 def _record_config(config: RunConfig, manifest: Manifest, where: str, config_file: Optional[str]) -> None:
@@ -314,7 +312,7 @@ def _record_config(config: RunConfig, manifest: Manifest, where: str, config_fil
     if previous is None and legacy.is_file() and manifest.stages:
         previous = yaml.safe_load(legacy.read_text())
     if previous is not None:
-        added = _fill_added_keys(previous, current)
+        previous, added = _with_added_keys(previous, current)
         if added and manifest.writable:
             logger.warning(
                 "%s: the run started before %s existed; its finished stages were made without them, later stages "

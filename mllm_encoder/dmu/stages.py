@@ -22,15 +22,12 @@ import torch
 from mllm_encoder.atomic import PathLike, atomic_write_bytes, atomic_write_json
 from mllm_encoder.distributed import DistState, gather_sizes
 from mllm_encoder.dmu.clustering import (
-    RESTARTS,
-    SAMPLE_SIZE,
-    TOLERANCE,
     accumulate_labels,
     gather_labels,
     kmeans_chunks,
     save_cluster_report,
 )
-from mllm_encoder.dmu.config import DataSection, RuntimeSection, StageSection
+from mllm_encoder.dmu.config import DataSection, DMUSection, RuntimeSection, StageSection
 from mllm_encoder.dmu.features import extract_features, feature_files, feature_indices, iter_chunks
 from mllm_encoder.dmu.resources import TrainingData, load_model, load_training_data, save_model
 from mllm_encoder.dmu.sampler import ClusterBatchSampler, EpochPlan
@@ -133,23 +130,22 @@ def run_cluster(
     num_samples: int,
     out_dir: PathLike,
     previous_labels: Optional[PathLike] = None,
-    image_clusters: int = 3,
-    text_clusters: int = 3,
+    clustering: Optional[DMUSection] = None,
     seed: int = 0,
-    backend: str = "auto",
     state: Optional[DistState] = None,
     device: Union[str, torch.device] = "cpu",
-    sample_size: int = SAMPLE_SIZE,
-    restarts: int = RESTARTS,
-    tolerance: float = TOLERANCE,
 ) -> Path:
     """Stage ``cluster``: k-means both modalities, accumulate with the previous labels; writes ``labels.npy``.
+
+    ``clustering`` gives the clusters per modality and the k-means settings (``image_clusters``,
+    ``text_clusters``, ``kmeans_backend``, ``kmeans_sample_size``, ``kmeans_restarts``, ``kmeans_tolerance``;
+    default: :class:`DMUSection`'s).
 
     Every rank of ``state`` calls this: each streams its share of the feature files, the k-means all-reduces
     over the group (see :mod:`mllm_encoder.dmu.clustering`), and the main process writes the labels. They cover
     every dataset index; samples without features (bad at extraction) get -1 and are never drawn.
     """
-    state = state or DistState()
+    state, clustering = state or DistState(), clustering or DMUSection()
     files = feature_files(features_dir)[state.rank :: state.world_size]
     index = feature_indices(files)
     total = int(sum(gather_sizes(len(index), state, device)))
@@ -159,6 +155,8 @@ def run_cluster(
             "is empty (see the bad-sample warnings of the extraction)"
         )
     labels = {}
+    image_clusters, text_clusters = clustering.image_clusters, clustering.text_clusters
+    settings = (clustering.kmeans_sample_size, clustering.kmeans_restarts, clustering.kmeans_tolerance)
     for name, k, modality_seed in (("image", image_clusters, seed), ("text", text_clusters, seed + 1)):
 
         def chunks(name: str = name):
@@ -166,7 +164,7 @@ def run_cluster(
 
         try:
             labels[name] = kmeans_chunks(
-                chunks, k, num_samples, modality_seed, backend, state, device, sample_size, restarts, tolerance
+                chunks, k, num_samples, modality_seed, clustering.kmeans_backend, state, device, *settings
             )
         except ValueError as error:
             raise ValueError(f"{features_dir}: {name} features: {error}") from error

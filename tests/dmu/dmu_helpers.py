@@ -58,3 +58,19 @@ def write_tar_shards(shapes_data, out_dir, num_shards=2):
     sizes = {f"train-{shard}.tar": min(per_shard, len(records) - shard * per_shard) for shard in range(num_shards)}
     (out_dir / "sizes.json").write_text(json.dumps(sizes))
     return str(out_dir / f"train-{{0..{num_shards - 1}}}.tar")
+
+
+def tiny_run_values(run_dir, base, data, **dmu):
+    """A ``clip-moe dmu run`` config (as a mapping) of a few steps per stage on the tiny base and the shapes data;
+    ``dmu`` overrides the ``dmu`` section (3 experts, top-2, scikit-learn k-means by default)."""
+    stage = dict(steps=4, batch_size=4, warmup_steps=1, lr=1e-3)
+    return {
+        "base_model": str(base),
+        "run_dir": str(run_dir),
+        "data": {"train": data["train"]},
+        "dmu": {"num_experts": 3, "top_k": 2, "extract_batch_size": 16, "kmeans_backend": "sklearn", **dmu},
+        "mcl": stage,
+        "route": {**stage, "steps": 3},
+        "baseline": stage,
+        "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
+    }

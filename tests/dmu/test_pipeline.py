@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from dmu_helpers import write_tar_shards
+from dmu_helpers import tiny_run_values, write_tar_shards
 from safetensors.numpy import load_file
 
 from mllm_encoder.cli import main
 from mllm_encoder.dmu.accelerator import build_accelerator
-from mllm_encoder.dmu.config import DataSection, config_from_dict, load_config
+from mllm_encoder.dmu.config import DataSection, DMUSection, config_from_dict, load_config
 from mllm_encoder.dmu.features import load_features
 from mllm_encoder.dmu.pipeline import run_pipeline
 from mllm_encoder.dmu.stages import run_cluster, run_extract
@@ -25,27 +25,7 @@ from mllm_encoder.locking import LockError, directory_lock
 
 
 def _config(run_dir, base, data, **dmu):
-    return config_from_dict(_values(run_dir, base, data, **dmu))
-
-
-def _values(run_dir, base, data, **dmu):
-    stage = dict(steps=4, batch_size=4, warmup_steps=1, lr=1e-3)
-    return {
-        "base_model": str(base),
-        "run_dir": str(run_dir),
-        "data": {"train": data["train"]},
-        "dmu": {
-            "num_experts": 3,
-            "top_k": 2,
-            "extract_batch_size": 16,
-            "kmeans_backend": "sklearn",
-            **dmu,
-        },
-        "mcl": stage,
-        "route": {**stage, "steps": 3, "lr": 1e-3},
-        "baseline": stage,
-        "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
-    }
+    return config_from_dict(tiny_run_values(run_dir, base, data, **dmu))
 
 
 def _weights(run_dir, stage):
@@ -74,7 +54,7 @@ def test_dmu_run_resumes_to_the_same_checkpoint(tmp_path, tiny_base_dir, shapes_
 
     resumed = tmp_path / "resumed"
     config_file = tmp_path / "resumed.yaml"
-    config_file.write_text(yaml.safe_dump(_values(resumed, tiny_base_dir, shapes_data, num_experts=2)))
+    config_file.write_text(yaml.safe_dump(tiny_run_values(resumed, tiny_base_dir, shapes_data, num_experts=2)))
     with pytest.raises(TrainingInterrupted):  # a kill in dmu/mcl_1 after step 3; the last save was at step 2
         run_pipeline(load_config(config_file), "dmu", accelerator, stop_after_step=3)
     manifest = json.loads((resumed / "manifest.json").read_text())["stages"]
@@ -116,7 +96,8 @@ def test_bad_images_get_no_pseudo_label_and_too_many_stop_the_stage(tmp_path, ti
     train, bad = _copy_with_corrupt_images(shapes_data, tmp_path, corrupt=1)
     data = DataSection(train=train, max_bad_fraction=0.05)
     run_extract(tiny_base_dir, data, tmp_path / "features", accelerator, batch_size=16)
-    labels = np.load(run_cluster(tmp_path / "features", 40, tmp_path / "clusters", backend="sklearn"))
+    clustering = DMUSection(kmeans_backend="sklearn")
+    labels = np.load(run_cluster(tmp_path / "features", 40, tmp_path / "clusters", clustering=clustering))
     assert (labels[bad] == -1).all() and (np.delete(labels, bad) >= 0).all()
 
     train, _ = _copy_with_corrupt_images(shapes_data, tmp_path / "many", corrupt=10)
@@ -138,7 +119,7 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path, tiny_base_dir, 
 def test_the_command_writes_no_run_log_for_a_missing_base(tmp_path, shapes_data, capsys):
     """docs/dmu.md: nothing is written before the inputs are checked, run.log included (issue 23)."""
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(_values(tmp_path / "run", tmp_path / "missing-base", shapes_data)))
+    config_file.write_text(yaml.safe_dump(tiny_run_values(tmp_path / "run", tmp_path / "missing-base", shapes_data)))
     with pytest.raises(SystemExit):
         main(["dmu", "run", str(config_file)])
     assert "missing-base" in capsys.readouterr().err
@@ -231,7 +212,7 @@ def test_dmu_on_a_siglip_base_trains_with_the_sigmoid_loss_and_resumes(tmp_path,
 
 
 def test_control_method_trains_stage_one_both_ways_and_shares_it_with_dmu(tmp_path, tiny_base_dir, shapes_data, capsys):
-    values = _values(tmp_path / "run", tiny_base_dir, shapes_data, num_experts=2)
+    values = tiny_run_values(tmp_path / "run", tiny_base_dir, shapes_data, num_experts=2)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(values))
     with pytest.raises(SystemExit):
@@ -288,7 +269,7 @@ def test_two_runs_in_one_process_share_no_dataset_counters_or_log_handlers(
     monkeypatch.setattr(TrainingData, "for_stage", spy)
     runs, handlers = [], []
     for name in ("first", "second"):
-        values = _values(tmp_path / name, tiny_base_dir, {"train": train}, num_experts=2)
+        values = tiny_run_values(tmp_path / name, tiny_base_dir, {"train": train}, num_experts=2)
         values["data"]["max_bad_fraction"] = 0.5
         values["eval"] = {"data": shapes_data["eval"]}
         config_file = tmp_path / f"{name}.yaml"
@@ -320,7 +301,7 @@ def test_a_run_dir_started_before_a_config_key_existed_resumes(tmp_path, tiny_ba
     from mllm_encoder.dmu.pipeline import _record_config
     from mllm_encoder.dmu.run_state import Manifest
 
-    values = _values(tmp_path, tiny_base_dir, shapes_data)
+    values = tiny_run_values(tmp_path, tiny_base_dir, shapes_data)
     saved = {**values, "dmu": {key: value for key, value in values["dmu"].items() if key != "kmeans_sample_size"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     manifest = Manifest(tmp_path / "manifest.json")
@@ -338,7 +319,7 @@ def test_keys_added_since_a_run_started_take_the_resuming_configs_values(tmp_pat
     from mllm_encoder.dmu.pipeline import _record_config
     from mllm_encoder.dmu.run_state import Manifest
 
-    values = _values(tmp_path, tiny_base_dir, shapes_data)
+    values = tiny_run_values(tmp_path, tiny_base_dir, shapes_data)
     new_keys = ("kmeans_restarts", "kmeans_tolerance")
     old = {**values, "dmu": {key: value for key, value in values["dmu"].items() if key not in new_keys}}
     manifest = Manifest(tmp_path / "manifest.json")

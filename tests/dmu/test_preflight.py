@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import yaml
+from dmu_helpers import tiny_run_values
 
 from mllm_encoder.cli import main
 from mllm_encoder.dmu.accelerator import build_accelerator
@@ -18,17 +19,7 @@ from mllm_encoder.dmu.trainer import TrainingInterrupted
 
 
 def _values(run_dir, base, data, **dmu):
-    stage = dict(steps=4, batch_size=4, warmup_steps=1, lr=1e-3)
-    return {
-        "base_model": str(base),
-        "run_dir": str(run_dir),
-        "data": {"train": data["train"]},
-        "dmu": {"num_experts": 2, "top_k": 2, "extract_batch_size": 16, "kmeans_backend": "sklearn", **dmu},
-        "mcl": stage,
-        "route": {**stage, "steps": 3},
-        "baseline": stage,
-        "runtime": {"save_every": 2, "log_every": 1, "mixed_precision": "no"},
-    }
+    return tiny_run_values(run_dir, base, data, **{"num_experts": 2, **dmu})
 
 
 def _run_cli(capsys, *argv):

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from mllm_encoder.cli import main
 from mllm_encoder.distributed import DistState
 from mllm_encoder.dmu.clustering import kmeans, kmeans_chunks, seed_sample_indices
+from mllm_encoder.dmu.config import DMUSection
 from mllm_encoder.dmu.features import extract_features, feature_files, load_features, normalise
 from mllm_encoder.dmu.stages import run_cluster
 
@@ -139,8 +140,8 @@ def test_the_cluster_command_passes_its_kmeans_flags(tmp_path, capsys, monkeypat
     main(["dmu", "cluster", "--features", str(tmp_path / "features"), "--out", str(tmp_path / "cli"), *flags])
     assert str(tmp_path / "cli" / "labels.npy") in capsys.readouterr().out
     assert [(call[0], call[1], *call[4:]) for call in calls] == [(5, "torch", 40, 2, 0.05), (6, "torch", 40, 2, 0.05)]
-    options = dict(seed=5, backend="torch", sample_size=40, restarts=2, tolerance=0.05)
-    library = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "library", **options))
+    clustering = DMUSection(kmeans_backend="torch", kmeans_sample_size=40, kmeans_restarts=2, kmeans_tolerance=0.05)
+    library = np.load(run_cluster(tmp_path / "features", 120, tmp_path / "library", clustering=clustering, seed=5))
     np.testing.assert_array_equal(np.load(tmp_path / "cli" / "labels.npy"), library)
 
 
@@ -160,8 +161,9 @@ def test_non_finite_features_are_refused_by_name(tmp_path, sample_size):
     arrays = load_file(str(path))
     arrays["text"][_outside_the_sample(60, sample_size, seed=1)] = np.inf  # the text k-means uses seed + 1
     save_file(arrays, str(path))
+    clustering = DMUSection(kmeans_sample_size=sample_size)
     with pytest.raises(ValueError, match=f"^{tmp_path / 'features'}: text features: 1 feature rows are not finite"):
-        run_cluster(tmp_path / "features", 60, tmp_path / "clusters", sample_size=sample_size)
+        run_cluster(tmp_path / "features", 60, tmp_path / "clusters", clustering=clustering)
 
 
 def test_kmeans_refuses_restarts_and_tolerance_out_of_range():
@@ -228,8 +230,8 @@ def _cluster_worker(rank: int, world_size: int, port: int, run: str, features: s
     previous = f"{run}/previous.npy"
     for sample_size in (10_000, 60):  # seeded on all samples, then on 60 of them with streamed passes
         out = f"{run}/clusters_{features}_{world_size}_{sample_size}"
-        state = DistState.from_torch()
-        run_cluster(f"{run}/{features}", 200, out, previous, seed=1, state=state, sample_size=sample_size)
+        clustering, state = DMUSection(kmeans_sample_size=sample_size), DistState.from_torch()
+        run_cluster(f"{run}/{features}", 200, out, previous, clustering, seed=1, state=state)
         dist.barrier()
         if rank == 0:
             queue.put(np.load(f"{out}/labels.npy"))

@@ -175,18 +175,28 @@ def local_images(tmp_path):
     return paths
 
 
-@pytest.mark.skipif(
+needs_llava_next = pytest.mark.skipif(
     not hasattr(transformers, "LlavaNextForConditionalGeneration"),
     reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
 )
-def test_generate_until_with_an_hf_llava_next_checkpoint(lmms_eval_api, llava_workdir, tmp_path):
+
+
+def _anyres_checkpoint(llava_workdir, tmp_path, kind: str):
+    """A tiny HF LLaVA-NeXT / OneVision with the CLIP-MoE tower (seed 0), saved with its processor; the model,
+    its processor and the checkpoint folder."""
     from llava_patch.hf.llava_next import build_anyres_llava
 
     torch.manual_seed(0)
-    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind="llava_next")
-    checkpoint = tmp_path / "llava-next-clip-moe"
+    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind=kind)
+    checkpoint = tmp_path / f"{kind}-clip-moe"
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
+    return model, processor, checkpoint
+
+
+@needs_llava_next
+def test_generate_until_with_an_hf_llava_next_checkpoint(lmms_eval_api, llava_workdir, tmp_path):
+    model, processor, checkpoint = _anyres_checkpoint(llava_workdir, tmp_path, "llava_next")
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     lm = model_class(pretrained=str(checkpoint), device="cpu", dtype="float32")
     images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]
@@ -231,23 +241,14 @@ def test_generation_settings_and_stop_strings(lmms_eval_api):
     assert module.cut_at_stop_strings("Yes.\n\nUSER: more", ["\n\n", "", "USER:"]) == "Yes."
 
 
-@pytest.mark.skipif(
-    not hasattr(transformers, "LlavaNextForConditionalGeneration"),
-    reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
-)
+@needs_llava_next
 @pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
 def test_batched_answers_equal_one_at_a_time_with_anyres_images_of_different_sizes(
     lmms_eval_api, llava_workdir, tmp_path, kind
 ):
-    from llava_patch.hf.llava_next import build_anyres_llava
-
     if kind == "llava_onevision" and not hasattr(transformers, "LlavaOnevisionForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no LlavaOnevisionForConditionalGeneration")
-    torch.manual_seed(0)
-    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind=kind)
-    checkpoint = tmp_path / f"{kind}-clip-moe"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+    _, _, checkpoint = _anyres_checkpoint(llava_workdir, tmp_path, kind)
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]  # three sizes, three ratios
     contexts = ["Is there a dog?", "What color is the shape in this picture? Describe it.", "Is it a car?"]
@@ -299,18 +300,9 @@ def summed_logprobs(logits, continuation_ids):
     return total, greedy
 
 
-@pytest.mark.skipif(
-    not hasattr(transformers, "LlavaNextForConditionalGeneration"),
-    reason=f"transformers {transformers.__version__} has no LlavaNextForConditionalGeneration (added in 4.39)",
-)
+@needs_llava_next
 def test_loglikelihood_equals_log_probabilities_summed_from_the_logits(lmms_eval_api, llava_workdir, tmp_path):
-    from llava_patch.hf.llava_next import build_anyres_llava
-
-    torch.manual_seed(0)
-    model, processor = build_anyres_llava(llava_workdir / "clipmoe", llava_workdir / "llm", kind="llava_next")
-    checkpoint = tmp_path / "llava-next-clip-moe"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+    model, processor, checkpoint = _anyres_checkpoint(llava_workdir, tmp_path, "llava_next")
     _, model_class = resolve_through_entry_point(lmms_eval_api)
     lm = model_class(pretrained=str(checkpoint), device="cpu", dtype="float32")
     images = [Image.open(path).convert("RGB") for path in local_images(tmp_path)]
